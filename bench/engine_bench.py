@@ -1,0 +1,55 @@
+"""Times W1-W3 on pdserve's offline engine and on peers, in one run.
+
+Peers run ``bench/peer_offline.py`` in their own interpreter (vLLM lives in a
+separate venv), on the same prompts, with the same timing loop.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.workloads import Run
+
+PEER_SCRIPT = Path(__file__).with_name("peer_offline.py")
+
+
+def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
+                 model: str | None) -> dict[str, Any]:
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype=dtype, num_threads=threads)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
+                           "runs": []}
+    for run in runs:
+        params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
+        times, tokens = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = llm.generate(run.prompts, params)
+            times.append(time.perf_counter() - t0)
+            tokens.append(sum(len(r.token_ids) for r in res))
+        out["runs"].append({"name": run.name, "times_s": times, "output_tokens": tokens})
+    return out
+
+
+def time_peer(backend: str, python: str, model_dir: str, runs: list[Run], repeats: int,
+              dtype: str, threads: int) -> dict[str, Any]:
+    spec = {"model": model_dir, "dtype": dtype, "threads": threads, "repeats": repeats,
+            "runs": [{"name": r.name, "prompts": r.prompts, "max_tokens": r.max_tokens}
+                     for r in runs]}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        cmd = [python, str(PEER_SCRIPT), "--backend", backend, "--spec", str(spec_path),
+               "--out", str(out_path)]
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"peer {backend} failed (exit {proc.returncode}): {' '.join(cmd)}")
+        return json.loads(out_path.read_text())  # type: ignore[no-any-return]

@@ -1,0 +1,138 @@
+"""``pdserve`` command line: prepare-model | generate | chat | bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="convert a model (default: SmolLM2) into the cache")
+    p.add_argument("--model", default=None)
+
+    g = sub.add_parser("generate", help="stream one answer from the offline engine")
+    g.add_argument("prompt")
+    _engine_args(g)
+    _sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+
+    c = sub.add_parser("chat", help="interactive chat with the offline engine")
+    _engine_args(c)
+    _sampling_args(c)
+
+    b = sub.add_parser("bench", help="run the benchmark workloads (see bench/)")
+    from bench.cli import add_arguments
+
+    add_arguments(b)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(_dispatch(args) or 0)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "prepare-model":
+        from pdserve.engine.model_loader import resolve_model
+
+        print(resolve_model(args.model))
+        return 0
+    if args.command == "bench":
+        from bench.cli import run
+
+        return run(args)
+    if args.command == "generate":
+        return _generate(args)
+    return _chat(args)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pdserve import LLM
+
+    return LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
+
+
+def _params(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pdserve import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Yield text deltas; report TTFT and TPOT on stderr at the end."""
+    engine = llm.engine
+    rid = f"cli-{time.monotonic_ns()}"
+    engine.add_request(rid, prompt, params)
+    final = None
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            if out.request_id == rid:
+                yield out.new_text
+                final = out
+    if final is not None and final.timings is not None:
+        t = final.timings
+        n = len(final.token_ids)
+        tpot = (t.e2e_s - t.ttft_s) / (n - 1) if n > 1 and t.e2e_s and t.ttft_s else 0.0
+        print(f"\n[{n} tokens, finish={final.finish_reason}, TTFT {1e3 * (t.ttft_s or 0):.1f} ms, "
+              f"TPOT {1e3 * tpot:.1f} ms]", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+              if args.chat else args.prompt)
+    for delta in _stream(llm, prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    history: list[dict[str, str]] = []
+    print("pdserve chat on the offline engine. Empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        answer = ""
+        sys.stdout.write("assistant> ")
+        for delta in _stream(llm, llm.apply_chat_template(history), params):
+            answer += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

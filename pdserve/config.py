@@ -1,0 +1,66 @@
+"""Frozen, validated configuration for each pdserve role.
+
+Validation happens here, at the boundary: a bad value raises ``ValueError``
+naming the field and what is allowed, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DType = Literal["bfloat16", "float32", "float16"]
+DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, field: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to build its model, KV pool and scheduler."""
+
+    model: str | None = None
+    """Local HF directory or .gguf file; None = the default model (SmolLM2-135M-Instruct)."""
+    dtype: str = "bfloat16"
+    """Weights, activations and KV cache dtype: bfloat16, float32 or float16."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu or cuda."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_gb: float = 1.0
+    """Memory for the KV pool; ignored when num_kv_blocks is set."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks in the pool (overrides kv_cache_gb)."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None = the model's max_position_embeddings."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one engine step: decode tokens plus prefill chunks."""
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    num_threads: int | None = None
+    """torch intra-op threads; None = leave torch's default."""
+    seed: int = 0
+    """Seed for requests that give none (sampling stays random across requests)."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _require(self.device in DEVICES, "device", f"one of {DEVICES}", self.device)
+        _require(self.block_size in (8, 16, 32), "block_size", "8, 16 or 32", self.block_size)
+        _require(self.kv_cache_gb > 0, "kv_cache_gb", "> 0", self.kv_cache_gb)
+        if self.num_kv_blocks is not None:
+            _require(self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1", self.num_kv_blocks)
+        if self.max_model_len is not None:
+            _require(self.max_model_len >= 2, "max_model_len", ">= 2", self.max_model_len)
+        _require(
+            self.max_num_batched_tokens >= 16,
+            "max_num_batched_tokens",
+            ">= 16",
+            self.max_num_batched_tokens,
+        )
+        _require(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        if self.num_threads is not None:
+            _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)

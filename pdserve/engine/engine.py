@@ -1,0 +1,265 @@
+"""LLMEngine: the streaming interface every pdserve role drives.
+
+``add_request`` → ``step`` (repeatedly; each returns the requests that moved) →
+``abort`` by id. KV can leave during prefill (a ``KVExporter`` gets every layer
+of every chunk as soon as that layer is computed) and enter a second engine
+(``begin_import`` / ``write_kv`` / ``commit_import``), which then decodes as if
+it had prefilled itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.model import LlamaModel, load_hf_config
+from pdserve.engine.model_loader import resolve_model
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.request import Logprob, Request, RequestState
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledChunk, Scheduler
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class KVExporter(Protocol):
+    def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V (n, kvh, hd) of prompt tokens [start, start + n) of ``layer``.
+
+        Called inside the forward pass right after the layer wrote them; the
+        tensors are only valid during the call. After a preemption the prompt is
+        recomputed and chunks may repeat (same values, same positions).
+        """
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = _pick_device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.model_dir = resolve_model(cfg.model)
+        hf_config = load_hf_config(self.model_dir)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.model = LlamaModel(self.model_dir, hf_config, self.dtype, self.device)
+        s = self.spec = self.model.spec
+        self.max_model_len = _max_model_len(cfg, s.max_position_embeddings)
+        per_block = KVCache.bytes_per_block(
+            s.num_layers, cfg.block_size, s.num_kv_heads, s.head_dim, self.dtype
+        )
+        num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gb * 2**30 // per_block))
+        self.kv = KVCache(s.num_layers, num_blocks, cfg.block_size, s.num_kv_heads,
+                          s.head_dim, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
+        self.sampler = Sampler(s.vocab_size, self.eos_token_ids, cfg.seed)
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._to_report: dict[str, Request] = {}
+        log.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d max_model_len=%d",
+                 self.model_dir, cfg.dtype, self.device, num_blocks, self.max_model_len)
+
+    # --- requests in --------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+        kv_exporter: KVExporter | None = None,
+    ) -> None:
+        req = self._new_request(request_id, prompt, params or SamplingParams())
+        req.kv_exporter = kv_exporter
+        self.scheduler.add(req)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        return list(prompt)
+
+    def _new_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     ) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        self._validate_prompt(ids, params)
+        req = Request(request_id, ids, params)
+        self.requests[request_id] = req
+        if params.detokenize:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req)
+        return req
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt must contain at least 1 token, got an empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; it must be shorter than the context "
+                f"(max_model_len={self.max_model_len}) to leave room for output"
+            )
+        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size}), got {bad}")
+        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = self.blocks.blocks_for_tokens(total)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {need} KV blocks but the pool has "
+                f"{self.blocks.num_blocks}; lower max_tokens or raise kv_cache_gb"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    # --- KV import (decode side of a disaggregated request) ----------------------
+    def begin_import(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Reserve blocks for the prompt's KV; raises NoFreeBlocksError if the pool is short."""
+        req = self._new_request(request_id, prompt, params)
+        need = self.blocks.blocks_for_tokens(req.num_prompt_tokens + 1)
+        if not self.blocks.can_allocate(need):
+            self._forget(req)
+            raise NoFreeBlocksError(
+                f"need {need} KV blocks for the prompt, {self.blocks.num_free_blocks} free")
+        req.block_ids = self.blocks.allocate(need)
+        req.state = RequestState.IMPORTING
+
+    @torch.inference_mode()
+    def write_kv(self, request_id: str, layer: int, start: int,
+                 k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (n, kvh, hd) of prompt tokens [start, start + n) of ``layer``."""
+        req = self._importing(request_id)
+        n = k.shape[0]
+        if not 0 <= start <= start + n <= req.num_prompt_tokens:
+            raise ValueError(f"KV rows [{start}, {start + n}) outside the prompt "
+                             f"[0, {req.num_prompt_tokens})")
+        bs = self.blocks.block_size
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(req.block_ids, dtype=torch.int64)
+        slots = (table[pos // bs] * bs + pos % bs).to(self.device)
+        self.kv.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+
+    def commit_import(self, request_id: str, first_token_id: int,
+                      logprob: Logprob | None = None) -> None:
+        """The prompt's KV is complete: join the decode batch with the first token."""
+        req = self._importing(request_id)
+        req.commit_import(first_token_id)
+        self._append(req, first_token_id, logprob)
+        if not req.is_finished:
+            self.scheduler.add_running(req)
+
+    def _importing(self, request_id: str) -> Request:
+        req = self.requests.get(request_id)
+        if req is None or req.state is not RequestState.IMPORTING:
+            raise ValueError(f"request {request_id!r} is not importing KV")
+        return req
+
+    # --- the step ------------------------------------------------------------------
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work or bool(self._to_report)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Compute one batch of tokens; report every request that changed."""
+        sched = self.scheduler.schedule()
+        if sched.chunks:
+            logits, sampling = self.runner.execute(sched.chunks, _export)
+            for c in sched.chunks:
+                c.request.num_computed_tokens += c.num_tokens
+            if sampling:
+                reqs = [c.request for c in sampling]
+                result = self.sampler.sample(logits, reqs)
+                for r, tok, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
+                    self._append(r, tok, lp)
+        reports = [RequestOutput.report(r) for r in self._to_report.values()]
+        for r in self._to_report.values():
+            if r.is_finished:
+                self._forget(r)
+        self._to_report.clear()
+        return reports
+
+    def _append(self, req: Request, token: int, logprob: Logprob | None) -> None:
+        req.append_token(token, logprob)
+        self._to_report[req.request_id] = req
+        p = req.params
+        detok = self._detok.get(req.request_id)
+        stop_str = detok.update() if detok is not None else None
+        if token in p.stop_token_ids:
+            self._finish(req, "stop", token)
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(req, "stop", None)
+        elif stop_str is not None:
+            self._finish(req, "stop", stop_str)
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        self.scheduler.remove(req)
+        self.blocks.free(req.finish(reason, stop_reason))
+        self._to_report[req.request_id] = req
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+
+
+def _export(chunk: ScheduledChunk, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    req = chunk.request
+    start = req.num_computed_tokens
+    n = min(chunk.num_tokens, req.num_prompt_tokens - start)  # prompt rows only
+    if n > 0:
+        req.kv_exporter.on_kv(layer, start, k[:n], v[:n])  # type: ignore[union-attr]
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device must be 'cpu' or 'auto' here: CUDA is not available")
+    return torch.device(name)
+
+
+def _max_model_len(cfg: EngineConfig, model_max: int) -> int:
+    if cfg.max_model_len is None:
+        return model_max
+    if cfg.max_model_len > model_max:
+        raise ValueError(
+            f"max_model_len must be <= the model's max_position_embeddings ({model_max}), "
+            f"got {cfg.max_model_len}")
+    return cfg.max_model_len
+
+
+def _load_tokenizer(model_dir: Path) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: cannot load the tokenizer of {model_dir}: {e}") from e
+
+
+def _eos_ids(model_dir: Path, tokenizer: object) -> tuple[int, ...]:
+    ids: set[int] = set()
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(tok_eos)
+    return tuple(sorted(ids))

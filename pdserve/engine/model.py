@@ -1,0 +1,206 @@
+"""Llama-family decoder forward pass over the paged KV pool.
+
+Covers Llama, SmolLM, Mistral (without sliding window) and Qwen2 (qkv bias):
+GQA, RoPE with every scaling variant transformers configs carry, tied
+embeddings. Projections are fused at load time (q|k|v and gate|up) so a layer is
+a handful of large ops; the LM head runs only on the rows that sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from pdserve.engine.attention import decode_attention, prefill_attention
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.rope import RotaryEmbedding
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Called after layer ``i`` wrote its K/V: (layer, k (N, kvh, hd), v (N, kvh, hd)).
+LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts of a model every component must agree on."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, config: object, name: str) -> ModelSpec:
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model: model_type {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        heads = config.num_attention_heads  # type: ignore[attr-defined]
+        hidden = config.hidden_size  # type: ignore[attr-defined]
+        return cls(
+            name=name,
+            model_type=model_type,
+            num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or hidden // heads,
+            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
+            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
+            rms_norm_eps=config.rms_norm_eps,  # type: ignore[attr-defined]
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            max_position_embeddings=config.max_position_embeddings,  # type: ignore[attr-defined]
+        )
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first row of this chunk in the flat batch
+    length: int  # tokens in the chunk
+    num_context: int  # tokens of the request already in the pool
+    block_table: torch.Tensor  # (nb,) blocks covering context + chunk
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step's inputs, flat over all scheduled tokens (N rows).
+
+    Rows ``[0, num_decode)`` are single-token segments, batched in one attention
+    call; the prefill chunks follow.
+    """
+
+    input_ids: torch.Tensor  # (N,) int64
+    positions: torch.Tensor  # (N,) int64
+    slot_mapping: torch.Tensor  # (N,) int64: block * block_size + offset
+    num_decode: int
+    decode_block_tables: torch.Tensor | None  # (D, nb) int64
+    decode_mask: torch.Tensor | None  # (D, 1, 1, nb * block_size) bool
+    prefills: list[PrefillSegment]
+    logits_indices: torch.Tensor  # (R,) rows whose next token is sampled
+
+
+class _Layer:
+    __slots__ = ("in_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "down")
+
+    def __init__(self, t: Callable[[str], torch.Tensor], i: int, bias: bool) -> None:
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        self.in_norm = t(p + "input_layernorm.weight")
+        self.qkv = torch.cat([t(a + f"{x}_proj.weight") for x in "qkv"])  # (q+2kv, d)
+        self.qkv_bias = torch.cat([t(a + f"{x}_proj.bias") for x in "qkv"]) if bias else None
+        self.o = t(a + "o_proj.weight")
+        self.post_norm = t(p + "post_attention_layernorm.weight")
+        m = p + "mlp."
+        self.gate_up = torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")])
+        self.down = t(m + "down_proj.weight")
+
+
+class LlamaModel:
+    def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device):
+        self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
+        self.dtype = dtype
+        self.device = device
+        s = self.spec
+        self.scale = s.head_dim**-0.5
+        self.rope = RotaryEmbedding(config, s.head_dim, s.max_position_embeddings, dtype, device)
+        tensors = _read_safetensors(model_dir)
+
+        def t(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise ValueError(f"model: weight {name!r} missing in {model_dir}")
+            return tensors[name].to(device=device, dtype=dtype)
+
+        self.embed = t("model.embed_tokens.weight")  # (V, d)
+        self.norm = t("model.norm.weight")
+        tied = s.tie_word_embeddings or "lm_head.weight" not in tensors
+        self.lm_head = self.embed if tied else t("lm_head.weight")  # (V, d)
+        self.layers = [_Layer(t, i, s.qkv_bias) for i in range(s.num_layers)]
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
+
+    def forward(
+        self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None
+    ) -> torch.Tensor:  # (R, V) float32 logits
+        s = self.spec
+        n = fb.input_ids.shape[0]
+        qk_dim = (s.num_heads + s.num_kv_heads) * s.head_dim
+        cos, sin = self.rope.lookup(fb.positions)  # (N, 1, hd/2) each
+        x = F.embedding(fb.input_ids, self.embed)  # (N, d)
+        for i, w in enumerate(self.layers):
+            h = self._rms_norm(x, w.in_norm)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)  # (N, (H + 2 kvh) hd)
+            qk = self.rope.apply(qkv[:, :qk_dim].view(n, -1, s.head_dim), cos, sin)
+            q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]  # (N, H, hd), (N, kvh, hd)
+            v = qkv[:, qk_dim:].view(n, s.num_kv_heads, s.head_dim)  # (N, kvh, hd)
+            kv.write(i, fb.slot_mapping, k, v)
+            if on_layer_kv is not None:
+                on_layer_kv(i, k, v)
+            attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
+            x = x + F.linear(attn, w.o)
+            h = self._rms_norm(x, w.post_norm)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (N, I) each
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        h = self._rms_norm(x[fb.logits_indices], self.norm)  # (R, d)
+        return F.linear(h, self.lm_head).float()  # (R, V)
+
+    def _attention(
+        self, fb: ForwardBatch, kv: KVCache, layer: int,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    ) -> torch.Tensor:
+        kc, vc = kv.k[layer], kv.v[layer]
+        parts = []
+        d = fb.num_decode
+        if d:
+            assert fb.decode_block_tables is not None and fb.decode_mask is not None
+            parts.append(
+                decode_attention(q[:d], kc, vc, fb.decode_block_tables, fb.decode_mask, self.scale)
+            )
+        for seg in fb.prefills:
+            rows = slice(seg.start, seg.start + seg.length)
+            parts.append(
+                prefill_attention(
+                    q[rows], k[rows], v[rows], kc, vc, seg.block_table, seg.num_context, self.scale
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors weights in {model_dir}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                out[name] = st.get_tensor(name)
+    return out
+
+
+def load_hf_config(model_dir: Path) -> object:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"model: cannot read config of {model_dir}: {e}") from e

@@ -1,0 +1,107 @@
+"""Turns a scheduler step into model inputs, runs the forward pass, returns logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.model import ForwardBatch, LlamaModel, PrefillSegment
+from pdserve.engine.scheduler import ScheduledChunk
+
+# Gets (request chunk, layer, k (n, kvh, hd), v (n, kvh, hd)) for exporting requests.
+ChunkKVHook = Callable[[ScheduledChunk, int, torch.Tensor, torch.Tensor], None]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.block_size = kv.block_size
+
+    def execute(
+        self, chunks: list[ScheduledChunk], export: ChunkKVHook | None = None
+    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run one step. Returns logits (R, V) and the R chunks they belong to."""
+        decode = [c for c in chunks if c.num_tokens == 1]
+        prefill = [c for c in chunks if c.num_tokens > 1]
+        ordered = decode + prefill
+        fb = self._build(decode, prefill)
+        hook = None
+        exporting = [(i, c) for i, c in enumerate(ordered) if c.request.kv_exporter is not None]
+        if exporting and export is not None:
+            starts = _starts(ordered)
+
+            def hook(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                for i, c in exporting:
+                    rows = slice(starts[i], starts[i] + c.num_tokens)
+                    export(c, layer, k[rows], v[rows])
+
+        logits = self.model.forward(fb, self.kv, hook)
+        return logits, [c for c in ordered if c.samples]
+
+    def _build(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk]) -> ForwardBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for c in decode:
+            r = c.request
+            p = r.num_computed_tokens
+            ids.append(r.all_token_ids[p])
+            positions.append(p)
+            slots.append(r.block_ids[p // bs] * bs + p % bs)
+        segments: list[PrefillSegment] = []
+        for c in prefill:
+            r = c.request
+            p0, n = r.num_computed_tokens, c.num_tokens
+            nb = -(-(p0 + n) // bs)
+            table = torch.tensor(r.block_ids[:nb], dtype=torch.int64)
+            segments.append(PrefillSegment(len(ids), n, p0, table.to(self.device)))
+            ids += r.all_token_ids[p0 : p0 + n]
+            positions += range(p0, p0 + n)
+            pos = torch.arange(p0, p0 + n)
+            slots += (table[pos // bs] * bs + pos % bs).tolist()
+        logits_rows = [i for i, c in enumerate(decode + prefill) if c.samples]
+        starts = _starts(decode + prefill)
+        dev = self.device
+        tables, mask = self._decode_tables(decode)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode=len(decode),
+            decode_block_tables=tables,
+            decode_mask=mask,
+            prefills=segments,
+            logits_indices=torch.tensor(
+                [starts[i] + (decode + prefill)[i].num_tokens - 1 for i in logits_rows],
+                dtype=torch.int64, device=dev,
+            ),
+        )
+
+    def _decode_tables(
+        self, decode: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not decode:
+            return None, None
+        bs = self.block_size
+        lens = [c.request.num_computed_tokens + 1 for c in decode]
+        nb = -(-max(lens) // bs)
+        table = [c.request.block_ids[:nb] + [0] * (nb - len(c.request.block_ids[:nb]))
+                 for c in decode]
+        tables = torch.tensor(table, dtype=torch.int64, device=self.device)  # (D, nb)
+        keys = torch.arange(nb * bs, device=self.device)
+        seq_lens = torch.tensor(lens, device=self.device)
+        mask = (keys[None, :] < seq_lens[:, None]).view(len(decode), 1, 1, nb * bs)
+        return tables, mask
+
+
+def _starts(chunks: list[ScheduledChunk]) -> list[int]:
+    out, acc = [], 0
+    for c in chunks:
+        out.append(acc)
+        acc += c.num_tokens
+    return out

@@ -1,0 +1,124 @@
+"""A request inside the engine and its lifecycle.
+
+States (each request is in exactly one)::
+
+    WAITING ──schedule──▶ RUNNING ──finish──▶ FINISHED
+       ▲                     │
+       └──────preempt────────┘   (blocks freed; KV recomputed later)
+
+    IMPORTING ──commit──▶ RUNNING      (KV arrived from another engine)
+    any state ──abort──▶ FINISHED      (finish_reason "abort")
+
+Token accounting follows vLLM v1: there is no prefill or decode phase. A request
+holds ``all_token_ids`` (prompt + output) and ``num_computed_tokens``; each step
+the scheduler gives it some of the missing tokens. When everything known is
+computed, the step's logits sample the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pdserve.engine.sampling_params import SamplingParams
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    IMPORTING = "importing"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """The top-k (token id, logprob) pairs, most likely first."""
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.state = RequestState.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.logprobs: list[Logprob] = []
+        self.metrics = RequestMetrics()
+        # Output text so far and how much of it the caller has seen.
+        self.text = ""
+        self.num_sent_tokens = 0
+        self.num_sent_chars = 0
+        self.kv_exporter: object | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    # --- transitions -------------------------------------------------------------
+    def start_running(self) -> None:
+        assert self.state is RequestState.WAITING, self.state
+        self.state = RequestState.RUNNING
+        if self.metrics.first_scheduled_time is None:
+            self.metrics.first_scheduled_time = time.perf_counter()
+
+    def preempt(self) -> list[int]:
+        """Back to WAITING; returns the blocks to free. KV will be recomputed."""
+        assert self.state is RequestState.RUNNING, self.state
+        self.state = RequestState.WAITING
+        self.num_computed_tokens = 0
+        self.metrics.num_preemptions += 1
+        blocks, self.block_ids = self.block_ids, []
+        return blocks
+
+    def commit_import(self, first_token_id: int) -> None:
+        """IMPORTING → RUNNING: the prompt's KV is in our blocks, the first token known."""
+        assert self.state is RequestState.IMPORTING, self.state
+        self.num_computed_tokens = self.num_prompt_tokens
+        self.state = RequestState.RUNNING
+        self.metrics.first_scheduled_time = time.perf_counter()
+
+    def append_token(self, token_id: int, logprob: Logprob | None) -> None:
+        self.all_token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = time.perf_counter()
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> list[int]:
+        """Any state → FINISHED; returns the blocks to free."""
+        self.state = RequestState.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.metrics.finished_time = time.perf_counter()
+        blocks, self.block_ids = self.block_ids, []
+        return blocks

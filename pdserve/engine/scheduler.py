@@ -1,0 +1,127 @@
+"""Decides which tokens each step computes: continuous batching with chunked prefill.
+
+There is no prefill or decode phase: every request wants its missing tokens
+(``num_tokens - num_computed_tokens``) and each step hands out at most
+``max_num_batched_tokens`` of them. Running requests come first, decode tokens
+(one each) before prefill chunks, then waiting requests in arrival order.
+
+KV blocks are allocated step by step as tokens are scheduled. When the pool is
+empty, the newest running request is preempted (its blocks freed, its KV
+recomputed later); a waiting request simply waits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Request, RequestState
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # tokens computed for this request this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step catches the request up, so its logits sample a token."""
+        r = self.request
+        return r.num_computed_tokens + self.num_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.token_budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """A request whose KV was imported joins the running batch directly."""
+        assert request.state is RequestState.RUNNING
+        self.running.append(request)
+
+    def remove(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.token_budget)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # Decode tokens first so long prefills never stall token streams.
+        queue = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        while queue and budget > 0:
+            req = queue.pop(0)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self._newest(queue) or req
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+                queue.remove(victim)
+            else:
+                out.chunks.append(ScheduledChunk(req, n))
+                budget -= n
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, n):
+                return
+            self.waiting.popleft()
+            req.start_running()
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+
+    def _newest(self, candidates: list[Request]) -> Request | None:
+        """The most recently admitted request among ``candidates``."""
+        for r in reversed(self.running):
+            if r in candidates:
+                return r
+        return None
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make ``req`` own enough blocks for ``num_tokens``; False if the pool is short."""
+        need = self.blocks.blocks_for_tokens(num_tokens) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if not self.blocks.can_allocate(need):
+            return False
+        req.block_ids += self.blocks.allocate(need)
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.preempt())
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
