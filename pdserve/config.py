@@ -26,7 +26,9 @@ class EngineConfig:
     model: str | None = None
     """Local HF directory or .gguf file; None = the default model (SmolLM2-135M-Instruct)."""
     dtype: str = "bfloat16"
-    """Weights, activations and KV cache dtype: bfloat16, float32 or float16."""
+    """Weight dtype: bfloat16, float32 or float16. Activations and the KV cache use
+    it too where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs);
+    elsewhere they are float32 (see pdserve/engine/linear.py)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu or cuda."""
     block_size: int = 16

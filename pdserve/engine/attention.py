@@ -22,8 +22,10 @@ def decode_attention(
 ) -> torch.Tensor:  # (D, H*hd)
     d, h, hd = q.shape
     kvh = k_cache.shape[2]
-    k = k_cache[block_tables].view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
-    v = v_cache[block_tables].view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
+    # index_select, not fancy indexing: several times faster for whole-block copies.
+    flat = block_tables.view(-1)
+    k = k_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
+    v = v_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
     # Grouped-query attention without repeating K/V: the G query heads that share
     # a KV head become G query rows of that head (no causal mask is needed, the
     # query is the newest token).
@@ -52,8 +54,9 @@ def prefill_attention(
     else:
         kvh = k_cache.shape[2]
         total = num_context + n
-        k = k_cache[block_table].view(-1, kvh, hd)[:total].transpose(0, 1).unsqueeze(0)
-        v = v_cache[block_table].view(-1, kvh, hd)[:total].transpose(0, 1).unsqueeze(0)
+        k = k_cache.index_select(0, block_table).view(-1, kvh, hd)[:total]  # (T, kvh, hd)
+        v = v_cache.index_select(0, block_table).view(-1, kvh, hd)[:total]
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # (1, kvh, T, hd)
         # Query i (absolute position num_context + i) sees keys 0..num_context + i.
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(num_context)
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -50,11 +50,12 @@ class LLMEngine:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = _pick_device(cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.weight_dtype = _DTYPES[cfg.dtype]
         self.model_dir = resolve_model(cfg.model)
         hf_config = load_hf_config(self.model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        self.model = LlamaModel(self.model_dir, hf_config, self.dtype, self.device)
+        self.model = LlamaModel(self.model_dir, hf_config, self.weight_dtype, self.device)
+        self.dtype = self.model.dtype  # activations and KV
         s = self.spec = self.model.spec
         self.max_model_len = _max_model_len(cfg, s.max_position_embeddings)
         per_block = KVCache.bytes_per_block(
@@ -71,7 +72,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._to_report: dict[str, Request] = {}
-        log.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d max_model_len=%d",
+        log.info("engine ready: model=%s weights=%s device=%s kv_blocks=%d max_model_len=%d",
                  self.model_dir, cfg.dtype, self.device, num_blocks, self.max_model_len)
 
     # --- requests in --------------------------------------------------------------

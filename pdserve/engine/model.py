@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from pdserve.engine.attention import decode_attention, prefill_attention
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.linear import Linear, compute_dtype_for
 from pdserve.engine.rope import RotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -99,41 +100,48 @@ class ForwardBatch:
 
 
 class _Layer:
-    __slots__ = ("in_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "down")
+    __slots__ = ("in_norm", "qkv", "o", "post_norm", "gate_up", "down")
 
-    def __init__(self, t: Callable[[str], torch.Tensor], i: int, bias: bool) -> None:
+    def __init__(self, t: Callable[[str], torch.Tensor], lin: Callable[..., Linear],
+                 i: int, bias: bool) -> None:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         self.in_norm = t(p + "input_layernorm.weight")
-        self.qkv = torch.cat([t(a + f"{x}_proj.weight") for x in "qkv"])  # (q+2kv, d)
-        self.qkv_bias = torch.cat([t(a + f"{x}_proj.bias") for x in "qkv"]) if bias else None
-        self.o = t(a + "o_proj.weight")
+        qkv = torch.cat([t(a + f"{x}_proj.weight") for x in "qkv"])  # (q+2kv, d)
+        qkv_bias = torch.cat([t(a + f"{x}_proj.bias") for x in "qkv"]) if bias else None
+        self.qkv = lin(qkv, qkv_bias)
+        self.o = lin(t(a + "o_proj.weight"))
         self.post_norm = t(p + "post_attention_layernorm.weight")
         m = p + "mlp."
-        self.gate_up = torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")])
-        self.down = t(m + "down_proj.weight")
+        self.gate_up = lin(torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")]))
+        self.down = lin(t(m + "down_proj.weight"))
 
 
 class LlamaModel:
     def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device):
         self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
-        self.dtype = dtype
+        # Weights are stored in ``dtype``; activations and KV use the compute dtype
+        # (fp32 where the hardware has no native bf16, see linear.py).
+        self.dtype = compute = compute_dtype_for(dtype, device)
         self.device = device
         s = self.spec
         self.scale = s.head_dim**-0.5
-        self.rope = RotaryEmbedding(config, s.head_dim, s.max_position_embeddings, dtype, device)
+        self.rope = RotaryEmbedding(config, s.head_dim, s.max_position_embeddings, compute, device)
         tensors = _read_safetensors(model_dir)
 
         def t(name: str) -> torch.Tensor:
             if name not in tensors:
                 raise ValueError(f"model: weight {name!r} missing in {model_dir}")
-            return tensors[name].to(device=device, dtype=dtype)
+            return tensors[name].to(device=device, dtype=dtype).to(compute)
 
-        self.embed = t("model.embed_tokens.weight")  # (V, d)
-        self.norm = t("model.norm.weight")
+        def lin(w: torch.Tensor, b: torch.Tensor | None = None) -> Linear:
+            return Linear(w, b, dtype, compute)
+
         tied = s.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head = self.embed if tied else t("lm_head.weight")  # (V, d)
-        self.layers = [_Layer(t, i, s.qkv_bias) for i in range(s.num_layers)]
+        self.lm_head = lin(t("model.embed_tokens.weight" if tied else "lm_head.weight"))
+        self.embed = self.lm_head.weight if tied else t("model.embed_tokens.weight")  # (V, d)
+        self.norm = t("model.norm.weight")
+        self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
@@ -148,7 +156,7 @@ class LlamaModel:
         x = F.embedding(fb.input_ids, self.embed)  # (N, d)
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w.in_norm)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)  # (N, (H + 2 kvh) hd)
+            qkv = w.qkv(h)  # (N, (H + 2 kvh) hd)
             qk = self.rope.apply(qkv[:, :qk_dim].view(n, -1, s.head_dim), cos, sin)
             q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]  # (N, H, hd), (N, kvh, hd)
             v = qkv[:, qk_dim:].view(n, s.num_kv_heads, s.head_dim)  # (N, kvh, hd)
@@ -156,12 +164,12 @@ class LlamaModel:
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
-            x = x + F.linear(attn, w.o)
+            x = x + w.o(attn)
             h = self._rms_norm(x, w.post_norm)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (N, I) each
-            x = x + F.linear(F.silu(gate) * up, w.down)
-        h = self._rms_norm(x[fb.logits_indices], self.norm)  # (R, d)
-        return F.linear(h, self.lm_head).float()  # (R, V)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)  # (N, I) each
+            x = x + w.down(F.silu(gate) * up)
+        h = self._rms_norm(x.index_select(0, fb.logits_indices), self.norm)  # (R, d)
+        return self.lm_head(h).float()  # (R, V)
 
     def _attention(
         self, fb: ForwardBatch, kv: KVCache, layer: int,

@@ -23,7 +23,9 @@ class RotaryEmbedding:
         self.half = head_dim // 2
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (N, 1, hd/2)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # (N, 1, hd/2)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (N, heads, hd) the "rotate_half" way (HF Llama layout)."""

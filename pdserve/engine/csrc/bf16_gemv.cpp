@@ -1,0 +1,81 @@
+// y = x · wᵀ for fp32 activations x (M, K) and bf16 weights w (N, K), fp32 out (M, N).
+//
+// For CPUs without native bf16 (AVX2 only): decode steps are bound by reading the
+// weights, so keeping them in bf16 halves the bytes; each 8-lane load is widened
+// to fp32 in registers (a bf16 is the top half of an fp32) and accumulated in fp32.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kRows = 4;  // weight rows per inner block: 4 accumulators, x reused
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0,
+           int64_t rows) {
+  __m256 acc[kRows];
+  for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    for (int64_t r = 0; r < rows; ++r)
+      acc[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), xv, acc[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = hsum(acc[r]);
+    for (int64_t kk = k; kk < K; ++kk) s += x[kk] * bf16_to_float(w[(n0 + r) * K + kk]);
+    y[n0 + r] = s;
+  }
+}
+
+}  // namespace
+
+torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x (M, K) and w (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
+  TORCH_CHECK(x.size(1) == w.size(1), "K mismatch");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  auto y = torch::empty({M, N}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kRows;
+      const int64_t rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) block(xp + m * K, wp, yp + m * N, K, N, n0, rows);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
+}

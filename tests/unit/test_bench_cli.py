@@ -1,0 +1,34 @@
+"""`pdserve bench --engine` end to end on a tiny model, and the figure arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.workloads import figures, runs_for
+from pdserve.cli import main
+
+
+def test_figures_follow_the_workload_definitions() -> None:
+    assert figures("W1", {"W1": [2.0, 4.0, 3.0]})["output_tok_s"] == pytest.approx(4096 / 3.0)
+    w2 = figures("W2", {"W2": [2.65], "W2-ttft": [0.1]})
+    assert w2["decode_tok_s"] == pytest.approx(100.0) and w2["ttft_ms"] == pytest.approx(100.0)
+    assert figures("W3", {"W3": [2.048]})["prefill_tok_s"] == pytest.approx(1000.0)
+    w1 = runs_for("W1", vocab=100)
+    assert len(w1[0].prompts) == 32 and {len(p) for p in w1[0].prompts} == {256}
+    assert runs_for("W1", vocab=100) == w1  # fixed seed: same prompts for every engine
+    with pytest.raises(ValueError, match="W1, W2, W3"):
+        runs_for("W9", vocab=100)
+
+
+def test_bench_engine_writes_json(tiny_llama: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--engine", "--workload", "W2", "--repeats", "1", "--threads", "1",
+               "--model", str(tiny_llama), "--dtype", "float32", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())["report"]
+    assert report["W2"]["pdserve"]["decode_tok_s"] > 0
+    assert "W2 decode_tok_s: pdserve" in capsys.readouterr().out
