@@ -12,6 +12,7 @@ SPEC.json:
      "runs": [{"name": "W1", "prompts": [[1, 2, 3], ...], "max_tokens": 128}, ...]}
 
 Optional spec keys: "max_model_len" (4096), "enforce_eager" (false),
+"prefix_caching" (false: repeats must not hit vLLM's prefix cache),
 "kv_cache_gib" (4, vLLM CPU KV-cache size), "warmup_tokens" (4).
 
 OUT.json:
@@ -88,6 +89,9 @@ class VllmRunner:
             dtype=spec.get("dtype", "bfloat16"),
             gpu_memory_utilization=float(spec.get("gpu_memory_utilization", 0.5)),
             max_model_len=int(spec.get("max_model_len", 4096)),
+            # Repeats re-send identical prompts (and W2/W2ttft share one): with the
+            # prefix cache on, every repeat after the first would skip its prefill.
+            enable_prefix_caching=bool(spec.get("prefix_caching", False)),
             seed=0,
         )
         if spec.get("enforce_eager"):

@@ -66,3 +66,37 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)
+
+
+KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A prefill or decode worker process."""
+
+    role: str
+    """prefill or decode."""
+    engine: EngineConfig = EngineConfig()
+    host: str = "127.0.0.1"
+    port: int = 0
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 0
+    """Prometheus port; 0 = no metrics endpoint."""
+    cpus: tuple[int, ...] | None = None
+    """Pin the process to these CPUs (None = no pinning)."""
+    kv_encoding: str = "model"
+    """Decode: encoding asked of prefill workers unless the request names one."""
+    prefill_timeout_s: float = 120.0
+    """Decode: longest wait for a remote prefill when the call has no deadline."""
+
+    def __post_init__(self) -> None:
+        _require(self.role in ("prefill", "decode"), "role", "prefill or decode", self.role)
+        _require(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
+        _require(0 <= self.metrics_port < 65536, "metrics_port", "in [0, 65535]",
+                 self.metrics_port)
+        _require(self.kv_encoding in KV_ENCODINGS, "kv_encoding", f"one of {KV_ENCODINGS}",
+                 self.kv_encoding)
+        if self.cpus is not None:
+            _require(len(self.cpus) > 0 and all(c >= 0 for c in self.cpus), "cpus",
+                     "a non-empty list of CPU ids", self.cpus)

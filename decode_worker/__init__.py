@@ -1,0 +1,1 @@
+"""Decode worker: serves ``Generate``; receives KV from prefill workers; decodes."""

@@ -1,0 +1,139 @@
+"""``DecodeWorker.Generate``: admit, get the KV (remote or local), decode, stream.
+
+Per request: ADMITTED (KV blocks for the prompt reserved, else RESOURCE_EXHAUSTED)
+→ RECEIVING KV from the prefill worker (plan REMOTE; see kv_receiver) or
+PREFILLING itself (plan LOCAL) → DECODING in the continuous batch → DONE. A
+cancelled call, a failed transfer or an expired deadline aborts the request in
+the engine, which frees its blocks, and ends the call with a status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_worker.kv_receiver import PrefillClients, TransferStats, receive_kv
+from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.config import WorkerConfig
+from pdserve.convert import logprob_to_pb, params_from_pb
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.block_manager import NoFreeBlocksError
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kvwire.codec import Encoding, resolve
+from pdserve.kvwire.stream import KVStreamError
+from pdserve.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, engine: AsyncEngine, config: WorkerConfig, metrics: WorkerMetrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.clients = PrefillClients()
+        self.default_encoding = Encoding.parse(config.kv_encoding)
+
+    async def Generate(self, request: worker_pb2.DecodeRequest,  # noqa: N802 - gRPC name
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        try:
+            params = params_from_pb(request.params)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remote = request.plan == worker_pb2.PLAN_REMOTE or (
+            request.plan == worker_pb2.PLAN_UNSPECIFIED and bool(request.prefill_address))
+        if remote and not request.prefill_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "plan REMOTE needs prefill_address")
+        if remote:
+            stream = self._remote(request, prompt, params, context)
+        else:
+            stream = self._local(rid, prompt, params, context)
+        async for msg in stream:
+            yield msg
+
+    async def _local(self, rid: str, prompt: list[int], params: SamplingParams,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        first = True
+        try:
+            async for out in self.engine.generate(rid, prompt, params):
+                assert isinstance(out, RequestOutput)
+                msg = _response(out)
+                if first and out.timings is not None and out.timings.ttft_s is not None:
+                    msg.prefill_compute_s = out.timings.ttft_s - (out.timings.queue_s or 0.0)
+                first = False
+                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                yield msg
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _remote(self, request: worker_pb2.DecodeRequest, prompt: list[int],
+                      params: SamplingParams, context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        rid, engine = request.request_id, self.engine
+        enc = resolve(Encoding(request.encoding) if request.encoding else self.default_encoding,
+                      engine.engine.dtype)
+        q = engine.open(rid)
+        finished = False
+        try:
+            await self._admit(rid, prompt, params, context)
+            stats = await self._transfer(request, rid, prompt, params, enc, context)
+            first = True
+            async for out in engine.stream(q):
+                assert isinstance(out, RequestOutput)
+                finished = out.finished
+                msg = _response(out)
+                if first:
+                    msg.prefill_compute_s, msg.kv_transfer_s = stats.prefill_compute_s, stats.transfer_s
+                    msg.kv_bytes = stats.bytes
+                    first = False
+                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                yield msg
+        finally:
+            engine.close(rid, finished)
+            if not finished:
+                self.metrics.aborted.inc()
+
+    async def _admit(self, rid: str, prompt: list[int], params: SamplingParams,
+                     context: grpc.aio.ServicerContext) -> None:
+        try:
+            await self.engine.call(self.engine.engine.begin_import, rid, prompt, params)
+        except NoFreeBlocksError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker full: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _transfer(self, request: worker_pb2.DecodeRequest, rid: str, prompt: list[int],
+                        params: SamplingParams, enc: Encoding,
+                        context: grpc.aio.ServicerContext) -> TransferStats:
+        address = request.prefill_address
+        remaining = context.time_remaining()
+        timeout = remaining if remaining is not None else self.config.prefill_timeout_s
+        try:
+            stats = await receive_kv(self.engine, self.clients, address, rid, prompt, params,
+                                     enc, timeout)
+        except KVStreamError as e:
+            self.metrics.kv_failures.inc()
+            await context.abort(getattr(grpc.StatusCode, e.code), f"KV from {address}: {e}")
+        except grpc.aio.AioRpcError as e:
+            self.metrics.kv_failures.inc()
+            code = e.code()
+            if code == grpc.StatusCode.CANCELLED:
+                raise
+            await context.abort(code, f"prefill worker {address}: {e.details()}")
+        self.metrics.kv_bytes.inc(stats.bytes)
+        self.metrics.kv_seconds.observe(stats.transfer_s)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        return stats
+
+
+def _response(out: RequestOutput) -> worker_pb2.DecodeResponse:
+    return worker_pb2.DecodeResponse(
+        token_ids=out.new_token_ids, text=out.new_text,
+        finish_reason=out.finish_reason or "" if out.finished else "",
+        logprobs=[logprob_to_pb(lp) for lp in out.new_logprobs],
+        stop_reason="" if out.stop_reason is None else str(out.stop_reason))

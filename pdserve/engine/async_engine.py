@@ -1,0 +1,191 @@
+"""Runs an ``LLMEngine`` on its own thread and serves asyncio callers.
+
+The engine is not thread-safe, so everything that touches it (add, abort, KV
+import) is a command executed on the engine thread between steps, in the order
+it was sent. Outputs go back to each request's asyncio queue. KV exported during
+prefill travels the same queue, ahead of the token that follows it.
+
+Engine thread loop::
+
+    idle ──command──▶ run commands ──work?──▶ step ──▶ deliver outputs ──┐
+      ▲                                                                 │
+      └──────────────────────── no work left ◀──────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class KVPiece:
+    """One layer of one computed chunk of a prompt (a private copy)."""
+
+    layer: int
+    start: int
+    k: torch.Tensor  # (n, kvh, hd)
+    v: torch.Tensor
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _QueueExporter:
+    def __init__(self, deliver: Callable[[object], None]) -> None:
+        self.deliver = deliver
+
+    def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.deliver(KVPiece(layer, start, k.clone(), v.clone()))
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[object]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.dead: BaseException | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    # --- calls from asyncio --------------------------------------------------------
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread; return its result or raise its error."""
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._loop.call_soon_threadsafe(_set_exception, fut, e)  # type: ignore[union-attr]
+            else:
+                self._loop.call_soon_threadsafe(_set_result, fut, result)  # type: ignore[union-attr]
+
+        self.send(run)
+        return await fut
+
+    def send(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` for the engine thread without waiting (keeps order with ``call``)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead}")
+        self._commands.put(fn)
+
+    def open(self, request_id: str) -> asyncio.Queue[object]:
+        """Register the queue that will receive the request's outputs (and KV pieces)."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        q: asyncio.Queue[object] = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close(self, request_id: str, finished: bool) -> None:
+        """Forget the request's queue; abort it in the engine unless it finished."""
+        self._streams.pop(request_id, None)
+        if not finished and self.dead is None:
+            self.send(lambda: self.engine.abort(request_id) and None)
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       export_kv: bool = False) -> AsyncIterator[RequestOutput | KVPiece]:
+        q = self.open(request_id)
+        finished = False
+        try:
+            exporter = _QueueExporter(self._deliverer(request_id)) if export_kv else None
+            await self.call(self.engine.add_request, request_id, prompt, params, exporter)
+            async for item in self.stream(q):
+                finished = isinstance(item, RequestOutput) and item.finished
+                yield item
+        finally:
+            self.close(request_id, finished)
+
+    async def stream(self, q: asyncio.Queue[object]) -> AsyncIterator[RequestOutput | KVPiece]:
+        """Items of one request's queue until its final output."""
+        while True:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, RequestOutput) and item.finished:
+                return
+
+    # --- the engine thread ---------------------------------------------------------
+    def _deliverer(self, request_id: str) -> Callable[[object], None]:
+        loop = self._loop
+        assert loop is not None
+
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(self._put, request_id, item)
+
+        return deliver
+
+    def _put(self, request_id: str, item: object) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(item)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands(block=not self.engine.has_unfinished_requests)
+                if self.engine.has_unfinished_requests:
+                    for out in self.engine.step():
+                        self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
+                            self._put, out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
+            log.exception("engine loop died")
+            self.dead = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)  # type: ignore[union-attr]
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                cmd()
+            except Exception:  # a command for a request that is gone: that request only
+                log.exception("engine command failed")
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_all(self, e: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(EngineDeadError(f"engine stopped: {e}"))
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], e: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(e)

@@ -1,0 +1,35 @@
+"""One way to build every role's gRPC server: health, reflection, message limits."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # KV chunks stay far below; prompts of token ids too
+OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class Server:
+    def __init__(self, host: str, port: int, service_names: list[str]) -> None:
+        self.server = grpc.aio.server(options=OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = service_names
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)

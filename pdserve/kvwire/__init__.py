@@ -1,0 +1,1 @@
+"""The KV stream codec: encodings, checksums and validation against the receiving model."""

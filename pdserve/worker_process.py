@@ -1,0 +1,130 @@
+"""The process around a prefill or decode worker: pin, load, serve, drain on SIGTERM.
+
+STARTING (health NOT_SERVING while the model loads) → SERVING → DRAINING (SIGTERM
+or SIGINT: health NOT_SERVING, in-flight calls get a grace period) → STOPPED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.grpc_server import Server
+from pdserve.metrics import WorkerMetrics
+
+log = logging.getLogger("pdserve.worker")
+
+
+def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog=f"python -m {role}_worker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061 if role == "prefill" else 50071)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cpus", default=None, help="comma-separated CPU ids to pin to")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-encoding", default="model")
+    a = p.parse_args(argv)
+    cpus = tuple(int(c) for c in a.cpus.split(",")) if a.cpus else None
+    engine = EngineConfig(model=a.model, dtype=a.dtype, num_threads=a.threads,
+                          kv_cache_gb=a.kv_cache_gb,
+                          max_num_batched_tokens=a.max_num_batched_tokens)
+    return WorkerConfig(role=role, engine=engine, host=a.host, port=a.port,
+                        metrics_port=a.metrics_port, cpus=cpus, kv_encoding=a.kv_encoding)
+
+
+def pin(cpus: tuple[int, ...] | None) -> None:
+    """Pin this process before torch starts its threads."""
+    if cpus is None:
+        return
+    allowed = os.sched_getaffinity(0)
+    chosen = set(cpus) & allowed
+    if not chosen:
+        raise ValueError(f"cpus {cpus} are not among this process's allowed CPUs {allowed}")
+    os.sched_setaffinity(0, chosen)
+    log.info("pinned to CPUs %s", sorted(chosen))
+
+
+@dataclass
+class RunningWorker:
+    server: Server
+    engine: AsyncEngine
+    metrics: WorkerMetrics
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def stop(self, grace: float = 10.0) -> None:
+        await self.server.stop(grace)
+        self.engine.stop()
+
+
+async def start_worker(config: WorkerConfig) -> RunningWorker:
+    """Bind, load the model (health NOT_SERVING meanwhile), then serve."""
+    service = ("pdserve.v1.PrefillWorker" if config.role == "prefill"
+               else "pdserve.v1.DecodeWorker")
+    server = Server(config.host, config.port, [service])
+    await server.start()
+    await server.set_serving(False)
+    engine = AsyncEngine(LLMEngine(config.engine))
+    engine.start()
+    metrics = WorkerMetrics(engine.engine.spec.name, config.role)
+    e = engine.engine
+    metrics.watch(lambda: len(e.scheduler.running), lambda: len(e.scheduler.waiting),
+                  lambda: e.blocks.usage)
+    metrics.serve(config.host, config.metrics_port)
+    _add_servicer(server, config, engine, metrics)
+    await server.set_serving(True)
+    return RunningWorker(server, engine, metrics)
+
+
+async def serve(config: WorkerConfig) -> None:
+    worker = await start_worker(config)
+    print(f"{config.role} worker serving on {config.host}:{worker.server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await worker.stop()
+
+
+def _add_servicer(server, config, engine, metrics) -> None:  # type: ignore[no-untyped-def]
+    from pdserve._proto.pdserve.v1 import worker_pb2_grpc
+
+    if config.role == "prefill":
+        from prefill_worker.servicer import PrefillServicer
+
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(
+            PrefillServicer(engine, metrics), server.server)
+    else:
+        from decode_worker.servicer import DecodeServicer
+
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
+            DecodeServicer(engine, config, metrics), server.server)
+
+
+def main(role: str, argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(role, argv)
+        pin(config.cpus)
+        asyncio.run(serve(config))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

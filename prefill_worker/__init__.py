@@ -1,0 +1,1 @@
+"""Prefill worker: serves ``Prefill`` and streams the prompt's KV as it is computed."""

@@ -1,0 +1,5 @@
+import sys
+
+from pdserve.worker_process import main
+
+sys.exit(main("prefill"))

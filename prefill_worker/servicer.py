@@ -1,0 +1,90 @@
+"""``PrefillWorker.Prefill``: header, then KV chunks as each layer is computed, then
+the first token.
+
+Per request: RECEIVED → (queued in the engine) → PREFILLING (chunks streamed as
+layers finish) → FIRST_TOKEN sent → DONE. A cancelled call aborts the request in
+the engine, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.convert import chunk_to_pb, header_to_pb, logprob_to_pb, params_from_pb
+from pdserve.engine.async_engine import AsyncEngine, KVPiece
+from pdserve.engine.request import Logprob
+from pdserve.kvwire.codec import Encoding, encode, resolve
+from pdserve.kvwire.stream import PROTOCOL_VERSION, KVChunk, KVHeader
+from pdserve.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802 - gRPC name
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.PrefillResponse]:
+        rid = request.request_id
+        try:
+            params = params_from_pb(request.params)
+            enc = resolve(Encoding(request.encoding), self.engine.engine.dtype)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # Only the first token is sampled here; the decode worker does the rest.
+        params = _first_token_only(params)
+        prompt = list(request.prompt_token_ids)
+        yield worker_pb2.PrefillResponse(header=header_to_pb(self._header(enc, len(prompt))))
+        seq, sent, t_first = 0, 0, None
+        try:
+            async for item in self.engine.generate(rid, prompt, params, export_kv=True):
+                if isinstance(item, KVPiece):
+                    t_first = t_first or time.perf_counter()
+                    chunk = _chunk(seq, item, enc)
+                    seq += 1
+                    sent += chunk.payload.nbytes
+                    self.metrics.kv_bytes.inc(chunk.payload.nbytes)
+                    yield worker_pb2.PrefillResponse(chunk=chunk_to_pb(chunk))
+                elif item.finished:
+                    if t_first is not None:
+                        self.metrics.kv_seconds.observe(time.perf_counter() - t_first)
+                    yield worker_pb2.PrefillResponse(first_token=_first_token(item, prompt))
+        except ValueError as e:  # the engine refused the prompt
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            log.info("prefill done", extra={"request_id": rid, "chunks": seq, "bytes": sent})
+
+    def _header(self, enc: Encoding, num_tokens: int) -> KVHeader:
+        s = self.engine.engine.spec
+        return KVHeader(PROTOCOL_VERSION, s.name, s.num_layers, s.num_kv_heads, s.head_dim,
+                        self.engine.engine.blocks.block_size, enc, num_tokens)
+
+
+def _first_token_only(params):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
+                               stop=(), detokenize=False)
+
+
+def _chunk(seq: int, piece: KVPiece, enc: Encoding) -> KVChunk:
+    payload = encode(piece.k, piece.v, enc)
+    return KVChunk(seq, piece.layer, piece.start, piece.k.shape[0], enc, payload,
+                   payload.crc32c())
+
+
+def _first_token(out, prompt: list[int]) -> worker_pb2.FirstToken:  # type: ignore[no-untyped-def]
+    t = out.timings
+    lp = out.logprobs[0] if out.logprobs else Logprob(out.token_ids[0], 0.0, [])
+    compute = 0.0
+    if t is not None and t.ttft_s is not None and t.queue_s is not None:
+        compute = t.ttft_s - t.queue_s
+    return worker_pb2.FirstToken(token=logprob_to_pb(lp), prefill_compute_s=compute,
+                                 num_prompt_tokens=len(prompt))

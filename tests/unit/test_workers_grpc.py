@@ -1,0 +1,162 @@
+"""Prefill and decode workers over real gRPC on localhost (tiny model, one process)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.worker_process import RunningWorker, start_worker
+from tests.engine_helpers import assert_engine_empty, run_all
+
+PROMPT = list(range(5, 75))
+PARAMS = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _config(model: Path, role: str) -> WorkerConfig:
+    engine = EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64,
+                          max_num_batched_tokens=32)
+    return WorkerConfig(role=role, engine=engine, port=0)
+
+
+async def _generate(decode: RunningWorker, prefill_address: str = "",
+                    rid: str = "r", encoding: int = 0,
+                    timeout: float | None = 30) -> tuple[list[int], worker_pb2.DecodeResponse]:
+    async with grpc.aio.insecure_channel(decode.address) as ch:
+        stub = worker_pb2_grpc.DecodeWorkerStub(ch)
+        req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, params=PARAMS,
+                                       prefill_address=prefill_address, encoding=encoding)
+        tokens: list[int] = []
+        first = None
+        async for msg in stub.Generate(req, timeout=timeout):
+            first = first or msg
+            tokens += msg.token_ids
+        assert first is not None
+        return tokens, first
+
+
+def _offline(model: Path) -> list[int]:
+    e = LLMEngine(EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64))
+    e.add_request("x", PROMPT, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    return run_all(e)["x"].token_ids  # type: ignore[attr-defined]
+
+
+async def _settled(*workers: RunningWorker) -> None:
+    """Aborts travel to the engine thread asynchronously: wait for them (at most 1 s)."""
+    for _ in range(100):
+        if all(w.engine.engine.blocks.all_free() and not w.engine.engine.requests
+               for w in workers):
+            return
+        await asyncio.sleep(0.01)
+    for w in workers:
+        assert_engine_empty(w.engine.engine)
+
+
+def test_remote_and_local_plans_match_the_offline_engine(tiny_llama: Path) -> None:
+    expected = _offline(tiny_llama)
+
+    async def scenario() -> None:
+        p = await start_worker(_config(tiny_llama, "prefill"))
+        d = await start_worker(_config(tiny_llama, "decode"))
+        try:
+            remote, first = await _generate(d, p.address, "a")
+            assert remote == expected
+            assert first.kv_bytes > 0 and first.kv_bytes == p.metrics.kv_bytes._value.get()
+            local, _ = await _generate(d, "", "b")
+            assert local == expected
+            int8, first8 = await _generate(d, p.address, "c", encoding=4)
+            assert first8.kv_bytes < first.kv_bytes / 3  # int8 vs fp32 on the wire
+            await _settled(p, d)
+        finally:
+            await d.stop(0)
+            await p.stop(0)
+
+    asyncio.run(scenario())
+
+
+class HostilePrefill(worker_pb2_grpc.PrefillWorkerServicer):
+    """Delegates to a real prefill worker, then breaks the stream as told."""
+
+    def __init__(self, real_address: str, mode: str) -> None:
+        self.real_address, self.mode = real_address, mode
+
+    async def Prefill(self, request, context) -> AsyncIterator[worker_pb2.PrefillResponse]:  # noqa: N802
+        async with grpc.aio.insecure_channel(self.real_address) as ch:
+            msgs = [m async for m in worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(request)]
+        header, chunks, last = msgs[0], msgs[1:-1], msgs[-1]
+        m = self.mode
+        if m == "other_model":
+            header.header.num_layers += 1
+        elif m == "crc":
+            chunks[1].chunk.k = bytes([chunks[1].chunk.k[0] ^ 0xFF]) + chunks[1].chunk.k[1:]
+        elif m == "truncated":
+            chunks = chunks[:-1]
+        elif m == "reordered":
+            chunks[0], chunks[1] = chunks[1], chunks[0]
+        elif m == "shape":
+            chunks[0].chunk.k = chunks[0].chunk.k[:-4]
+            chunks[0].chunk.v = chunks[0].chunk.v[:-4]
+        elif m == "dtype":
+            chunks[0].chunk.encoding = common_pb2.KV_ENCODING_FP16
+        for msg in [header, *chunks, last]:
+            yield msg
+
+
+@pytest.mark.parametrize(("mode", "code"), [
+    ("other_model", grpc.StatusCode.FAILED_PRECONDITION),
+    ("crc", grpc.StatusCode.DATA_LOSS),
+    ("truncated", grpc.StatusCode.DATA_LOSS),
+    ("reordered", grpc.StatusCode.DATA_LOSS),
+    ("shape", grpc.StatusCode.INVALID_ARGUMENT),
+    ("dtype", grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_broken_prefill_peer_fails_one_request_and_frees_blocks(
+        tiny_llama: Path, mode: str, code: grpc.StatusCode) -> None:
+    expected = _offline(tiny_llama)
+
+    async def scenario() -> None:
+        p = await start_worker(_config(tiny_llama, "prefill"))
+        d = await start_worker(_config(tiny_llama, "decode"))
+        hostile = grpc.aio.server()
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(HostilePrefill(p.address, mode), hostile)
+        port = hostile.add_insecure_port("127.0.0.1:0")
+        await hostile.start()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(d, f"127.0.0.1:{port}", "bad")
+            assert e.value.code() == code, e.value.details()
+            assert e.value.details()
+            await _settled(p, d)
+            good, _ = await _generate(d, p.address, "good")  # the worker keeps serving
+            assert good == expected
+            await _settled(p, d)
+        finally:
+            await hostile.stop(0)
+            await d.stop(0)
+            await p.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_prefill_and_deadline(tiny_llama: Path) -> None:
+    async def scenario() -> None:
+        d = await start_worker(_config(tiny_llama, "decode"))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(d, "127.0.0.1:1", "x")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _generate(d, "", "y", timeout=0.001)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await _settled(d)
+        finally:
+            await d.stop(0)
+
+    asyncio.run(scenario())
