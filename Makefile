@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/pdserve chat
+	$(VENV)/bin/pdserve up
 
 test: install
 	$(PY) -m pytest -q tests

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.convert import chunk_from_pb, header_from_pb, logprob_from_pb, params_to_pb
+from pdserve.convert import chunk_from_pb, header_from_pb
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.codec import Encoding, decode
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader, KVStreamError, KVStreamValidator
+from pdserve.params_pb import logprob_from_pb, params_to_pb
 
 
 @dataclass

@@ -17,7 +17,6 @@ import grpc
 from decode_worker.kv_receiver import PrefillClients, TransferStats, receive_kv
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
-from pdserve.convert import logprob_to_pb, params_from_pb
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.block_manager import NoFreeBlocksError
 from pdserve.engine.outputs import RequestOutput
@@ -25,21 +24,28 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvwire.codec import Encoding, resolve
 from pdserve.kvwire.stream import KVStreamError
 from pdserve.metrics import WorkerMetrics
+from pdserve.params_pb import logprob_to_pb, params_from_pb
 
 log = logging.getLogger(__name__)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: AsyncEngine, config: WorkerConfig, metrics: WorkerMetrics) -> None:
-        self.engine = engine
+    def __init__(self, config: WorkerConfig) -> None:
+        self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
+        self.metrics: WorkerMetrics = None  # type: ignore[assignment]
         self.config = config
-        self.metrics = metrics
         self.clients = PrefillClients()
         self.default_encoding = Encoding.parse(config.kv_encoding)
+
+    def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
+        """The model is loaded: start serving."""
+        self.engine, self.metrics = engine, metrics
 
     async def Generate(self, request: worker_pb2.DecodeRequest,  # noqa: N802 - gRPC name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker: model still loading")
         try:
             params = params_from_pb(request.params)
         except ValueError as e:

@@ -1,4 +1,4 @@
-"""``pdserve`` command line: prepare-model | generate | chat | bench."""
+"""``pdserve`` command line: up | generate | chat | bench | prepare-model."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-model", help="convert a model (default: SmolLM2) into the cache")
     p.add_argument("--model", default=None)
 
-    g = sub.add_parser("generate", help="stream one answer from the offline engine")
+    u = sub.add_parser("up", help="start router, prefill and decode workers on this machine")
+    u.add_argument("--config", default=None, help="cluster config YAML (see README)")
+    u.add_argument("--model", default=None)
+    u.add_argument("--dtype", default=None)
+
+    g = sub.add_parser("generate", help="stream one answer from the router")
     g.add_argument("prompt")
+    g.add_argument("--address", default="127.0.0.1:50051", help="router gRPC address")
+    g.add_argument("--offline", action="store_true",
+                   help="run the offline engine in this process instead of asking the router")
     _engine_args(g)
     _sampling_args(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
@@ -48,8 +56,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from bench.cli import run
 
         return run(args)
+    if args.command == "up":
+        return _up(args)
     if args.command == "generate":
-        return _generate(args)
+        return _generate_offline(args) if args.offline else _generate_remote(args)
     return _chat(args)
 
 
@@ -99,7 +109,46 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
               f"TPOT {1e3 * tpot:.1f} ms]", file=sys.stderr)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _up(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pdserve.cluster import ClusterConfig, up
+
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
+    return up(dataclasses.replace(config, **overrides))
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.client import Client
+
+    client = Client(args.address)
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed)
+    prompt_kw = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+                 else {"prompt": args.prompt})
+    last = None
+    try:
+        for d in client.generate(**prompt_kw, **kw):  # type: ignore[arg-type]
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+            last = d
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None and last.timings:
+        t, n = last.timings, last.completion_tokens
+        tpot = (t["e2e_s"] - t["ttft_s"]) / (n - 1) if n > 1 else 0.0
+        print(f"[{n} tokens, finish={last.finish_reason}, plan={t['plan']}, "
+              f"TTFT {1e3 * t['ttft_s']:.1f} ms, TPOT {1e3 * tpot:.1f} ms]", file=sys.stderr)
+    return 0
+
+
+def _generate_offline(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     params = _params(args)
     prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}])

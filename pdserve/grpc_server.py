@@ -13,7 +13,8 @@ OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 
 class Server:
     def __init__(self, host: str, port: int, service_names: list[str]) -> None:
-        self.server = grpc.aio.server(options=OPTIONS)
+        # No SO_REUSEPORT: a second server on a busy port must fail, not share it.
+        self.server = grpc.aio.server(options=[*OPTIONS, ("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names

@@ -76,16 +76,17 @@ async def start_worker(config: WorkerConfig) -> RunningWorker:
     service = ("pdserve.v1.PrefillWorker" if config.role == "prefill"
                else "pdserve.v1.DecodeWorker")
     server = Server(config.host, config.port, [service])
+    servicer = _add_servicer(server, config)  # gRPC needs services before start
     await server.start()
     await server.set_serving(False)
-    engine = AsyncEngine(LLMEngine(config.engine))
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine))
     engine.start()
     metrics = WorkerMetrics(engine.engine.spec.name, config.role)
     e = engine.engine
     metrics.watch(lambda: len(e.scheduler.running), lambda: len(e.scheduler.waiting),
                   lambda: e.blocks.usage)
     metrics.serve(config.host, config.metrics_port)
-    _add_servicer(server, config, engine, metrics)
+    servicer.attach(engine, metrics)
     await server.set_serving(True)
     return RunningWorker(server, engine, metrics)
 
@@ -102,19 +103,20 @@ async def serve(config: WorkerConfig) -> None:
     await worker.stop()
 
 
-def _add_servicer(server, config, engine, metrics) -> None:  # type: ignore[no-untyped-def]
+def _add_servicer(server: Server, config: WorkerConfig):  # type: ignore[no-untyped-def]
     from pdserve._proto.pdserve.v1 import worker_pb2_grpc
 
     if config.role == "prefill":
         from prefill_worker.servicer import PrefillServicer
 
-        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(
-            PrefillServicer(engine, metrics), server.server)
-    else:
-        from decode_worker.servicer import DecodeServicer
+        prefill = PrefillServicer()
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill, server.server)
+        return prefill
+    from decode_worker.servicer import DecodeServicer
 
-        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(
-            DecodeServicer(engine, config, metrics), server.server)
+    decode = DecodeServicer(config)
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(decode, server.server)
+    return decode
 
 
 def main(role: str, argv: list[str] | None = None) -> int:

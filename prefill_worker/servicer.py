@@ -15,24 +15,31 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.convert import chunk_to_pb, header_to_pb, logprob_to_pb, params_from_pb
+from pdserve.convert import chunk_to_pb, header_to_pb
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
 from pdserve.engine.request import Logprob
 from pdserve.kvwire.codec import Encoding, encode, resolve
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVChunk, KVHeader
 from pdserve.metrics import WorkerMetrics
+from pdserve.params_pb import logprob_to_pb, params_from_pb
 
 log = logging.getLogger(__name__)
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
-        self.engine = engine
-        self.metrics = metrics
+    def __init__(self) -> None:
+        self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
+        self.metrics: WorkerMetrics = None  # type: ignore[assignment]
+
+    def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
+        """The model is loaded: start serving."""
+        self.engine, self.metrics = engine, metrics
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802 - gRPC name
                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.PrefillResponse]:
         rid = request.request_id
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker: model still loading")
         try:
             params = params_from_pb(request.params)
             enc = resolve(Encoding(request.encoding), self.engine.engine.dtype)

@@ -47,11 +47,19 @@ class EngineDeadError(RuntimeError):
 
 
 class _QueueExporter:
+    """Ships each prompt token's KV of each layer once, in order."""
+
     def __init__(self, deliver: Callable[[object], None]) -> None:
         self.deliver = deliver
+        self.sent: dict[int, int] = {}  # layer -> tokens shipped
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.deliver(KVPiece(layer, start, k.clone(), v.clone()))
+        skip = self.sent.get(layer, 0) - start  # recomputed rows already shipped
+        if skip >= k.shape[0]:
+            return
+        skip = max(skip, 0)
+        self.sent[layer] = start + k.shape[0]
+        self.deliver(KVPiece(layer, start + skip, k[skip:].clone(), v[skip:].clone()))
 
 
 class AsyncEngine:
@@ -108,6 +116,7 @@ class AsyncEngine:
         """Forget the request's queue; abort it in the engine unless it finished."""
         self._streams.pop(request_id, None)
         if not finished and self.dead is None:
+            self.engine.interrupt_requested = True  # free its blocks now, not after the step
             self.send(lambda: self.engine.abort(request_id) and None)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -162,6 +171,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._fail_all, e)  # type: ignore[union-attr]
 
     def _run_commands(self, block: bool) -> None:
+        self.engine.interrupt_requested = False
         try:
             cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
         except queue.Empty:

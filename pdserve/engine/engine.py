@@ -20,7 +20,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.model import LlamaModel, load_hf_config
+from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_loader import resolve_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
@@ -39,8 +39,9 @@ class KVExporter(Protocol):
         """K/V (n, kvh, hd) of prompt tokens [start, start + n) of ``layer``.
 
         Called inside the forward pass right after the layer wrote them; the
-        tensors are only valid during the call. After a preemption the prompt is
-        recomputed and chunks may repeat (same values, same positions).
+        tensors are only valid during the call. After a preemption or an
+        interrupted step, tokens are recomputed and ranges may repeat (same
+        values, same positions): exporters skip what they already sent.
         """
 
 
@@ -72,6 +73,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._to_report: dict[str, Request] = {}
+        # Set from another thread to stop a long step between layers (an abort is
+        # waiting); the step's tokens are then recomputed next step.
+        self.interrupt_requested = False
         log.info("engine ready: model=%s weights=%s device=%s kv_blocks=%d max_model_len=%d",
                  self.model_dir, cfg.dtype, self.device, num_blocks, self.max_model_len)
 
@@ -179,7 +183,11 @@ class LLMEngine:
         """Compute one batch of tokens; report every request that changed."""
         sched = self.scheduler.schedule()
         if sched.chunks:
-            logits, sampling = self.runner.execute(sched.chunks, _export)
+            try:
+                logits, sampling = self.runner.execute(
+                    sched.chunks, _export, lambda: self.interrupt_requested)
+            except StepInterrupted:
+                return self._reports()
             for c in sched.chunks:
                 c.request.num_computed_tokens += c.num_tokens
             if sampling:
@@ -187,6 +195,9 @@ class LLMEngine:
                 result = self.sampler.sample(logits, reqs)
                 for r, tok, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
                     self._append(r, tok, lp)
+        return self._reports()
+
+    def _reports(self) -> list[RequestOutput]:
         reports = [RequestOutput.report(r) for r in self._to_report.values()]
         for r in self._to_report.values():
             if r.is_finished:

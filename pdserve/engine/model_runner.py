@@ -22,7 +22,8 @@ class ModelRunner:
         self.block_size = kv.block_size
 
     def execute(
-        self, chunks: list[ScheduledChunk], export: ChunkKVHook | None = None
+        self, chunks: list[ScheduledChunk], export: ChunkKVHook | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run one step. Returns logits (R, V) and the R chunks they belong to."""
         decode = [c for c in chunks if c.num_tokens == 1]
@@ -39,7 +40,7 @@ class ModelRunner:
                     rows = slice(starts[i], starts[i] + c.num_tokens)
                     export(c, layer, k[rows], v[rows])
 
-        logits = self.model.forward(fb, self.kv, hook)
+        logits = self.model.forward(fb, self.kv, hook, interrupted)
         return logits, [c for c in ordered if c.samples]
 
     def _build(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk]) -> ForwardBatch:

@@ -77,3 +77,16 @@ def test_abort_mid_decode_frees_blocks(tiny_llama: Path) -> None:
     assert done["a"].finish_reason == "abort"  # type: ignore[attr-defined]
     assert len(done["b"].token_ids) == 5  # type: ignore[attr-defined]
     assert_engine_empty(engine)
+
+
+def test_interrupted_step_counts_nothing_and_is_recomputed(tiny_llama: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=64))
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request("ref", list(range(5, 45)), params)
+    reference = run_all(engine)["ref"].token_ids  # type: ignore[attr-defined]
+    engine.add_request("a", list(range(5, 45)), params)
+    engine.interrupt_requested = True  # an abort is waiting: the step stops between layers
+    assert engine.step() == [] and engine.requests["a"].num_computed_tokens == 0
+    engine.interrupt_requested = False
+    assert run_all(engine)["a"].token_ids == reference  # type: ignore[attr-defined]
+    assert_engine_empty(engine)

@@ -1,0 +1,177 @@
+"""``pdserve up``: router, prefill and decode workers as processes on this machine.
+
+A cluster config (YAML) names the model, dtype, KV encoding and each member's
+ports and CPUs; without one, the defaults below: router gRPC :50051, prefill
+:50061 (metrics :9061) pinned to CPU 0, decode :50071 (metrics :9071) pinned to
+CPU 1, one torch thread each, when the machine has at least two CPUs.
+
+STARTING (workers load; health polled) → SERVING (endpoints printed) → STOPPING
+(Ctrl-C or SIGTERM: every child gets SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.config import DTYPES, KV_ENCODINGS
+
+
+@dataclass(frozen=True)
+class Member:
+    port: int
+    metrics_port: int = 0
+    cpus: tuple[int, ...] | None = None
+    threads: int | None = None
+
+
+def _default_members() -> tuple[list[Member], list[Member]]:
+    two = len(os.sched_getaffinity(0)) >= 2
+    return ([Member(50061, 9061, (0,) if two else None, 1 if two else None)],
+            [Member(50071, 9071, (1,) if two else None, 1 if two else None)])
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str | None = None
+    dtype: str = "bfloat16"
+    kv_encoding: str = "model"
+    host: str = "127.0.0.1"
+    router_port: int = 50051
+    local_prefill_below: int = 16
+    prefill: list[Member] = field(default_factory=lambda: _default_members()[0])
+    decode: list[Member] = field(default_factory=lambda: _default_members()[1])
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_encoding not in KV_ENCODINGS:
+            raise ValueError(f"kv_encoding must be one of {KV_ENCODINGS}, got {self.kv_encoding!r}")
+        if not self.decode:
+            raise ValueError("decode: at least one decode worker is required")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"cluster config: unknown keys {sorted(unknown)}; "
+                             f"allowed: {sorted(known)}")
+        for role in ("prefill", "decode"):
+            if role in data:
+                data[role] = [_member(role, i, m) for i, m in enumerate(data[role] or [])]
+        return cls(**data)
+
+
+def _member(role: str, i: int, m: dict[str, Any]) -> Member:
+    allowed = {"port", "metrics_port", "cpus", "threads"}
+    if not isinstance(m, dict) or "port" not in m or set(m) - allowed:
+        raise ValueError(f"{role}[{i}] must be a mapping with port and optionally "
+                         f"metrics_port, cpus, threads; got {m!r}")
+    cpus = m.get("cpus")
+    return Member(int(m["port"]), int(m.get("metrics_port", 0)),
+                  tuple(cpus) if cpus is not None else None, m.get("threads"))
+
+
+def _worker_cmd(role: str, m: Member, c: ClusterConfig) -> list[str]:
+    cmd = [sys.executable, "-m", f"{role}_worker", "--host", c.host, "--port", str(m.port),
+           "--metrics-port", str(m.metrics_port), "--dtype", c.dtype,
+           "--kv-encoding", c.kv_encoding]
+    if c.model:
+        cmd += ["--model", c.model]
+    if m.cpus:
+        cmd += ["--cpus", ",".join(map(str, m.cpus))]
+    if m.threads:
+        cmd += ["--threads", str(m.threads)]
+    return cmd
+
+
+def wait_serving(address: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a cluster process exited while waiting for {address}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f} s")
+
+
+def start(c: ClusterConfig, timeout: float = 600) -> list[subprocess.Popen[bytes]]:
+    """Start every member; return once all answer SERVING."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        workers = [("prefill", m) for m in c.prefill] + [("decode", m) for m in c.decode]
+        for role, m in workers:
+            procs.append(subprocess.Popen(_worker_cmd(role, m, c)))
+        for _, m in workers:
+            wait_serving(f"{c.host}:{m.port}", timeout, procs)
+        router = [sys.executable, "-m", "router", "--host", c.host, "--port", str(c.router_port),
+                  "--local-prefill-below", str(c.local_prefill_below)]
+        router += [a for m in c.decode for a in ("--decode", f"{c.host}:{m.port}")]
+        router += [a for m in c.prefill for a in ("--prefill", f"{c.host}:{m.port}")]
+        if c.model:
+            router += ["--model", c.model]
+        procs.append(subprocess.Popen(router))
+        wait_serving(f"{c.host}:{c.router_port}", 60, procs)
+    except BaseException:
+        stop(procs)
+        raise
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 15) -> None:
+    for p in reversed(procs):  # router first, so no new work reaches the workers
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def up(c: ClusterConfig) -> int:
+    from pdserve.engine.model_loader import resolve_model
+
+    resolve_model(c.model)  # convert once, before three processes race to do it
+    procs = start(c)
+    print(f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" +
+          "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"
+                  for m in c.prefill) +
+          "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"
+                  for m in c.decode) +
+          '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
+          "Ctrl-C stops the cluster.", flush=True)
+    # Ctrl-C and SIGTERM both stop the cluster (a background shell ignores SIGINT
+    # unless we ask for it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("a cluster process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(procs)

@@ -1,0 +1,1 @@
+"""Router: the public gRPC API; tokenizes, validates, picks workers, relays. No torch."""
