@@ -16,8 +16,8 @@ DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action="store_true", help="measure the offline engine (W1-W3)")
-    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3"],
-                   help="repeatable; default: W1, W2 and W3")
+    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3", "W5"],
+                   help="repeatable; default with --engine: W1, W2 and W3")
     p.add_argument("--peer", action="append", choices=["vllm", "transformers"], default=[],
                    help="also measure this peer on the same prompts (repeatable)")
     p.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON",
@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.engine:
-        raise ValueError("bench: only --engine (W1-W3 on the offline engine) exists so far")
+        if args.workload != ["W5"]:
+            raise ValueError("bench: W1-W3 need --engine; W5 runs alone (--workload W5)")
+        return _run_w5(args)
     from bench.engine_bench import time_pdserve, time_peer
 
     workloads = args.workload or ["W1", "W2", "W3"]
@@ -51,6 +53,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"machine": _machine(args), "report": report, "raw": results}, f, indent=2)
+    return 0
+
+
+def _run_w5(args: argparse.Namespace) -> int:
+    from bench.disagg_bench import run_w5
+
+    vocab = 49152 if args.model is None else _vocab(args.model)
+    res = run_w5(args.model, args.dtype, args.repeats, vocab)
+    print("W5 KV hand-off (disaggregated, prefill on CPU 0, decode on CPU 1; medians)")
+    print(f"{'enc':>6} {'tokens':>6} {'TTFT ms':>8} {'compute ms':>10} {'exposed ms':>10} "
+          f"{'exposed %':>9} {'B/token':>8}")
+    for r in res["requests"]:
+        print(f"{r['encoding']:>6} {r['prompt_tokens']:>6} {1e3 * r['ttft_s']:>8.1f} "
+              f"{1e3 * r['prefill_compute_s']:>10.1f} {1e3 * r['exposed_s']:>10.1f} "
+              f"{100 * r['exposed_share']:>8.1f}% {r['bytes_per_token']:>8.0f}")
+    w = res["wire"]
+    print(f"wire: raw loopback socket {w['raw_socket_GBps']:.2f} GB/s, pdserve KV stream "
+          f"{w['kv_stream_GBps']:.2f} GB/s ({100 * w['kv_share_of_raw']:.0f}% of raw)")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": _machine(args), "W5": res}, f, indent=2)
     return 0
 
 

@@ -82,7 +82,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                       ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         rid, engine = request.request_id, self.engine
         enc = resolve(Encoding(request.encoding) if request.encoding else self.default_encoding,
-                      engine.engine.dtype)
+                      engine.engine.weight_dtype)
         q = engine.open(rid)
         finished = False
         try:

@@ -42,7 +42,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker: model still loading")
         try:
             params = params_from_pb(request.params)
-            enc = resolve(Encoding(request.encoding), self.engine.engine.dtype)
+            enc = resolve(Encoding(request.encoding), self.engine.engine.weight_dtype)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # Only the first token is sampled here; the decode worker does the rest.

@@ -40,7 +40,8 @@ _MODEL = {torch.float32: Encoding.FP32, torch.bfloat16: Encoding.BF16,
 
 
 def resolve(encoding: Encoding, model_dtype: torch.dtype) -> Encoding:
-    """MODEL → the concrete encoding of the model's KV dtype."""
+    """MODEL → the encoding of the model's (weight) dtype: a bf16 model ships bf16 KV
+    even where its KV cache is kept in fp32 for compute."""
     return _MODEL[model_dtype] if encoding is Encoding.MODEL else encoding
 
 

@@ -138,3 +138,33 @@ def test_bad_requests_get_clear_statuses(cluster: ClusterConfig) -> None:
             await client.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.integration
+def test_int8_kv_agreement_with_unquantized_path(cluster: ClusterConfig) -> None:
+    """Share of identical greedy continuations with int8 KV on the wire vs fp32 KV."""
+    import json
+
+    def run(encoding: int) -> list[list[int]]:
+        async def go() -> list[list[int]]:
+            client = AsyncClient(f"127.0.0.1:{cluster.router_port}", timeout=300)
+            try:
+                async def one(q: str) -> list[int]:
+                    return [t async for d in client.generate(
+                        messages=[{"role": "user", "content": q}], max_tokens=N_NEW,
+                        ignore_eos=True, kv_encoding=encoding) for t in d.token_ids]
+                return list(await asyncio.gather(*(one(q) for q in QUESTIONS)))
+            finally:
+                await client.close()
+        return asyncio.run(go())
+
+    exact, int8 = run(0), run(4)
+    share = sum(a == b for a, b in zip(exact, int8, strict=True)) / len(QUESTIONS)
+    first8 = sum(a[:8] == b[:8] for a, b in zip(exact, int8, strict=True)) / len(QUESTIONS)
+    out = Path(__file__).resolve().parents[2] / "bench" / "results" / "int8_kv_agreement.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"prompts": len(QUESTIONS), "new_tokens": N_NEW,
+                               "identical_share": share, "identical_first8_share": first8},
+                              indent=2) + "\n")
+    print(f"int8 KV: {share:.0%} identical {N_NEW}-token continuations, {first8:.0%} first 8")
+    assert first8 >= 0.5

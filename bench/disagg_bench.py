@@ -1,0 +1,140 @@
+"""W5, the KV hand-off: does the transfer hide behind prefill compute?
+
+Starts a disaggregated cluster (prefill on CPU 0, decode on CPU 1, one thread
+each), sends one request at a time of 256, 1024 and 2048 random prompt tokens
+with 1 output token, per KV encoding, and reports TTFT, the prefill compute time
+measured inside the prefill worker, the exposed rest (TTFT − compute) and the
+bytes on the wire. In the same run it measures the wire alone: a raw loopback
+TCP socket, and pdserve's KV stream (the real codec and gRPC messages) replayed
+from memory without compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from bench.workloads import random_prompts
+from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.client import Client
+from pdserve.cluster import ClusterConfig, Member, start, stop
+from pdserve.convert import chunk_to_pb
+from pdserve.grpc_server import OPTIONS
+from pdserve.kvwire.codec import Encoding, encode
+from pdserve.kvwire.stream import KVChunk
+
+SIZES = (256, 1024, 2048)
+ENCODINGS = {"model": 0, "bf16": 2, "fp16": 3, "int8": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_w5(model: str | None, dtype: str, repeats: int, vocab: int) -> dict[str, Any]:
+    two = len(__import__("os").sched_getaffinity(0)) >= 2
+    c = ClusterConfig(model=model, dtype=dtype, router_port=_free_port(), local_prefill_below=1,
+                      prefill=[Member(_free_port(), 0, (0,) if two else None, 1)],
+                      decode=[Member(_free_port(), 0, (1,) if two else None, 1)])
+    procs = start(c)
+    try:
+        client = Client(f"127.0.0.1:{c.router_port}", timeout=600)
+        list(client.generate([1, 2, 3, 4], max_tokens=2))  # warm-up
+        rows = [_measure(client, n, enc, repeats, vocab)
+                for enc in ENCODINGS for n in SIZES]
+        client.close()
+    finally:
+        stop(procs)
+    return {"requests": rows, "wire": wire_throughput()}
+
+
+def _measure(client: Client, n: int, enc: str, repeats: int, vocab: int) -> dict[str, Any]:
+    prompt = random_prompts(1, n, vocab, seed=5)[0]
+    samples = []
+    for _ in range(repeats):
+        last = None
+        for d in client.generate(prompt, max_tokens=1, ignore_eos=True,
+                                 kv_encoding=ENCODINGS[enc]):
+            last = d
+        assert last is not None and last.timings["plan"] == "remote"
+        samples.append(last.timings)
+    ttft = statistics.median(t["ttft_s"] for t in samples)
+    compute = statistics.median(t["prefill_compute_s"] for t in samples)
+    kv_bytes = samples[0]["kv_bytes"]
+    return {"prompt_tokens": n, "encoding": enc, "ttft_s": ttft, "prefill_compute_s": compute,
+            "exposed_s": ttft - compute, "exposed_share": (ttft - compute) / ttft,
+            "kv_bytes": kv_bytes, "bytes_per_token": kv_bytes / n}
+
+
+def wire_throughput(total_mb: int = 256) -> dict[str, float]:
+    raw = _raw_socket_gbps(total_mb)
+    kv = asyncio.run(_kv_stream_gbps(total_mb))
+    return {"raw_socket_GBps": raw, "kv_stream_GBps": kv, "kv_share_of_raw": kv / raw}
+
+
+def _raw_socket_gbps(total_mb: int) -> float:
+    payload = b"\0" * (1 << 20)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got = [0]
+
+    def sink() -> None:
+        conn, _ = srv.accept()
+        while data := conn.recv(1 << 20):
+            got[0] += len(data)
+        conn.close()
+
+    t = threading.Thread(target=sink)
+    t.start()
+    s = socket.create_connection(srv.getsockname())
+    t0 = time.perf_counter()
+    for _ in range(total_mb):
+        s.sendall(payload)
+    s.close()
+    t.join()
+    srv.close()
+    return got[0] / (time.perf_counter() - t0) / 1e9
+
+
+class _Replay(worker_pb2_grpc.PrefillWorkerServicer):
+    """Streams pre-encoded KV chunks (one layer of 512 tokens, fp32) without compute."""
+
+    def __init__(self, count: int) -> None:
+        k = torch.randn(512, 3, 64)
+        payload = encode(k, k, Encoding.FP32)
+        self.msg = worker_pb2.PrefillResponse(chunk=chunk_to_pb(
+            KVChunk(0, 0, 0, 512, Encoding.FP32, payload, payload.crc32c())))
+        self.count = count
+        self.nbytes = payload.nbytes
+
+    async def Prefill(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        for _ in range(self.count):
+            yield self.msg
+
+
+async def _kv_stream_gbps(total_mb: int) -> float:
+    replay = _Replay(1)
+    replay.count = max(1, total_mb * (1 << 20) // replay.nbytes)
+    server = grpc.aio.server(options=OPTIONS)
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(replay, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as ch:
+        stub = worker_pb2_grpc.PrefillWorkerStub(ch)
+        t0 = time.perf_counter()
+        n = 0
+        async for msg in stub.Prefill(worker_pb2.PrefillRequest()):
+            n += len(msg.chunk.k) + len(msg.chunk.v)
+        elapsed = time.perf_counter() - t0
+    await server.stop(0)
+    return n / elapsed / 1e9
