@@ -15,8 +15,8 @@ Optional spec keys: "max_model_len" (4096), "enforce_eager" (false),
 "prefix_caching" (false: repeats must not hit vLLM's prefix cache),
 "kv_cache_gib" (4, vLLM CPU KV-cache size), "warmup_tokens" (4).
 
-OUT.json:
-    {"backend": "vllm", "version": "0.32.0",
+OUT.json ("complete" is false while runs are still to come; rewritten after each run):
+    {"backend": "vllm", "version": "0.32.0", "load_s": 190.0, "complete": true,
      "runs": [{"name": "W1", "times_s": [...], "output_tokens": [...], "prompt_tokens": N}]}
 
 Every run: greedy (temperature 0), exactly max_tokens per prompt (ignore_eos /
@@ -211,12 +211,21 @@ def main(argv=None):
             "output_tokens": outs,
             "prompt_tokens": sum(len(p) for p in prompts),
         })
+        # written after every run, so a run killed part-way still leaves its finished runs
+        _write(args.out, {"backend": args.backend, "version": runner.version,
+                          "load_s": load_s, "complete": False, "runs": results})
 
-    out = {"backend": args.backend, "version": runner.version, "load_s": load_s, "runs": results}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    _write(args.out, {"backend": args.backend, "version": runner.version,
+                      "load_s": load_s, "complete": True, "runs": results})
     _log("wrote %s" % args.out)
     return 0
+
+
+def _write(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

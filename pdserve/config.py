@@ -39,7 +39,7 @@ class EngineConfig:
     """Exact number of KV blocks in the pool (overrides kv_cache_gb)."""
     max_model_len: int | None = None
     """Longest prompt + output; None = the model's max_position_embeddings."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     """Token budget of one engine step: decode tokens plus prefill chunks."""
     max_num_seqs: int = 128
     """Most requests running at once."""

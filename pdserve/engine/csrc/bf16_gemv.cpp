@@ -13,7 +13,7 @@
 
 namespace {
 
-constexpr int64_t kRows = 4;  // weight rows per inner block: 4 accumulators, x reused
+constexpr int64_t kRows = 6;  // weight rows per inner block: 12 accumulators, x reused
 
 inline __m256 load_bf16x8(const uint16_t* p) {
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -34,18 +34,28 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0,
-           int64_t rows) {
-  __m256 acc[kRows];
-  for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t n0, int64_t rows) {
+  // Two accumulators per row (even and odd 8-lane steps): 8 independent FMA chains
+  // hide the FMA latency; the loop is then bound by memory, not by dependencies.
+  __m256 acc0[kRows], acc1[kRows];
+  for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* row = w + (n0 + r) * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kRows * K), _MM_HINT_T0);
+      acc0[r] = _mm256_fmadd_ps(load_bf16x8(row), x0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(load_bf16x8(row + 8), x1, acc1[r]);
+    }
+  }
   for (; k + 8 <= K; k += 8) {
-    __m256 xv = _mm256_loadu_ps(x + k);
+    const __m256 x0 = _mm256_loadu_ps(x + k);
     for (int64_t r = 0; r < rows; ++r)
-      acc[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), xv, acc[r]);
+      acc0[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), x0, acc0[r]);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float s = hsum(acc[r]);
+    float s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
     for (int64_t kk = k; kk < K; ++kk) s += x[kk] * bf16_to_float(w[(n0 + r) * K + kk]);
     y[n0 + r] = s;
   }
@@ -70,7 +80,7 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kRows;
       const int64_t rows = std::min(kRows, N - n0);
-      for (int64_t m = 0; m < M; ++m) block(xp + m * K, wp, yp + m * N, K, N, n0, rows);
+      for (int64_t m = 0; m < M; ++m) block(xp + m * K, wp, yp + m * N, K, n0, rows);
     }
   });
   return y;
