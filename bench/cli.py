@@ -9,7 +9,7 @@ import platform
 import sys
 from typing import Any
 
-from bench.workloads import CEILINGS, HEADLINE, figures, runs_for
+from bench.workloads import HEADLINE, figures, runs_for
 
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         python = args.vllm_python if peer == "vllm" else sys.executable
         results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, dtype,
                                   args.threads)
-    report = _report(workloads, results)
+    report = _report(workloads, results, results["pdserve"]["ceilings"])
     _print(report, args)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -77,7 +77,8 @@ def _run_w5(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(workloads: list[str], results: dict[str, Any]) -> dict[str, Any]:
+def _report(workloads: list[str], results: dict[str, Any],
+            ceilings: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for w in workloads:
         row: dict[str, Any] = {}
@@ -87,27 +88,30 @@ def _report(workloads: list[str], results: dict[str, Any]) -> dict[str, Any]:
         key = HEADLINE[w]
         ours = row["pdserve"][key]
         row["ratios"] = {b: ours / row[b][key] for b in row if b != "pdserve"}
-        if w in CEILINGS:
-            row["share_of_ceiling"] = ours / CEILINGS[w]
+        if w in ceilings:
+            row["ceiling"] = ceilings[w]
+            row["share_of_ceiling"] = ours / ceilings[w]
         out[w] = row
     return out
 
 
 def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"pdserve bench --engine  dtype={args.dtype} threads={args.threads} "
-          f"repeats={args.repeats} (medians)")
+          f"repeats={args.repeats} (medians; ratios are pdserve / peer, same run)")
     for w, row in report.items():
         key = HEADLINE[w]
-        cells = [f"{b} {row[b][key]:.1f}" for b in row if b not in ("ratios", "share_of_ceiling")]
+        skip = ("ratios", "share_of_ceiling", "ceiling")
+        cells = [f"{b} {row[b][key]:.1f}" for b in row if b not in skip]
         ratios = [f"{v:.2f}x {b}" for b, v in row["ratios"].items()]
         extra = ""
         if "share_of_ceiling" in row:
-            extra = f"  ({100 * row['share_of_ceiling']:.0f}% of ceiling {CEILINGS[w]:.0f})"
+            extra = (f"  ({100 * row['share_of_ceiling']:.0f}% of this machine's ceiling "
+                     f"{row['ceiling']:.0f}, measured now)")
         print(f"{w} {key}: " + ", ".join(cells) + ("  pdserve = " + ", ".join(ratios)
                                                    if ratios else "") + extra)
         if w == "W2":
             print("   TTFT ms: " + ", ".join(f"{b} {row[b]['ttft_ms']:.0f}" for b in row
-                                             if b not in ("ratios", "share_of_ceiling")))
+                                             if b not in skip))
 
 
 def _vocab(model: str) -> int:

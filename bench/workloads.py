@@ -49,7 +49,3 @@ def figures(workload: str, times: dict[str, list[float]]) -> dict[str, float]:
 
 
 HEADLINE = {"W1": "output_tok_s", "W2": "decode_tok_s", "W3": "prefill_tok_s"}
-
-# Ceilings of this machine (DESIGN/issue): 36 GB/s reads bound bf16 decode at
-# ~136 tok/s for the default model; 430 GFLOP/s bf16 matmul bounds W3 at ~1500 tok/s.
-CEILINGS = {"W2": 136.0, "W3": 1500.0}
