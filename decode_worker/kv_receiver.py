@@ -60,7 +60,8 @@ async def receive_kv(engine: AsyncEngine, clients: PrefillClients, address: str,
     stats = TransferStats()
     call = clients.stub(address).Prefill(
         worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt,
-                                  params=params_to_pb(params), encoding=int(enc)),
+                                  params=params_to_pb(params),
+                                  encoding=int(enc)),  # type: ignore[arg-type]
         timeout=timeout)
     t0: float | None = None
     try:

@@ -35,7 +35,8 @@ def build_request(prompt: str | list[int] | None = None, *,
                                        ignore_eos=ignore_eos)
     if seed is not None:
         params.seed = seed
-    req = api_pb2.GenerateRequest(request_id=request_id, params=params, kv_encoding=kv_encoding)
+    req = api_pb2.GenerateRequest(request_id=request_id, params=params,
+                                  kv_encoding=kv_encoding)  # type: ignore[arg-type]
     if messages is not None:
         req.chat.messages.extend(api_pb2.ChatMessage(**m) for m in messages)
     elif isinstance(prompt, str):

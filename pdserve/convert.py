@@ -11,7 +11,7 @@ def header_to_pb(h: KVHeader) -> worker_pb2.KVHeader:
     return worker_pb2.KVHeader(
         protocol_version=h.protocol_version, model_name=h.model_name, num_layers=h.num_layers,
         num_kv_heads=h.num_kv_heads, head_dim=h.head_dim, block_size=h.block_size,
-        encoding=int(h.encoding), num_tokens=h.num_tokens)
+        encoding=int(h.encoding), num_tokens=h.num_tokens)  # type: ignore[arg-type]
 
 
 def header_from_pb(h: worker_pb2.KVHeader) -> KVHeader:
@@ -23,8 +23,8 @@ def chunk_to_pb(c: KVChunk) -> worker_pb2.KVChunk:
     p = c.payload
     return worker_pb2.KVChunk(
         seq=c.seq, layer=c.layer, token_offset=c.token_offset, num_tokens=c.num_tokens,
-        encoding=int(c.encoding), k=p.k, v=p.v, k_scales=p.k_scales, v_scales=p.v_scales,
-        crc32c=c.crc32c)
+        encoding=int(c.encoding),  # type: ignore[arg-type]
+        k=p.k, v=p.v, k_scales=p.k_scales, v_scales=p.v_scales, crc32c=c.crc32c)
 
 
 def chunk_from_pb(c: worker_pb2.KVChunk) -> KVChunk:

@@ -117,7 +117,7 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         if not finished and self.dead is None:
             self.engine.interrupt_requested = True  # free its blocks now, not after the step
-            self.send(lambda: self.engine.abort(request_id) and None)
+            self.send(lambda: self._abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        export_kv: bool = False) -> AsyncIterator[RequestOutput | KVPiece]:
@@ -141,6 +141,9 @@ class AsyncEngine:
             yield item  # type: ignore[misc]
             if isinstance(item, RequestOutput) and item.finished:
                 return
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
 
     # --- the engine thread ---------------------------------------------------------
     def _deliverer(self, request_id: str) -> Callable[[object], None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -235,7 +235,7 @@ def _export(chunk: ScheduledChunk, layer: int, k: torch.Tensor, v: torch.Tensor)
     start = req.num_computed_tokens
     n = min(chunk.num_tokens, req.num_prompt_tokens - start)  # prompt rows only
     if n > 0:
-        req.kv_exporter.on_kv(layer, start, k[:n], v[:n])  # type: ignore[union-attr]
+        req.kv_exporter.on_kv(layer, start, k[:n], v[:n])
 
 
 def _pick_device(name: str) -> torch.device:
@@ -256,7 +256,7 @@ def _max_model_len(cfg: EngineConfig, model_max: int) -> int:
     return cfg.max_model_len
 
 
-def _load_tokenizer(model_dir: Path) -> object:
+def _load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -265,7 +265,7 @@ def _load_tokenizer(model_dir: Path) -> object:
         raise ValueError(f"model: cannot load the tokenizer of {model_dir}: {e}") from e
 
 
-def _eos_ids(model_dir: Path, tokenizer: object) -> tuple[int, ...]:
+def _eos_ids(model_dir: Path, tokenizer: Any) -> tuple[int, ...]:
     ids: set[int] = set()
     gen = model_dir / "generation_config.json"
     if gen.is_file():

@@ -76,6 +76,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.shape[0] <= SMALL_BATCH:
+            assert self._bf16 is not None
             y = self._kernel(x, self._bf16)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)

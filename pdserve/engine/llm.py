@@ -30,9 +30,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion in one continuous batch; outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        plist = list(prompts)  # type: ignore[arg-type]
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        plist: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item,arg-type]
         params = _per_prompt(sampling_params, len(plist))
         # Validate everything before queueing anything: a bad prompt fails alone.
         ids = [f"gen-{next(self._ids)}" for _ in plist]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -66,7 +67,7 @@ class Request:
         self.text = ""
         self.num_sent_tokens = 0
         self.num_sent_chars = 0
-        self.kv_exporter: object | None = None
+        self.kv_exporter: Any = None  # an engine.KVExporter while its prompt is computed
 
     @property
     def num_tokens(self) -> int:
