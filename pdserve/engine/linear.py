@@ -52,8 +52,11 @@ def bf16_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     try:
         from torch.utils.cpp_extension import load
 
+        # -fopenmp: at::parallel_for is a header template; without it the kernel
+        # silently runs on one thread.
         mod = load(name="pdserve_bf16", sources=[str(src)], build_directory=str(build),
-                   extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                   extra_ldflags=["-fopenmp"], verbose=False)
         _kernel = mod.linear_bf16w
     except Exception as e:  # no compiler / ninja: fall back to fp32 GEMM everywhere
         log.warning("bf16 weight kernel unavailable (%s); using fp32 matmuls", e)
