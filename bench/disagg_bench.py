@@ -107,13 +107,14 @@ def _raw_socket_gbps(total_mb: int) -> float:
 
 
 class _Replay(worker_pb2_grpc.PrefillWorkerServicer):
-    """Streams pre-encoded KV chunks (one layer of 512 tokens, fp32) without compute."""
+    """Streams pre-encoded KV chunks (one layer of one 2,048-token prefill step, bf16,
+    as the default config sends them) without compute."""
 
     def __init__(self, count: int) -> None:
-        k = torch.randn(512, 3, 64)
-        payload = encode(k, k, Encoding.FP32)
+        k = torch.randn(2048, 3, 64)
+        payload = encode(k, k, Encoding.BF16)
         self.msg = worker_pb2.PrefillResponse(chunk=chunk_to_pb(
-            KVChunk(0, 0, 0, 512, Encoding.FP32, payload, payload.crc32c())))
+            KVChunk(0, 0, 0, 2048, Encoding.BF16, payload, payload.crc32c())))
         self.count = count
         self.nbytes = payload.nbytes
 
