@@ -10,14 +10,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
-from pdserve.grpc_server import Server
+from pdserve.grpc_server import Server, until_stop_signal
 from pdserve.metrics import WorkerMetrics
 
 log = logging.getLogger("pdserve.worker")
@@ -94,11 +93,7 @@ async def start_worker(config: WorkerConfig) -> RunningWorker:
 async def serve(config: WorkerConfig) -> None:
     worker = await start_worker(config)
     print(f"{config.role} worker serving on {config.host}:{worker.server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stop_signal()
     log.info("draining")
     await worker.stop()
 

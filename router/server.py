@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
 from pdserve.engine.model_loader import resolve_model
-from pdserve.grpc_server import Server
+from pdserve.grpc_server import Server, until_stop_signal
 from router.policy import LoadAwarePolicy, Member
 from router.servicer import RouterServicer
 from router.tokenizer import RouterTokenizer
@@ -52,11 +51,7 @@ async def start_router(a: argparse.Namespace) -> tuple[Server, RouterServicer]:
 async def serve(a: argparse.Namespace) -> None:
     server, _ = await start_router(a)
     print(f"router serving on {a.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stop_signal()
     await server.stop(grace=10.0)
 
 
