@@ -134,7 +134,7 @@ class TransformersRunner:
             model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
         except TypeError:  # transformers < 4.56 only knows torch_dtype
             model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=dtype)
-        model.train(False)  # inference mode (same as .eval())
+        model.train(False)  # inference mode
         gc = model.generation_config
         pad = gc.pad_token_id if gc.pad_token_id is not None else model.config.pad_token_id
         if pad is None:

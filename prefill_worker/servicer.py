@@ -8,6 +8,7 @@ the engine, which frees its blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.convert import chunk_to_pb, header_to_pb
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
 from pdserve.engine.request import Logprob
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvwire.codec import Encoding, encode, resolve
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVChunk, KVHeader
 from pdserve.metrics import WorkerMetrics
@@ -74,9 +76,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                         self.engine.engine.blocks.block_size, enc, num_tokens)
 
 
-def _first_token_only(params):  # type: ignore[no-untyped-def]
-    import dataclasses
-
+def _first_token_only(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
                                stop=(), detokenize=False)
 

@@ -65,8 +65,8 @@ class ModelRunner:
             positions += range(p0, p0 + n)
             pos = torch.arange(p0, p0 + n)
             slots += (table[pos // bs] * bs + pos % bs).tolist()
-        logits_rows = [i for i, c in enumerate(decode + prefill) if c.samples]
-        starts = _starts(decode + prefill)
+        ordered = decode + prefill
+        starts = _starts(ordered)
         dev = self.device
         tables, mask = self._decode_tables(decode)
         return ForwardBatch(
@@ -77,8 +77,8 @@ class ModelRunner:
             decode_block_tables=tables,
             decode_mask=mask,
             prefills=segments,
-            logits_indices=torch.tensor(
-                [starts[i] + (decode + prefill)[i].num_tokens - 1 for i in logits_rows],
+            logits_indices=torch.tensor(  # the last row of every chunk that samples
+                [s + c.num_tokens - 1 for s, c in zip(starts, ordered, strict=True) if c.samples],
                 dtype=torch.int64, device=dev,
             ),
         )
