@@ -25,10 +25,11 @@ from bench.workloads import random_prompts
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.client import Client
 from pdserve.cluster import ClusterConfig, Member, start, stop
-from pdserve.convert import chunk_to_pb
+from pdserve.convert import chunk_response_bytes
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.codec import Encoding, encode
 from pdserve.kvwire.stream import KVChunk
+from prefill_worker.servicer import add_prefill_servicer
 
 SIZES = (256, 1024, 2048)
 ENCODINGS = {"model": 0, "bf16": 2, "fp16": 3, "int8": 4}
@@ -107,27 +108,27 @@ def _raw_socket_gbps(total_mb: int) -> float:
 
 
 class _Replay(worker_pb2_grpc.PrefillWorkerServicer):
-    """Streams pre-encoded KV chunks (one layer of one 2,048-token prefill step, bf16,
-    as the default config sends them) without compute."""
+    """Streams KV chunks without compute: each message is one layer of one 2,048-token
+    prefill step, bf16 as the default config sends it, serialized per message the way
+    the prefill worker does."""
 
     def __init__(self, count: int) -> None:
         k = torch.randn(2048, 3, 64)
-        payload = encode(k, k, Encoding.BF16)
-        self.msg = worker_pb2.PrefillResponse(chunk=chunk_to_pb(
-            KVChunk(0, 0, 0, 2048, Encoding.BF16, payload, payload.crc32c())))
+        self.payload = encode(k, k, Encoding.BF16)
         self.count = count
-        self.nbytes = payload.nbytes
+        self.nbytes = self.payload.nbytes
 
     async def Prefill(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
-        for _ in range(self.count):
-            yield self.msg
+        for seq in range(self.count):
+            yield chunk_response_bytes(
+                KVChunk(seq, 0, 0, 2048, Encoding.BF16, self.payload, self.payload.crc32c()))
 
 
 async def _kv_stream_gbps(total_mb: int) -> float:
     replay = _Replay(1)
     replay.count = max(1, total_mb * (1 << 20) // replay.nbytes)
     server = grpc.aio.server(options=OPTIONS)
-    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(replay, server)
+    add_prefill_servicer(replay, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as ch:

@@ -12,6 +12,7 @@ from typing import Literal
 DType = Literal["bfloat16", "float32", "float16"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "cpu")
 
 
 def _require(ok: bool, field: str, allowed: str, value: object) -> None:
@@ -47,6 +48,9 @@ class EngineConfig:
     """torch intra-op threads; None = leave torch's default."""
     seed: int = 0
     """Seed for requests that give none (sampling stays random across requests)."""
+    kernels: str = "auto"
+    """Per-token layer ops: auto (pdserve's fused CPU kernels where they apply: CPU,
+    float32 compute), torch (plain torch ops everywhere) or cpu (kernels, required)."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
@@ -66,6 +70,8 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)
+        _require(self.kernels in KERNEL_CHOICES, "kernels", f"one of {KERNEL_CHOICES}",
+                 self.kernels)
 
 
 KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")

@@ -27,6 +27,40 @@ def chunk_to_pb(c: KVChunk) -> worker_pb2.KVChunk:
         k=p.k, v=p.v, k_scales=p.k_scales, v_scales=p.v_scales, crc32c=c.crc32c)
 
 
+def chunk_response_bytes(c: KVChunk) -> bytes:
+    """``PrefillResponse{chunk: c}`` serialized, copying the payload once.
+
+    Building the message with protobuf copies the payload into it and again when
+    serializing; on loopback those copies cost a third of the stream's rate. The
+    small fields go through protobuf, the four payload fields are appended in the
+    same wire format (a field may follow the others in any order).
+    """
+    p = c.payload
+    small = worker_pb2.KVChunk(
+        seq=c.seq, layer=c.layer, token_offset=c.token_offset, num_tokens=c.num_tokens,
+        encoding=int(c.encoding), crc32c=c.crc32c).SerializeToString()  # type: ignore[arg-type]
+    parts: list[bytes] = [small]
+    for number, data in ((6, p.k), (7, p.v), (8, p.k_scales), (9, p.v_scales)):
+        if data:
+            parts += [_varint(number << 3 | 2) + _varint(len(data)), data]
+    body = sum(len(x) for x in parts)
+    return b"".join([_varint(2 << 3 | 2) + _varint(body), *parts])  # field 2: chunk
+
+
+def response_bytes(message: worker_pb2.PrefillResponse | bytes) -> bytes:
+    """The Prefill stream's serializer: chunks arrive already serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def chunk_from_pb(c: worker_pb2.KVChunk) -> KVChunk:
     payload = EncodedKV(c.k, c.v, c.k_scales, c.v_scales)
     return KVChunk(c.seq, c.layer, c.token_offset, c.num_tokens, _encoding(c.encoding),

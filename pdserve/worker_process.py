@@ -102,10 +102,10 @@ def _add_servicer(server: Server, config: WorkerConfig):  # type: ignore[no-unty
     from pdserve._proto.pdserve.v1 import worker_pb2_grpc
 
     if config.role == "prefill":
-        from prefill_worker.servicer import PrefillServicer
+        from prefill_worker.servicer import PrefillServicer, add_prefill_servicer
 
         prefill = PrefillServicer()
-        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill, server.server)
+        add_prefill_servicer(prefill, server.server)
         return prefill
     from decode_worker.servicer import DecodeServicer
 

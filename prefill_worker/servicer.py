@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.convert import chunk_to_pb, header_to_pb
+from pdserve.convert import chunk_response_bytes, header_to_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling_params import SamplingParams
@@ -38,7 +38,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.engine, self.metrics = engine, metrics
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802 - gRPC name
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.PrefillResponse]:
+                      context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:
         rid = request.request_id
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker: model still loading")
@@ -60,7 +61,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                     seq += 1
                     sent += chunk.payload.nbytes
                     self.metrics.kv_bytes.inc(chunk.payload.nbytes)
-                    yield worker_pb2.PrefillResponse(chunk=chunk_to_pb(chunk))
+                    yield chunk_response_bytes(chunk)
                 elif item.finished:
                     if t_first is not None:
                         self.metrics.kv_seconds.observe(time.perf_counter() - t_first)
@@ -74,6 +75,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         s = self.engine.engine.spec
         return KVHeader(PROTOCOL_VERSION, s.name, s.num_layers, s.num_kv_heads, s.head_dim,
                         self.engine.engine.blocks.block_size, enc, num_tokens)
+
+
+def add_prefill_servicer(servicer: worker_pb2_grpc.PrefillWorkerServicer,
+                         server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated helper does, except that the response
+    stream also takes pre-serialized messages (the KV chunks, see convert.py)."""
+    handler = grpc.unary_stream_rpc_method_handler(
+        servicer.Prefill, request_deserializer=worker_pb2.PrefillRequest.FromString,
+        response_serializer=response_bytes)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("pdserve.v1.PrefillWorker", {"Prefill": handler})])
 
 
 def _first_token_only(params: SamplingParams) -> SamplingParams:

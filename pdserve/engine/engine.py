@@ -55,7 +55,8 @@ class LLMEngine:
         self.model_dir = resolve_model(cfg.model)
         hf_config = load_hf_config(self.model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        self.model = LlamaModel(self.model_dir, hf_config, self.weight_dtype, self.device)
+        self.model = LlamaModel(self.model_dir, hf_config, self.weight_dtype, self.device,
+                                cfg.kernels)
         self.dtype = self.model.dtype  # activations and KV
         s = self.spec = self.model.spec
         self.max_model_len = _max_model_len(cfg, s.max_position_embeddings)

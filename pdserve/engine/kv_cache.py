@@ -36,6 +36,12 @@ class KVCache:
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 
+    def k_slots(self, layer: int) -> torch.Tensor:
+        return self._k_slots[layer]  # (slots, kvh, hd), a view of the pool
+
+    def v_slots(self, layer: int) -> torch.Tensor:
+        return self._v_slots[layer]
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V (N, kvh, hd) of the tokens at ``slots``."""
         return self._k_slots[layer][slots], self._v_slots[layer][slots]

@@ -10,18 +10,12 @@ bf16-rounded values, so both paths multiply by identical weights.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from pdserve.engine import cpu_kernels
 
 SMALL_BATCH = 8  # rows up to which the bf16 kernel beats fp32 GEMM on the upcast copy
-_kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-_kernel_tried = False
 
 
 def native_low_precision(device: torch.device) -> bool:
@@ -36,33 +30,6 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def bf16_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The compiled AVX2 bf16-weight kernel (built once into the cache), or None."""
-    global _kernel, _kernel_tried
-    if _kernel_tried:
-        return _kernel
-    _kernel_tried = True
-    if not torch.cpu._is_avx2_supported():
-        return None
-    from pdserve.engine.model_loader import cache_root
-
-    build = cache_root() / "ext" / f"torch-{torch.__version__}"
-    build.mkdir(parents=True, exist_ok=True)
-    src = Path(__file__).with_name("csrc") / "bf16_gemv.cpp"
-    try:
-        from torch.utils.cpp_extension import load
-
-        # -fopenmp: at::parallel_for is a header template; without it the kernel
-        # silently runs on one thread.
-        mod = load(name="pdserve_bf16", sources=[str(src)], build_directory=str(build),
-                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                   extra_ldflags=["-fopenmp"], verbose=False)
-        _kernel = mod.linear_bf16w
-    except Exception as e:  # no compiler / ninja: fall back to fp32 GEMM everywhere
-        log.warning("bf16 weight kernel unavailable (%s); using fp32 matmuls", e)
-    return _kernel
-
-
 class Linear:
     """y = x · wᵀ (+ b) with weights stored in ``dtype`` and computed in ``compute``."""
 
@@ -75,7 +42,8 @@ class Linear:
         self.weight = stored.to(compute).contiguous()
         self.bias = None if bias is None else bias.to(dtype).to(compute)
         self._bf16 = stored.contiguous() if stored.dtype != compute else None
-        self._kernel = bf16_kernel() if self._bf16 is not None and stored.is_cpu else None
+        kernels = cpu_kernels.load() if self._bf16 is not None and stored.is_cpu else None
+        self._kernel = None if kernels is None else kernels.linear_bf16w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.shape[0] <= SMALL_BATCH:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from pdserve.engine.attention import decode_attention, prefill_attention
+from pdserve.engine.attention import prefill_attention
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.layer_ops import layer_ops
 from pdserve.engine.linear import Linear, compute_dtype_for
 from pdserve.engine.rope import RotaryEmbedding
 
@@ -99,6 +100,7 @@ class ForwardBatch:
     num_decode: int
     decode_block_tables: torch.Tensor | None  # (D, nb) int64
     decode_mask: torch.Tensor | None  # (D, 1, 1, nb * block_size) bool
+    decode_seq_lens: torch.Tensor | None  # (D,) int64: tokens incl. the new one
     prefills: list[PrefillSegment]
     logits_indices: torch.Tensor  # (R,) rows whose next token is sampled
 
@@ -122,7 +124,8 @@ class _Layer:
 
 
 class LlamaModel:
-    def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device,
+                 kernels: str = "auto"):
         self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
         # Weights are stored in ``dtype``; activations and KV use the compute dtype
         # (fp32 where the hardware has no native bf16, see linear.py).
@@ -146,36 +149,28 @@ class LlamaModel:
         self.embed = self.lm_head.weight if tied else t("model.embed_tokens.weight")  # (V, d)
         self.norm = t("model.norm.weight")
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
-
-    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
+        self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device)
 
     def forward(
         self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> torch.Tensor:  # (R, V) float32 logits
-        s = self.spec
-        n = fb.input_ids.shape[0]
-        qk_dim = (s.num_heads + s.num_kv_heads) * s.head_dim
-        cos, sin = self.rope.lookup(fb.positions)  # (N, 1, hd/2) each
+        eps, ops = self.spec.rms_norm_eps, self.ops
         x = F.embedding(fb.input_ids, self.embed)  # (N, d)
+        delta: torch.Tensor | None = None  # the last MLP output, added by the next norm
         for i, w in enumerate(self.layers):
             if interrupted is not None and interrupted():
                 raise StepInterrupted(f"at layer {i}")
-            h = self._rms_norm(x, w.in_norm)
-            qkv = w.qkv(h)  # (N, (H + 2 kvh) hd)
-            qk = self.rope.apply(qkv[:, :qk_dim].view(n, -1, s.head_dim), cos, sin)
-            q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]  # (N, H, hd), (N, kvh, hd)
-            v = qkv[:, qk_dim:].view(n, s.num_kv_heads, s.head_dim)  # (N, kvh, hd)
-            kv.write(i, fb.slot_mapping, k, v)
+            x, h = ops.rms_norm(x, w.in_norm, eps, delta)
+            q, k, v = ops.rope_store(w.qkv(h), fb, kv, i)  # (N, H, hd), (N, kvh, hd) x2
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
-            x = x + w.o(attn)
-            h = self._rms_norm(x, w.post_norm)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)  # (N, I) each
-            x = x + w.down(F.silu(gate) * up)
-        h = self._rms_norm(x.index_select(0, fb.logits_indices), self.norm)  # (R, d)
+            x, h = ops.rms_norm(x, w.post_norm, eps, w.o(attn))
+            delta = w.down(ops.silu_mul(w.gate_up(h)))  # (N, 2I) -> (N, I) -> (N, d)
+        if delta is not None:
+            x = x + delta
+        _, h = ops.rms_norm(x.index_select(0, fb.logits_indices), self.norm, eps)  # (R, d)
         return self.lm_head(h).float()  # (R, V)
 
     def _attention(
@@ -186,10 +181,7 @@ class LlamaModel:
         parts = []
         d = fb.num_decode
         if d:
-            assert fb.decode_block_tables is not None and fb.decode_mask is not None
-            parts.append(
-                decode_attention(q[:d], kc, vc, fb.decode_block_tables, fb.decode_mask, self.scale)
-            )
+            parts.append(self.ops.decode_attention(q[:d], kv, layer, fb, self.scale))
         for seg in fb.prefills:
             rows = slice(seg.start, seg.start + seg.length)
             parts.append(

@@ -68,7 +68,7 @@ class ModelRunner:
         ordered = decode + prefill
         starts = _starts(ordered)
         dev = self.device
-        tables, mask = self._decode_tables(decode)
+        tables, mask, seq_lens = self._decode_tables(decode)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -76,6 +76,7 @@ class ModelRunner:
             num_decode=len(decode),
             decode_block_tables=tables,
             decode_mask=mask,
+            decode_seq_lens=seq_lens,
             prefills=segments,
             logits_indices=torch.tensor(  # the last row of every chunk that samples
                 [s + c.num_tokens - 1 for s, c in zip(starts, ordered, strict=True) if c.samples],
@@ -85,9 +86,9 @@ class ModelRunner:
 
     def _decode_tables(
         self, decode: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if not decode:
-            return None, None
+            return None, None, None
         bs = self.block_size
         lens = [c.request.num_computed_tokens + 1 for c in decode]
         nb = -(-max(lens) // bs)
@@ -97,7 +98,7 @@ class ModelRunner:
         keys = torch.arange(nb * bs, device=self.device)
         seq_lens = torch.tensor(lens, device=self.device)
         mask = (keys[None, :] < seq_lens[:, None]).view(len(decode), 1, 1, nb * bs)
-        return tables, mask
+        return tables, mask, seq_lens
 
 
 def _starts(chunks: list[ScheduledChunk]) -> list[int]:

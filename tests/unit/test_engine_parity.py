@@ -32,10 +32,12 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [done[str(i)].token_ids for i in range(len(prompts))]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
-def test_mixed_batch_matches_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_mixed_batch_matches_transformers(fixture: str, kernels: str,
+                                          request: pytest.FixtureRequest) -> None:
     model: Path = request.getfixturevalue(fixture)
-    engine = _engine(model, max_num_batched_tokens=64, num_kv_blocks=128)
+    engine = _engine(model, max_num_batched_tokens=64, num_kv_blocks=128, kernels=kernels)
     prompts = _prompts(engine.spec.vocab_size, [1, 5, 16, 17, 40, 100, 150])
     # STEP 1: one continuous batch with chunked prefill (budget 64 < longest prompt).
     ours = _run(engine, prompts)

@@ -85,7 +85,3 @@ torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w) {
   });
   return y;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
-}

@@ -1,0 +1,24 @@
+// One extension module for pdserve's CPU kernels (built by pdserve/engine/cpu_kernels.py).
+#include <torch/extension.h>
+
+torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                       const torch::Tensor& w, double eps);
+void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
+                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t num_heads,
+                   int64_t num_kv_heads, const torch::Tensor& k_slots,
+                   const torch::Tensor& v_slots, const torch::Tensor& slot_mapping);
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache,
+                                     const torch::Tensor& block_tables,
+                                     const torch::Tensor& seq_lens, double scale);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
+  m.def("rms_norm", &rms_norm, "x += delta (in place, if given); return rms_norm(x) * w");
+  m.def("rope_store_kv", &rope_store_kv, "rotate q|k of qkv in place, store k and v in slots");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "one query token per request against its paged K/V");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
+}
