@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare-model", help="convert a model (default: SmolLM2) into the cache")
+    p = sub.add_parser("prepare-model", help="convert a model (default: SmolLM2) into the cache "
+                       "and build the CPU kernels")
     p.add_argument("--model", default=None)
 
     u = sub.add_parser("up", help="start router, prefill and decode workers on this machine")
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "prepare-model":
+        from pdserve.engine import cpu_kernels
         from pdserve.engine.model_loader import resolve_model
 
         print(resolve_model(args.model))
+        cpu_kernels.load()  # built once here (a minute or two), not by the first worker
         return 0
     if args.command == "bench":
         from bench.cli import run
