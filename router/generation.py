@@ -85,7 +85,7 @@ class _Flight:
     request_id: str
     prompt_len: int
     t0: float
-    call: DecodeCall | None = None
+    call: DecodeCall | None = None  # set on dispatch to a decode worker
     aborted: bool = False
 
 
@@ -101,13 +101,19 @@ class Generator:
         self.metrics = metrics
         self.health = health
         self.draining = False
-        self.waiting = 0
+        self._tokenizing = 0
         self._flights: dict[str, _Flight] = {}
-        metrics.watch(lambda: len(self._flights), lambda: self.waiting)
+        metrics.watch(lambda: self.running - self.waiting, lambda: self.waiting)
 
     @property
     def running(self) -> int:
+        """Every request the router holds, dispatched or not."""
         return len(self._flights)
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet dispatched to a decode worker."""
+        return self._tokenizing + sum(f.call is None for f in self._flights.values())
 
     def abort(self, request_id: str) -> bool:
         f = self._flights.get(request_id)
@@ -120,14 +126,14 @@ class Generator:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
         t0 = time.perf_counter()
         rid = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
-        self.waiting += 1
+        self._tokenizing += 1
         try:
             prompt, params = self._admit(rid, req)
             req = dataclasses.replace(req, params=params)
             flight = _Flight(rid, len(prompt), t0)
             self._flights[rid] = flight
         finally:
-            self.waiting -= 1
+            self._tokenizing -= 1
         try:
             async for delta in self._route(flight, prompt, req):
                 yield delta

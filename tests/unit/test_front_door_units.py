@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from pdserve.cluster import ClusterConfig
 from pdserve.gpu_metrics import register_gpu_metrics
 from pdserve.metrics import WorkerMetrics
 from router.auth import ApiKey
@@ -132,3 +134,14 @@ def test_router_never_imports_torch() -> None:
     code = ("import sys, router.server, router.openai_http, pdserve.client; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_cluster_yaml_router_section(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("http_port: 8100\napi_key: k1\n")
+    c = ClusterConfig.from_yaml(f)
+    assert (c.http_port, c.api_key) == (8100, "k1")
+    for bad in ("http_port: 70000\n", "api_key: ''\n"):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=bad.split(":")[0]):
+            ClusterConfig.from_yaml(f)
