@@ -69,10 +69,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             async for out in self.engine.generate(rid, prompt, params):
                 assert isinstance(out, RequestOutput)
                 msg = _response(out)
+                if first:
+                    self.metrics.prompt_tokens.inc(len(prompt))  # prefilled here
                 if first and out.timings is not None and out.timings.ttft_s is not None:
                     msg.prefill_compute_s = out.timings.ttft_s - (out.timings.queue_s or 0.0)
                 first = False
-                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                self._count(out)
                 yield msg
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -97,12 +99,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     msg.prefill_compute_s, msg.kv_transfer_s = stats.prefill_compute_s, stats.transfer_s
                     msg.kv_bytes = stats.bytes
                     first = False
-                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                self._count(out)
                 yield msg
         finally:
             engine.close(rid, finished)
             if not finished:
                 self.metrics.aborted.inc()
+
+    def _count(self, out: RequestOutput) -> None:
+        self.metrics.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished and out.timings is not None:
+            self.metrics.preemptions.inc(out.timings.num_preemptions)
 
     async def _admit(self, rid: str, prompt: list[int], params: SamplingParams,
                      context: grpc.aio.ServicerContext) -> None:

@@ -20,10 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--config", default=None, help="cluster config YAML (see README)")
     u.add_argument("--model", default=None)
     u.add_argument("--dtype", default=None)
+    u.add_argument("--http-port", type=int, default=None,
+                   help="router's OpenAI-compatible HTTP port (default 8000; 0 = off)")
+    u.add_argument("--api-key", default=None,
+                   help="require this bearer token on the public API (or $PDSERVE_API_KEY)")
 
     g = sub.add_parser("generate", help="stream one answer from the router")
     g.add_argument("prompt")
     g.add_argument("--address", default="127.0.0.1:50051", help="router gRPC address")
+    g.add_argument("--api-key", default=None, help="router API key (default: $PDSERVE_API_KEY)")
     g.add_argument("--offline", action="store_true",
                    help="run the offline engine in this process instead of asking the router")
     _engine_args(g)
@@ -118,7 +123,10 @@ def _up(args: argparse.Namespace) -> int:
     from pdserve.cluster import ClusterConfig, up
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
+    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype),
+                                   ("api_key", args.api_key)) if v}
+    if args.http_port is not None:
+        overrides["http_port"] = args.http_port
     return up(dataclasses.replace(config, **overrides))
 
 
@@ -127,7 +135,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     from pdserve.client import Client
 
-    client = Client(args.address)
+    client = Client(args.address, api_key=args.api_key)
     kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed)
     prompt_kw = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat

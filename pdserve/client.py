@@ -1,12 +1,15 @@
-"""Python client for the router's public gRPC API (sync and asyncio)."""
+"""Python client for the router's public gRPC API (sync and asyncio): Generate
+(streamed ``Delta``s), Abort by request id, ListModels and the health check."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from pdserve.grpc_server import OPTIONS
@@ -29,13 +32,16 @@ def build_request(prompt: str | list[int] | None = None, *,
                   messages: list[dict[str, str]] | None = None, request_id: str = "",
                   max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                   top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
-                  ignore_eos: bool = False, kv_encoding: int = 0) -> api_pb2.GenerateRequest:
+                  ignore_eos: bool = False, min_tokens: int = 0, logprobs: int | None = None,
+                  model: str = "", kv_encoding: int = 0) -> api_pb2.GenerateRequest:
     params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop=stop or [],
-                                       ignore_eos=ignore_eos)
+                                       ignore_eos=ignore_eos, min_tokens=min_tokens)
     if seed is not None:
         params.seed = seed
-    req = api_pb2.GenerateRequest(request_id=request_id, params=params,
+    if logprobs is not None:
+        params.logprobs = logprobs
+    req = api_pb2.GenerateRequest(request_id=request_id, model=model, params=params,
                                   kv_encoding=kv_encoding)  # type: ignore[arg-type]
     if messages is not None:
         req.chat.messages.extend(api_pb2.ChatMessage(**m) for m in messages)
@@ -55,36 +61,90 @@ def _delta(msg: api_pb2.GenerateResponse) -> Delta:
                  msg.usage.prompt_tokens, msg.usage.completion_tokens, timings)
 
 
+@dataclass
+class ModelInfo:
+    id: str
+    max_model_len: int
+
+
+def _metadata(api_key: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {api_key}")] if api_key else None
+
+
+def _serving(status: int) -> bool:
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    """Blocking client. ``api_key`` (default ``$PDSERVE_API_KEY``) is sent as
+    ``authorization: Bearer KEY`` metadata; ``timeout`` is each call's deadline."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(address, options=OPTIONS)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
+        self.metadata = _metadata(api_key if api_key is not None else _env_key())
 
     def generate(self, prompt: str | list[int] | None = None, **kw: Any) -> Iterator[Delta]:
-        for msg in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout):
+        for msg in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout,
+                                      metadata=self.metadata):
             yield _delta(msg)
 
     def abort(self, request_id: str) -> bool:
-        return self.stub.Abort(api_pb2.AbortRequest(request_id=request_id)).found
+        return bool(self.stub.Abort(api_pb2.AbortRequest(request_id=request_id),
+                                    timeout=self.timeout, metadata=self.metadata).found)
+
+    def list_models(self) -> list[ModelInfo]:
+        r = self.stub.ListModels(api_pb2.ListModelsRequest(), timeout=self.timeout,
+                                 metadata=self.metadata)
+        return [ModelInfo(m.id, m.max_model_len) for m in r.models]
+
+    def is_serving(self, service: str = "") -> bool:
+        """grpc.health.v1 Check (open: needs no key)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5)
+        return _serving(r.status)
 
     def close(self) -> None:
         self.channel.close()
 
 
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    """asyncio twin of ``Client``."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 api_key: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
+        self.metadata = _metadata(api_key if api_key is not None else _env_key())
 
     async def generate(self, prompt: str | list[int] | None = None,
                        **kw: Any) -> AsyncIterator[Delta]:
-        async for msg in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout):
+        async for msg in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout,
+                                            metadata=self.metadata):
             yield _delta(msg)
 
     async def abort(self, request_id: str) -> bool:
-        return (await self.stub.Abort(api_pb2.AbortRequest(request_id=request_id))).found
+        r = await self.stub.Abort(api_pb2.AbortRequest(request_id=request_id),
+                                  timeout=self.timeout, metadata=self.metadata)
+        return bool(r.found)
+
+    async def list_models(self) -> list[ModelInfo]:
+        r = await self.stub.ListModels(api_pb2.ListModelsRequest(), timeout=self.timeout,
+                                       metadata=self.metadata)
+        return [ModelInfo(m.id, m.max_model_len) for m in r.models]
+
+    async def is_serving(self, service: str = "") -> bool:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                             timeout=self.timeout or 5)
+        return _serving(r.status)
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def _env_key() -> str | None:
+    return os.environ.get("PDSERVE_API_KEY") or None

@@ -1,7 +1,8 @@
 """``pdserve up``: router, prefill and decode workers as processes on this machine.
 
-A cluster config (YAML) names the model, dtype, KV encoding and each member's
-ports and CPUs; without one, the defaults below: router gRPC :50051, prefill
+A cluster config (YAML) names the model, dtype, KV encoding, the router's ports
+and API key, and each member's ports and CPUs; without one, the defaults below:
+router gRPC :50051 and OpenAI HTTP :8000, prefill
 :50061 (metrics :9061) pinned to CPU 0, decode :50071 (metrics :9071) pinned to
 CPU 1, one torch thread each, when the machine has at least two CPUs.
 
@@ -48,6 +49,10 @@ class ClusterConfig:
     kv_encoding: str = "model"
     host: str = "127.0.0.1"
     router_port: int = 50051
+    http_port: int = 8000
+    """The router's OpenAI-compatible HTTP port (0 = off)."""
+    api_key: str | None = None
+    """Bearer token the router requires (also $PDSERVE_API_KEY); None = open."""
     local_prefill_below: int = 16
     prefill: list[Member] = field(default_factory=lambda: _default_members()[0])
     decode: list[Member] = field(default_factory=lambda: _default_members()[1])
@@ -59,6 +64,10 @@ class ClusterConfig:
             raise ValueError(f"kv_encoding must be one of {KV_ENCODINGS}, got {self.kv_encoding!r}")
         if not self.decode:
             raise ValueError("decode: at least one decode worker is required")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port!r}")
+        if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key):
+            raise ValueError("api_key must be a non-empty string or null")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -124,12 +133,15 @@ def start(c: ClusterConfig, timeout: float = 600) -> list[subprocess.Popen[bytes
         for _, m in workers:
             wait_serving(f"{c.host}:{m.port}", timeout, procs)
         router = [sys.executable, "-m", "router", "--host", c.host, "--port", str(c.router_port),
+                  "--http-port", str(c.http_port),
                   "--local-prefill-below", str(c.local_prefill_below)]
         router += [a for m in c.decode for a in ("--decode", f"{c.host}:{m.port}")]
         router += [a for m in c.prefill for a in ("--prefill", f"{c.host}:{m.port}")]
         if c.model:
             router += ["--model", c.model]
-        procs.append(subprocess.Popen(router))
+        # The key goes by environment, not argv: argv is visible to every user in `ps`.
+        env = {**os.environ, **({"PDSERVE_API_KEY": c.api_key} if c.api_key else {})}
+        procs.append(subprocess.Popen(router, env=env))
         wait_serving(f"{c.host}:{c.router_port}", 60, procs)
     except BaseException:
         stop(procs)
@@ -155,7 +167,9 @@ def up(c: ClusterConfig) -> int:
 
     resolve_model(c.model)  # convert once, before three processes race to do it
     procs = start(c)
-    print(f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" +
+    http = (f"  router     http://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
+            if c.http_port else "")
+    print(f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" + http +
           "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"
                   for m in c.prefill) +
           "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,9 +16,11 @@ OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 
 
 class Server:
-    def __init__(self, host: str, port: int, service_names: list[str]) -> None:
+    def __init__(self, host: str, port: int, service_names: list[str],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         # No SO_REUSEPORT: a second server on a busy port must fail, not share it.
-        self.server = grpc.aio.server(options=[*OPTIONS, ("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=[*OPTIONS, ("grpc.so_reuseport", 0)],
+                                      interceptors=list(interceptors))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names

@@ -6,33 +6,69 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pdserve.gpu_metrics import register_gpu_metrics
+
 LABELS = ("model_name", "role")
 _TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# vLLM's buckets, so dashboards built for it read ours the same way.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                  60.0, 120.0)
 
 
-class WorkerMetrics:
+class _RoleMetrics:
+    """What every role counts: tokens, aborts, running and waiting requests."""
+
     def __init__(self, model_name: str, role: str) -> None:
         self.registry = CollectorRegistry()
-        r, labels = self.registry, (model_name, role)
-        self.kv_bytes = Counter("pdserve:kv_transfer_bytes", "KV bytes sent (prefill) or "
-                                "received (decode)", LABELS, registry=r).labels(*labels)
-        self.kv_seconds = Histogram("pdserve:kv_transfer_seconds", "First to last KV byte of "
-                                    "one request", LABELS, buckets=_TRANSFER_BUCKETS,
-                                    registry=r).labels(*labels)
-        self.kv_failures = Counter("pdserve:kv_transfer_failures", "KV streams that failed",
-                                   LABELS, registry=r).labels(*labels)
-        self.aborted = Counter("pdserve:requests_aborted", "Requests cancelled or failed",
-                               LABELS, registry=r).labels(*labels)
-        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens prefilled",
-                                     LABELS, registry=r).labels(*labels)
-        self.generation_tokens = Counter("pdserve:generation_tokens", "Tokens generated",
-                                         LABELS, registry=r).labels(*labels)
+        self._labels = (model_name, role)
+        self.aborted = self._counter("requests_aborted", "Requests cancelled or failed")
+        self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens prefilled")
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated")
         self._gauges = {
-            name: Gauge(f"pdserve:{name}", doc, LABELS, registry=r).labels(*labels)
-            for name, doc in [("num_requests_running", "Requests in the running batch"),
-                              ("num_requests_waiting", "Requests waiting for KV blocks"),
-                              ("kv_cache_usage_perc", "Share of KV blocks in use (0-1)")]
+            name: Gauge(f"pdserve:{name}", doc, LABELS, registry=self.registry).labels(*self._labels)
+            for name, doc in self._gauge_docs()
         }
+
+    def _gauge_docs(self) -> list[tuple[str, str]]:
+        return [("num_requests_running", "Requests in the running batch"),
+                ("num_requests_waiting", "Requests waiting for KV blocks")]
+
+    def _counter(self, name: str, doc: str) -> Counter:
+        return Counter(f"pdserve:{name}", doc, LABELS, registry=self.registry).labels(*self._labels)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"pdserve:{name}", doc, LABELS, buckets=buckets,
+                         registry=self.registry).labels(*self._labels)
+
+    def serve(self, host: str, port: int) -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
+
+
+class WorkerMetrics(_RoleMetrics):
+    def __init__(self, model_name: str, role: str) -> None:
+        super().__init__(model_name, role)
+        self.kv_bytes = self._counter("kv_transfer_bytes", "KV bytes sent (prefill) or "
+                                      "received (decode)")
+        self.kv_seconds = self._histogram("kv_transfer_seconds", "First to last KV byte of one "
+                                          "request", _TRANSFER_BUCKETS)
+        self.kv_failures = self._counter("kv_transfer_failures", "KV streams that failed")
+        self.preemptions = self._counter("num_preemptions", "Requests preempted (blocks freed, "
+                                         "KV recomputed later)")
+        # The engine has no prefix cache yet: the counter exists (at 0) so dashboards work.
+        self.prefix_cache_hits = self._counter("prefix_cache_hits", "Prompt tokens found in "
+                                               "the prefix cache")
+        self.gpu = register_gpu_metrics(self.registry)
+
+    def _gauge_docs(self) -> list[tuple[str, str]]:
+        return [*super()._gauge_docs(),
+                ("kv_cache_usage_perc", "Share of KV blocks in use (0-1)")]
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               usage: Callable[[], float]) -> None:
@@ -41,6 +77,22 @@ class WorkerMetrics:
         self._gauges["num_requests_waiting"].set_function(waiting)
         self._gauges["kv_cache_usage_perc"].set_function(usage)
 
-    def serve(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+
+class RouterMetrics(_RoleMetrics):
+    """Seen from the front door: latencies as the client sees them, minus the network."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__(model_name, "router")
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival at the router to "
+                                    "the first token relayed", _TTFT_BUCKETS)
+        self.itl = self._histogram("inter_token_latency_seconds", "Gap between consecutive "
+                                   "token messages of one request", _ITL_BUCKETS)
+        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival at the router to "
+                                   "the last token", _E2E_BUCKETS)
+        self.queue = self._histogram("request_queue_time_seconds", "Arrival at the router to "
+                                     "dispatch to the decode worker that serves it",
+                                     _QUEUE_BUCKETS)
+
+    def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        self._gauges["num_requests_running"].set_function(running)
+        self._gauges["num_requests_waiting"].set_function(waiting)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from pdserve.config import EngineConfig, WorkerConfig
@@ -66,7 +67,13 @@ class RunningWorker:
         return f"127.0.0.1:{self.server.port}"
 
     async def stop(self, grace: float = 10.0) -> None:
-        await self.server.stop(grace)
+        """DRAINING: health NOT_SERVING (probes still answered), in-flight requests get
+        up to ``grace`` seconds to finish, then the server stops."""
+        await self.server.set_serving(False)
+        deadline = time.monotonic() + grace
+        while self.engine.engine.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         self.engine.stop()
 
 

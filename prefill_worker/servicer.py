@@ -63,6 +63,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                     self.metrics.kv_bytes.inc(chunk.payload.nbytes)
                     yield chunk_response_bytes(chunk)
                 elif item.finished:
+                    self.metrics.prompt_tokens.inc(len(prompt))
                     if t_first is not None:
                         self.metrics.kv_seconds.observe(time.perf_counter() - t_first)
                     yield worker_pb2.PrefillResponse(first_token=_first_token(item, prompt))

@@ -34,6 +34,10 @@ class RouterTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text).ids)
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text (logprobs name tokens this way)."""
+        return str(self.tok.decode([token_id], skip_special_tokens=False))
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if self.template is None:
             raise ValueError("messages: this model has no chat template; send text or token ids")

@@ -42,7 +42,7 @@ def _metric(port: int, name: str) -> float:
 @pytest.fixture(scope="module")
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
     c = ClusterConfig(
-        model=str(default_model_dir), dtype="float32", router_port=_free_port(),
+        model=str(default_model_dir), dtype="float32", router_port=_free_port(), http_port=0,
         local_prefill_below=1,
         prefill=[Member(_free_port(), _free_port(), (0,), 1)],
         decode=[Member(_free_port(), _free_port(), (1,), 1)])
