@@ -246,3 +246,14 @@ def test_kuberay_resources_run_the_ray_entrypoint_on_one_cluster_spec() -> None:
     assert config.name in _config(render(K8S / "kuberay" / "cluster"))
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["applications"][0]["args"]["config"] == str(config)
+
+
+def test_prometheus_scrapes_each_roles_metrics_port() -> None:
+    objs = render(K8S / "base")
+    for role in ROLES:
+        template = deployment(objs, role)["spec"]["template"]
+        notes = template["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true"
+        expected = 8000 if role == "router" else METRICS[role]
+        assert int(notes["prometheus.io/port"]) == expected
+        assert expected in {p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
