@@ -64,7 +64,7 @@ def test_runs_as_the_non_root_user_the_pods_use() -> None:
     user = expand(steps[users[-1]][1])
     uid, _, gid = user.partition(":")
     assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0
-    assert '--uid "$UID"' in runs() and args()["UID"] == uid  # the user exists in the image
+    assert '--uid "$APP_UID"' in runs() and args()["APP_UID"] == uid  # the user exists in the image
     for directory in [K8S / "base", K8S / "kuberay" / "cluster"]:
         for obj in render(directory):
             for pod in pod_specs(obj):
