@@ -20,6 +20,36 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                   60.0, 120.0)
 
+# Every metric a pdserve process may export (DESIGN §7), by the name Prometheus
+# scrapes and its type: counters carry ``_total``; a histogram X is scraped as
+# X_bucket, X_sum and X_count. Dashboards and alerts are checked against this list
+# (tests/deploy/test_dashboard.py), and so are the registries that export them.
+METRIC_NAMES: dict[str, str] = {
+    "pdserve:time_to_first_token_seconds": "histogram",
+    "pdserve:inter_token_latency_seconds": "histogram",
+    "pdserve:e2e_request_latency_seconds": "histogram",
+    "pdserve:request_queue_time_seconds": "histogram",
+    "pdserve:num_requests_running": "gauge",
+    "pdserve:num_requests_waiting": "gauge",
+    "pdserve:kv_cache_usage_perc": "gauge",
+    "pdserve:prompt_tokens_total": "counter",
+    "pdserve:generation_tokens_total": "counter",
+    "pdserve:prefix_cache_hits_total": "counter",
+    "pdserve:kv_transfer_seconds": "histogram",
+    "pdserve:kv_transfer_bytes_total": "counter",
+    "pdserve:kv_transfer_failures_total": "counter",
+    "pdserve:requests_aborted_total": "counter",
+    "pdserve:num_preemptions_total": "counter",
+}
+# GPU gauges under the DCGM exporter's names (from dcgm-exporter, or from pdserve's
+# own nvidia-ml-py gauges that reuse those names).
+GPU_METRIC_NAMES: dict[str, str] = {
+    "DCGM_FI_DEV_GPU_UTIL": "gauge",  # percent, 0-100
+    "DCGM_FI_DEV_FB_USED": "gauge",  # framebuffer memory used, MiB
+    "DCGM_FI_DEV_FB_FREE": "gauge",  # framebuffer memory free, MiB
+    "DCGM_FI_DEV_POWER_USAGE": "gauge",  # watts
+}
+
 
 class _RoleMetrics:
     """What every role counts: tokens, aborts, running and waiting requests."""
