@@ -66,8 +66,8 @@ def w4_itl_timeline(doc: dict[str, Any], out_dir: Path) -> Path | None:
     if not entries:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(entries), 1, figsize=(10, 3 * len(entries)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(entries), 1, figsize=(10, 1 + 3 * len(entries)), sharex=True,
+                             squeeze=False, layout="constrained")
     for ax, e in zip(axes[:, 0], entries, strict=True):
         res = e["workloads"]["W4"]
         for t in res["long_arrivals_s"]:

@@ -117,3 +117,19 @@ def test_bench_target_rejects_bad_arguments() -> None:
     assert main(["bench", "--target", "ftp://x"]) == 2
     assert main(["bench", "--target", "grpc://a:1", "--label", "a", "--label", "b"]) == 2
     assert main(["bench", "--target", "grpc://a:1", "--workload", "W5"]) == 2
+
+
+def test_w4_without_rates_measures_prefill_capacity_on_the_first_target() -> None:
+    from bench.serving_run import ServeBenchConfig, run
+
+    server, port = start_fake_grpc(FakeGeneration(0.02, 0.0005))  # W3 TTFT ~20 ms
+    try:
+        doc = run([("pd", f"grpc://127.0.0.1:{port}")],
+                  ServeBenchConfig(workloads=("W4",), duration_s=0.5, rate_short=4.0))
+    finally:
+        server.stop(0)
+    rates = doc["config"]["w4_rates"]
+    assert rates["measured_on"] == "pd"
+    assert 2048 / 0.5 < rates["prefill_capacity_tok_s"] <= 2048 / 0.02
+    assert rates["rate_long"] == pytest.approx(0.4 * rates["prefill_capacity_tok_s"] / 2048)
+    assert doc["targets"][0]["workloads"]["W4"]["rates"]["long"] == rates["rate_long"]
