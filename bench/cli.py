@@ -9,6 +9,7 @@ import platform
 import sys
 from typing import Any
 
+from bench.serving_cli import add_serving_arguments, run_served
 from bench.workloads import HEADLINE, figures, runs_for
 
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
@@ -16,8 +17,9 @@ DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action="store_true", help="measure the offline engine (W1-W3)")
-    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3", "W5"],
-                   help="repeatable; default with --engine: W1, W2 and W3")
+    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3", "W4", "W5", "W6"],
+                   help="repeatable; default with --engine: W1, W2 and W3; with --target: "
+                        "W1, W2, W3, W4 and W6")
     p.add_argument("--peer", action="append", choices=["vllm", "transformers"], default=[],
                    help="also measure this peer on the same prompts (repeatable)")
     p.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON",
@@ -29,12 +31,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write all results here")
+    add_serving_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target:
+        if args.engine:
+            raise ValueError("bench: --engine and --target are exclusive")
+        return run_served(args)
     if not args.engine:
         if args.workload != ["W5"]:
-            raise ValueError("bench: W1-W3 need --engine; W5 runs alone (--workload W5)")
+            raise ValueError("bench: W1-W4 and W6 need --engine (offline, W1-W3) or --target "
+                             "(a running server); W5 runs alone (--workload W5)")
         return _run_w5(args)
     from bench.engine_bench import time_pdserve, time_peer
 
@@ -112,6 +120,10 @@ def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
         if w == "W2":
             print("   TTFT ms: " + ", ".join(f"{b} {row[b]['ttft_ms']:.0f}" for b in row
                                              if b not in skip))
+
+
+def vocab_of(model: str | None) -> int:
+    return 49152 if model is None else _vocab(model)
 
 
 def _vocab(model: str) -> int:
