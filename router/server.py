@@ -1,4 +1,5 @@
-"""The router process: ``python -m router --decode ADDR --prefill ADDR``."""
+"""The router process: ``python -m router --decode ADDR --prefill ADDR`` (static
+membership) or ``python -m router --members-stdin`` (updates from its owner)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
 from pdserve.engine.model_loader import resolve_model
-from pdserve.grpc_server import Server, until_stop_signal
+from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
+from router.membership import follow
 from router.policy import LoadAwarePolicy, Member
 from router.servicer import RouterServicer
 from router.tokenizer import RouterTokenizer
@@ -28,8 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-prefill-below", type=int, default=16,
                    help="prompts shorter than this are prefilled on the decode worker")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--members-stdin", action="store_true",
+                   help="read membership updates (JSON lines) from stdin, see router/membership.py")
     a = p.parse_args(argv)
-    if not a.decode:
+    if not a.decode and not a.members_stdin:
         p.error("--decode: at least one decode worker address is required")
     return a
 
@@ -49,15 +53,20 @@ async def start_router(a: argparse.Namespace) -> tuple[Server, RouterServicer]:
 
 
 async def serve(a: argparse.Namespace) -> None:
-    server, _ = await start_router(a)
+    server, servicer = await start_router(a)
+    if a.members_stdin:
+        follower = asyncio.create_task(follow(servicer.policy, sys.stdin.readline))
     print(f"router serving on {a.host}:{server.port}", flush=True)
     await until_stop_signal()
+    if a.members_stdin:
+        follower.cancel()
     await server.stop(grace=10.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    exit_with_parent()
     try:
         asyncio.run(serve(parse_args(argv)))
     except ValueError as e:

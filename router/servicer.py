@@ -70,7 +70,8 @@ class RouterServicer(api_pb2_grpc.GenerationServicer):
             choice = self.policy.choose(len(prompt), tried)
             if choice is None:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    "every decode worker is full; retry later")
+                                    "every decode worker is full; retry later" if self.policy.decode
+                                    else "no decode worker is registered yet; retry later")
             assert choice is not None
             tried.add(choice.decode.address)
             relay = self._relay(rid, prompt, params, request, choice, context, t0)
