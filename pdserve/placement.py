@@ -204,7 +204,10 @@ def _spread(req: PlacementRequest, nodes: dict[int, frozenset[int]], allowed: fr
     sharing = [s for s in range(req.slots) if ids[s % len(ids)] == node]
     cpus, k = usable[node], sharing.index(req.slot)
     n = len(sharing)
-    share = cpus[k * len(cpus) // n:(k + 1) * len(cpus) // n] or [cpus[k % len(cpus)]]
+    if n > len(cpus):  # more workers than CPUs: one CPU each, round robin
+        share = [cpus[k % len(cpus)]]
+    else:
+        share = cpus[k * len(cpus) // n:(k + 1) * len(cpus) // n]
     return _decide(req, frozenset(share), "spread", node, rejected)
 
 

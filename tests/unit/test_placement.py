@@ -74,6 +74,9 @@ def test_this_box_shape_prefill_cpu0_decode_cpu1(tmp_path: Path) -> None:
     nodes = read_numa_nodes(fake_sysfs(tmp_path, {0: "0-1"}))
     got = [plan(PlacementRequest(slot=s, slots=2), nodes, frozenset({0, 1})) for s in range(2)]
     assert [(d.cpus, d.threads) for d in got] == [((0,), 1), ((1,), 1)]
+    four = [plan(PlacementRequest(slot=s, slots=4), nodes, frozenset({0, 1})).cpus
+            for s in range(4)]  # --prefill 2 --decode 2: alternate CPUs
+    assert four == [(0,), (1,), (0,), (1,)]
 
 
 def test_cgroup_restricted_cpu_set(tmp_path: Path) -> None:
