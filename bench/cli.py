@@ -77,8 +77,12 @@ def _run_w5(args: argparse.Namespace) -> int:
               f"{1e3 * r['prefill_compute_s']:>10.1f} {1e3 * r['exposed_s']:>10.1f} "
               f"{100 * r['exposed_share']:>8.1f}% {r['bytes_per_token']:>8.0f}")
     w = res["wire"]
-    print(f"wire: raw loopback socket {w['raw_socket_GBps']:.2f} GB/s, pdserve KV stream "
-          f"{w['kv_stream_GBps']:.2f} GB/s ({100 * w['kv_share_of_raw']:.0f}% of raw)")
+    print(f"wire: raw loopback socket {w['raw_socket_GBps']:.2f} GB/s")
+    for enc in ("bf16", "int8"):
+        e = w[enc]
+        print(f"  pdserve KV stream, {enc}: wire {e['wire_GBps']:.2f} GB/s "
+              f"({100 * e['wire_share_of_raw']:.0f}% of raw), effective (fp32 KV delivered) "
+              f"{e['effective_GBps']:.2f} GB/s ({100 * e['effective_share_of_raw']:.0f}% of raw)")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"machine": _machine(args), "W5": res}, f, indent=2)

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
                        "and build the CPU kernels")
     p.add_argument("--model", default=None)
 
-    u = sub.add_parser("up", help="start router, prefill and decode workers on this machine")
+    u = sub.add_parser("up", help="start router, prefill and decode workers (Ray actors by default)")
     u.add_argument("--config", default=None, help="cluster config YAML (see README)")
     u.add_argument("--model", default=None)
     u.add_argument("--dtype", default=None)
@@ -24,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="router's OpenAI-compatible HTTP port (default 8000; 0 = off)")
     u.add_argument("--api-key", default=None,
                    help="require this bearer token on the public API (or $PDSERVE_API_KEY)")
+    u.add_argument("--launcher", choices=["ray", "process"], default=None,
+                   help="ray (default): actors on a local or existing Ray cluster; "
+                        "process: plain processes on this machine")
+    u.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
+    u.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
+    u.add_argument("--decode", type=int, default=None, help="number of decode workers")
+    u.add_argument("--pin", choices=["auto", "off"], default=None,
+                   help="CPU pinning of the workers (default auto)")
 
     g = sub.add_parser("generate", help="stream one answer from the router")
     g.add_argument("prompt")
@@ -120,13 +130,21 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
 def _up(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pdserve.cluster import ClusterConfig, up
+    from pdserve.cluster import ClusterConfig, scaled, up
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype),
-                                   ("api_key", args.api_key)) if v}
+    overrides: dict[str, Any] = {k: v for k, v in (
+        ("model", args.model), ("dtype", args.dtype), ("launcher", args.launcher),
+        ("pin", args.pin), ("api_key", args.api_key)) if v}
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
+    if args.address:
+        overrides["ray"] = dataclasses.replace(config.ray, address=args.address)
+        overrides.setdefault("launcher", "ray")
+    defaults = ClusterConfig()
+    for role, n in (("prefill", args.prefill), ("decode", args.decode)):
+        if n is not None:
+            overrides[role] = scaled(getattr(config, role), n, getattr(defaults, role)[0])
     return up(dataclasses.replace(config, **overrides))
 
 

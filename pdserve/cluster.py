@@ -1,11 +1,15 @@
-"""``pdserve up``: router, prefill and decode workers as processes on this machine.
+"""``pdserve up``: router, prefill and decode workers, as Ray actors or plain processes.
 
-A cluster config (YAML) names the model, dtype, KV encoding, the router's ports
-and API key, and each member's ports and CPUs; without one, the defaults below:
-router gRPC :50051 and OpenAI HTTP :8000, prefill
-:50061 (metrics :9061) pinned to CPU 0, decode :50071 (metrics :9071) pinned to
-CPU 1, one torch thread each, when the machine has at least two CPUs.
+A cluster config (YAML) names the model, dtype, KV encoding, the launcher, the
+router's ports and API key, and each member's ports (and optionally CPUs); without
+one, the defaults below: router gRPC :50051 and OpenAI HTTP :8000, prefill :50061
+(metrics :9061), decode :50071 (metrics :9071). Workers pin themselves
+(pdserve/placement.py): without explicit ``cpus`` worker i of n on a machine gets
+its share of the NUMA nodes and CPUs, so on a 2-CPU box prefill runs on CPU 0 and
+decode on CPU 1, one torch thread each.
 
+``launcher: ray`` (the default) is deploy/ray/launcher.py; ``launcher: process``
+(Kubernetes, or no Ray) is this module:
 STARTING (workers load; health polled) → SERVING (endpoints printed) → STOPPING
 (Ctrl-C or SIGTERM: every child gets SIGTERM, then SIGKILL after a grace period).
 """
@@ -17,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.config import DTYPES, KV_ENCODINGS
+from pdserve.placement import PIN_MODES
+
+LAUNCHERS: tuple[str, ...] = ("ray", "process")
 
 
 @dataclass(frozen=True)
@@ -37,9 +45,40 @@ class Member:
 
 
 def _default_members() -> tuple[list[Member], list[Member]]:
-    two = len(os.sched_getaffinity(0)) >= 2
-    return ([Member(50061, 9061, (0,) if two else None, 1 if two else None)],
-            [Member(50071, 9071, (1,) if two else None, 1 if two else None)])
+    return [Member(50061, 9061)], [Member(50071, 9071)]
+
+
+def scaled(members: list[Member], n: int, default: Member) -> list[Member]:
+    """``--prefill N``: N members, ports counting up from the first configured one."""
+    base = members[0] if members else default
+    return [Member(base.port + i if base.port else 0,
+                   base.metrics_port + i if base.metrics_port else 0,
+                   None, base.threads) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How the Ray launcher finds nodes and places roles (see deploy/ray/launcher.py)."""
+
+    address: str | None = None
+    """None: start a local Ray instance; else join it ("auto", "ray://…", "host:port")."""
+    namespace: str = "pdserve"
+    prefill_resource: str = "pdserve_prefill"
+    """Custom node resource a prefill worker needs one unit of (e.g. cloud GPU nodes)."""
+    decode_resource: str = "pdserve_decode"
+    router_resource: str | None = None
+    """None: the router runs next to the launcher (soft); else on a node with it."""
+    prefill_gpus: float = 0.0
+    """GPUs each prefill worker needs (0 = none)."""
+    decode_gpus: float = 0.0
+    max_restarts: int = 3
+    """How often Ray restarts a worker whose process died."""
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < -1:
+            raise ValueError(f"ray.max_restarts must be >= -1, got {self.max_restarts}")
+        if self.prefill_gpus < 0 or self.decode_gpus < 0:
+            raise ValueError("ray.prefill_gpus and ray.decode_gpus must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -54,6 +93,10 @@ class ClusterConfig:
     api_key: str | None = None
     """Bearer token the router requires (also $PDSERVE_API_KEY); None = open."""
     local_prefill_below: int = 16
+    launcher: str = "ray"
+    pin: str = "auto"
+    """auto: workers pin themselves (pdserve/placement.py); off: no pinning."""
+    ray: RaySettings = RaySettings()
     prefill: list[Member] = field(default_factory=lambda: _default_members()[0])
     decode: list[Member] = field(default_factory=lambda: _default_members()[1])
 
@@ -62,6 +105,10 @@ class ClusterConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kv_encoding not in KV_ENCODINGS:
             raise ValueError(f"kv_encoding must be one of {KV_ENCODINGS}, got {self.kv_encoding!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.pin not in PIN_MODES:
+            raise ValueError(f"pin must be one of {PIN_MODES}, got {self.pin!r}")
         if not self.decode:
             raise ValueError("decode: at least one decode worker is required")
         if not 0 <= self.http_port < 65536:
@@ -80,6 +127,13 @@ class ClusterConfig:
         for role in ("prefill", "decode"):
             if role in data:
                 data[role] = [_member(role, i, m) for i, m in enumerate(data[role] or [])]
+        if "ray" in data:
+            ray = data["ray"] or {}
+            allowed = set(RaySettings.__dataclass_fields__)
+            if not isinstance(ray, dict) or set(ray) - allowed:
+                raise ValueError(f"ray must be a mapping with keys among {sorted(allowed)}, "
+                                 f"got {ray!r}")
+            data["ray"] = RaySettings(**ray)
         return cls(**data)
 
 
@@ -93,10 +147,12 @@ def _member(role: str, i: int, m: dict[str, Any]) -> Member:
                   tuple(cpus) if cpus is not None else None, m.get("threads"))
 
 
-def _worker_cmd(role: str, m: Member, c: ClusterConfig) -> list[str]:
+def worker_command(role: str, m: Member, c: ClusterConfig, slot: int, slots: int) -> list[str]:
+    """The worker's command line; it is worker ``slot`` of ``slots`` on its machine."""
     cmd = [sys.executable, "-m", f"{role}_worker", "--host", c.host, "--port", str(m.port),
            "--metrics-port", str(m.metrics_port), "--dtype", c.dtype,
-           "--kv-encoding", c.kv_encoding]
+           "--kv-encoding", c.kv_encoding, "--pin", c.pin, "--slot", str(slot),
+           "--slots", str(slots)]
     if c.model:
         cmd += ["--model", c.model]
     if m.cpus:
@@ -106,7 +162,25 @@ def _worker_cmd(role: str, m: Member, c: ClusterConfig) -> list[str]:
     return cmd
 
 
-def wait_serving(address: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
+def router_command(c: ClusterConfig, decode: list[str], prefill: list[str],
+                   members_stdin: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "router", "--host", c.host, "--port", str(c.router_port),
+           "--http-port", str(c.http_port), "--local-prefill-below", str(c.local_prefill_below)]
+    cmd += [a for d in decode for a in ("--decode", d)]
+    cmd += [a for p in prefill for a in ("--prefill", p)]
+    if members_stdin:
+        cmd.append("--members-stdin")
+    if c.model:
+        cmd += ["--model", c.model]
+    return cmd
+
+
+def router_env(c: ClusterConfig) -> dict[str, str]:
+    """The key goes by environment, not argv: argv is visible to every user in `ps`."""
+    return {"PDSERVE_API_KEY": c.api_key} if c.api_key else {}
+
+
+def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]]) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -128,20 +202,13 @@ def start(c: ClusterConfig, timeout: float = 600) -> list[subprocess.Popen[bytes
     procs: list[subprocess.Popen[bytes]] = []
     try:
         workers = [("prefill", m) for m in c.prefill] + [("decode", m) for m in c.decode]
-        for role, m in workers:
-            procs.append(subprocess.Popen(_worker_cmd(role, m, c)))
+        for slot, (role, m) in enumerate(workers):
+            procs.append(subprocess.Popen(worker_command(role, m, c, slot, len(workers))))
         for _, m in workers:
             wait_serving(f"{c.host}:{m.port}", timeout, procs)
-        router = [sys.executable, "-m", "router", "--host", c.host, "--port", str(c.router_port),
-                  "--http-port", str(c.http_port),
-                  "--local-prefill-below", str(c.local_prefill_below)]
-        router += [a for m in c.decode for a in ("--decode", f"{c.host}:{m.port}")]
-        router += [a for m in c.prefill for a in ("--prefill", f"{c.host}:{m.port}")]
-        if c.model:
-            router += ["--model", c.model]
-        # The key goes by environment, not argv: argv is visible to every user in `ps`.
-        env = {**os.environ, **({"PDSERVE_API_KEY": c.api_key} if c.api_key else {})}
-        procs.append(subprocess.Popen(router, env=env))
+        procs.append(subprocess.Popen(router_command(
+            c, [f"{c.host}:{m.port}" for m in c.decode], [f"{c.host}:{m.port}" for m in c.prefill]),
+            env={**os.environ, **router_env(c)}))
         wait_serving(f"{c.host}:{c.router_port}", 60, procs)
     except BaseException:
         stop(procs)
@@ -165,15 +232,20 @@ def stop(procs: list[subprocess.Popen[bytes]], grace: float = 15) -> None:
 def up(c: ClusterConfig) -> int:
     from pdserve.engine.model_loader import resolve_model
 
+    if c.launcher == "ray":
+        from deploy.ray.launcher import up as ray_up
+
+        return ray_up(c)
+
     resolve_model(c.model)  # convert once, before three processes race to do it
     procs = start(c)
     http = (f"  router     http://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
             if c.http_port else "")
     print(f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" + http +
-          "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"
-                  for m in c.prefill) +
-          "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} cpus {m.cpus}\n"
-                  for m in c.decode) +
+          "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
+                  for m, p in zip(c.prefill, procs, strict=False)) +
+          "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
+                  for m, p in zip(c.decode, procs[len(c.prefill):], strict=False)) +
           '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
           "Ctrl-C stops the cluster.", flush=True)
     # Ctrl-C and SIGTERM both stop the cluster (a background shell ignores SIGINT

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pdserve.placement import PlacementRequest
+
 DType = Literal["bfloat16", "float32", "float16"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -89,8 +91,8 @@ class WorkerConfig:
     """gRPC port; 0 picks a free one."""
     metrics_port: int = 0
     """Prometheus port; 0 = no metrics endpoint."""
-    cpus: tuple[int, ...] | None = None
-    """Pin the process to these CPUs (None = no pinning)."""
+    placement: PlacementRequest = PlacementRequest()
+    """Which CPUs the process pins itself to (see pdserve/placement.py)."""
     kv_encoding: str = "model"
     """Decode: encoding asked of prefill workers unless the request names one."""
     prefill_timeout_s: float = 120.0
@@ -103,6 +105,3 @@ class WorkerConfig:
                  self.metrics_port)
         _require(self.kv_encoding in KV_ENCODINGS, "kv_encoding", f"one of {KV_ENCODINGS}",
                  self.kv_encoding)
-        if self.cpus is not None:
-            _require(len(self.cpus) > 0 and all(c >= 0 for c in self.cpus), "cpus",
-                     "a non-empty list of CPU ids", self.cpus)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import threading
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -49,3 +52,23 @@ async def until_stop_signal() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+PARENT_ENV = "PDSERVE_PARENT_PID"
+
+
+def exit_with_parent() -> None:
+    """When ``PDSERVE_PARENT_PID`` names our parent (a Ray actor that owns this
+    process), SIGTERM ourselves once that parent is gone: a draining exit when the
+    role is serving, the default (immediate) one while it still loads. A thread
+    polls because PR_SET_PDEATHSIG fires on the death of the forking *thread*."""
+    parent = int(os.environ.get(PARENT_ENV, "0") or 0)
+    if parent <= 0:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -1,5 +1,8 @@
 """The process around a prefill or decode worker: pin, load, serve, drain on SIGTERM.
 
+Pinning is pdserve/placement.py's: explicit ``--cpus``, else next to the GPU, else
+worker ``--slot`` of ``--slots`` spread over this machine's NUMA nodes and CPUs.
+
 STARTING (health NOT_SERVING while the model loads) → SERVING → DRAINING (SIGTERM
 or SIGINT: health NOT_SERVING, in-flight calls get a grace period) → STOPPED.
 """
@@ -9,16 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pdserve import placement
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
-from pdserve.grpc_server import Server, until_stop_signal
+from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.metrics import WorkerMetrics
+from pdserve.placement import PlacementRequest
 
 log = logging.getLogger("pdserve.worker")
 
@@ -32,28 +36,32 @@ def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpus", default=None, help="comma-separated CPU ids to pin to")
+    p.add_argument("--pin", default="auto", help="auto (see pdserve/placement.py) or off")
+    p.add_argument("--slot", type=int, default=0,
+                   help="this worker's index among --slots workers on this machine")
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-encoding", default="model")
     a = p.parse_args(argv)
     cpus = tuple(int(c) for c in a.cpus.split(",")) if a.cpus else None
-    engine = EngineConfig(model=a.model, dtype=a.dtype, num_threads=a.threads,
+    engine = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, num_threads=a.threads,
                           kv_cache_gb=a.kv_cache_gb,
                           max_num_batched_tokens=a.max_num_batched_tokens)
+    placement = PlacementRequest(role=role, mode=a.pin, cpus=cpus, slot=a.slot, slots=a.slots,
+                                 threads=a.threads, gpu=a.device != "cpu")
     return WorkerConfig(role=role, engine=engine, host=a.host, port=a.port,
-                        metrics_port=a.metrics_port, cpus=cpus, kv_encoding=a.kv_encoding)
+                        metrics_port=a.metrics_port, placement=placement,
+                        kv_encoding=a.kv_encoding)
 
 
-def pin(cpus: tuple[int, ...] | None) -> None:
-    """Pin this process before torch starts its threads."""
-    if cpus is None:
-        return
-    allowed = os.sched_getaffinity(0)
-    chosen = set(cpus) & allowed
-    if not chosen:
-        raise ValueError(f"cpus {cpus} are not among this process's allowed CPUs {allowed}")
-    os.sched_setaffinity(0, chosen)
-    log.info("pinned to CPUs %s", sorted(chosen))
+def pin(config: WorkerConfig) -> WorkerConfig:
+    """Pin this process before torch starts its threads; the engine gets the thread count."""
+    decision = placement.pin(config.placement)
+    if decision.threads is None or config.engine.num_threads is not None:
+        return config
+    return replace(config, engine=replace(config.engine, num_threads=decision.threads))
 
 
 @dataclass
@@ -124,9 +132,9 @@ def _add_servicer(server: Server, config: WorkerConfig):  # type: ignore[no-unty
 def main(role: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    exit_with_parent()
     try:
-        config = parse_args(role, argv)
-        pin(config.cpus)
+        config = pin(parse_args(role, argv))
         asyncio.run(serve(config))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

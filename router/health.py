@@ -39,6 +39,13 @@ class DecodeHealth:
     def down(self) -> set[str]:
         return set(self.addresses) - self.up
 
+    async def set_addresses(self, addresses: list[str]) -> None:
+        """Membership changed (router/membership.py): probe the new list now."""
+        self.addresses = list(addresses)
+        self.up &= set(addresses)
+        self._misses = {a: self._misses.get(a, 0) for a in addresses}
+        await self.probe_all()
+
     async def probe_all(self) -> None:
         answers = await asyncio.gather(
             *(self.clients.is_serving(a, self.probe_timeout_s) for a in self.addresses))

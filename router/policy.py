@@ -43,6 +43,12 @@ class LoadAwarePolicy:
         p = min(self.prefill, key=lambda m: m.in_flight_requests) if remote else None
         return Choice(d, p)
 
+    def set_members(self, decode: list[str], prefill: list[str]) -> None:
+        """Replace the membership; members kept keep their in-flight counts."""
+        known = {m.address: m for m in [*self.decode, *self.prefill]}
+        self.decode = [known.get(a) or Member(a) for a in decode]
+        self.prefill = [known.get(a) or Member(a) for a in prefill]
+
     @staticmethod
     def begin(c: Choice, tokens: int) -> None:
         c.decode.in_flight_tokens += tokens

@@ -1,4 +1,6 @@
-"""The router process: ``python -m router --decode ADDR --prefill ADDR``.
+"""The router process: ``python -m router --decode ADDR --prefill ADDR`` (static
+membership) or ``python -m router --members-stdin`` (updates from its owner, see
+router/membership.py).
 
 STARTING (gRPC and HTTP bound; health NOT_SERVING) → SERVING (at least one decode
 worker answers its health probe) ⇄ NOT_SERVING (none does; requests get
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
 from pdserve.engine.model_loader import resolve_model
-from pdserve.grpc_server import Server, until_stop_signal
+from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.metrics import RouterMetrics
 from router.auth import ApiKey, ApiKeyInterceptor
 from router.decode_client import DecodeClients
 from router.generation import Generator
 from router.health import DecodeHealth
+from router.membership import follow
 from router.openai_http import OpenAIServer
 from router.policy import LoadAwarePolicy, Member
 from router.servicer import RouterServicer
@@ -53,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between decode worker health probes")
     p.add_argument("--drain-grace", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--members-stdin", action="store_true",
+                   help="read membership updates (JSON lines) from stdin, see router/membership.py")
     a = p.parse_args(argv)
-    if not a.decode:
+    if not a.decode and not a.members_stdin:
         p.error("--decode: at least one decode worker address is required")
     if not 0 <= a.http_port < 65536:
         p.error(f"--http-port must be in [0, 65535], got {a.http_port}")
@@ -121,15 +126,22 @@ async def start_router(a: argparse.Namespace) -> Router:
 
 async def serve(a: argparse.Namespace) -> None:
     router = await start_router(a)
+    follower = None
+    if a.members_stdin:
+        follower = asyncio.create_task(follow(router.generator.policy, sys.stdin.readline,
+                                              router.health.set_addresses))
     http = f", HTTP on http://{a.host}:{router.http.port}" if router.http else ""
     print(f"router serving gRPC on {a.host}:{router.grpc.port}{http}", flush=True)
     await until_stop_signal()
+    if follower is not None:
+        follower.cancel()
     await router.drain(a.drain_grace)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    exit_with_parent()
     try:
         asyncio.run(serve(parse_args(argv)))
     except ValueError as e:

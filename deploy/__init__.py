@@ -1,0 +1,1 @@
+"""Deployment: Ray launcher and job entrypoint (deploy/ray)."""

@@ -1,0 +1,1 @@
+"""pdserve on Ray: launcher (``pdserve up``), role actors, registry, job entrypoint."""

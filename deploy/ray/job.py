@@ -1,0 +1,38 @@
+"""Ray job entrypoint: ``python -m deploy.ray.job --config FILE``.
+
+Brings the cluster of a cluster config up on the Ray cluster this job runs in
+(``ray job submit --working-dir . -- python -m deploy.ray.job --config …``) and
+serves until the job is stopped (``ray job stop`` sends SIGTERM: router drains,
+workers drain, actors go). Same launcher as ``pdserve up`` (deploy/ray/launcher.py);
+only the address differs: the job's own cluster ("auto") unless the config names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from deploy.ray.launcher import up
+from pdserve.cluster import ClusterConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.ray.job", description=__doc__)
+    p.add_argument("--config", required=True, help="cluster config YAML (see README)")
+    p.add_argument("--address", default=None, help="Ray address (default: this job's cluster)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s job %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ClusterConfig.from_yaml(a.config)
+        ray = dataclasses.replace(config.ray, address=a.address or config.ray.address or "auto")
+        return up(dataclasses.replace(config, launcher="ray", ray=ray))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
