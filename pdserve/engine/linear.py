@@ -34,6 +34,7 @@ class Linear:
     """y = x · wᵀ (+ b) with weights stored in ``dtype`` and computed in ``compute``."""
 
     __slots__ = ("weight", "bias", "_bf16", "_kernel")
+    # _bf16 is the stored weight in the kernel's packed layout where K % 16 == 0.
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype, compute: torch.dtype) -> None:
@@ -43,7 +44,13 @@ class Linear:
         self.bias = None if bias is None else bias.to(dtype).to(compute)
         self._bf16 = stored.contiguous() if stored.dtype != compute else None
         kernels = cpu_kernels.load() if self._bf16 is not None and stored.is_cpu else None
-        self._kernel = None if kernels is None else kernels.linear_bf16w
+        self._kernel = None
+        if kernels is not None and stored.shape[1] % 16 == 0:
+            n = stored.shape[0]
+            self._bf16 = kernels.pack_bf16_weight(stored.contiguous())
+            self._kernel = lambda x, w: kernels.linear_bf16w_packed(x, w, n)
+        elif kernels is not None:
+            self._kernel = kernels.linear_bf16w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.shape[0] <= SMALL_BATCH:

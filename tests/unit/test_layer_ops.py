@@ -80,3 +80,15 @@ def test_silu_mul_matches_torch() -> None:
     ref, ker = _both()
     gate_up = torch.randn(3, 2 * 37)
     torch.testing.assert_close(ker.silu_mul(gate_up), ref.silu_mul(gate_up))
+
+
+@pytest.mark.parametrize("n, k", [(13, 64), (6, 32), (7, 40)])  # packed, packed, row-major
+@pytest.mark.parametrize("m", [1, 3])
+def test_bf16_weight_kernel_matches_fp32_matmul_on_the_same_weights(n: int, k: int, m: int) -> None:
+    from pdserve.engine.linear import Linear
+
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    lin = Linear(w, None, torch.bfloat16, torch.float32)
+    assert lin._kernel is not None
+    expected = x @ w.to(torch.bfloat16).float().T
+    torch.testing.assert_close(lin(x), expected, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 
 torch::Tensor linear_bf16w(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor pack_bf16_weight(const torch::Tensor& w);
+torch::Tensor linear_bf16w_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
 torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
                        const torch::Tensor& w, double eps);
 void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
@@ -16,6 +18,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
+  m.def("pack_bf16_weight", &pack_bf16_weight, "bf16 (N, K) -> the packed layout");
+  m.def("linear_bf16w_packed", &linear_bf16w_packed, "fp32 x times a packed bf16 weight");
   m.def("rms_norm", &rms_norm, "x += delta (in place, if given); return rms_norm(x) * w");
   m.def("rope_store_kv", &rope_store_kv, "rotate q|k of qkv in place, store k and v in slots");
   m.def("paged_decode_attention", &paged_decode_attention,
