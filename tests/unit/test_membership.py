@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -28,6 +29,10 @@ def test_follow_applies_updates_and_keeps_in_flight_counts() -> None:
     def readline() -> str:
         line = next(lines)
         if line.startswith('{"decode": ["d:1", "d:2"]'):
+            # The pump thread reads ahead of the loop: wait until the first update is applied.
+            deadline = time.monotonic() + 2
+            while not policy.decode and time.monotonic() < deadline:
+                time.sleep(0.01)
             seen.append(policy.decode[0])
             policy.decode[0].in_flight_tokens = 7
         return line
