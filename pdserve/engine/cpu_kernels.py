@@ -6,9 +6,10 @@ compiler gets ``None`` and the engine falls back to plain torch ops.
 
 The build directory is named by the sources' content and built from a copy of
 them inside it, so every checkout of the same code (a Ray job's working-dir copy,
-a container) shares one build instead of rebuilding over another's. torch guards
-a build with a lock file and waits on it forever; a lock left by a killed build
-is removed once it is older than any real build takes.
+a container) shares one build instead of rebuilding over another's. A module built
+before is imported directly: torch's loader would run ninja under a lock file on
+every start, and a process killed meanwhile leaves that lock behind for every later
+one to wait on forever (such a lock is removed once older than any real build).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("bindings.cpp", "bf16_gemv.cpp", "decode_ops.cpp")
-_STALE_LOCK_S = 900.0
+_NAME = "pdserve_cpu_kernels"
+_STALE_LOCK_S = 600.0
 _module: Any = None
 _tried = False
 
@@ -40,18 +42,38 @@ def load() -> Any:
     if not torch.cpu._is_avx2_supported():
         return None
     try:
+        build, sources = _build_dir()
+        built = build / f"{_NAME}.so"
+        if built.exists():  # built before (make install): import it, no ninja run, no lock
+            try:
+                _module = _import(built)
+                return _module
+            except ImportError as e:  # half-written by a build running now: wait for it
+                log.info("kernel module not importable yet (%s); building", e)
         from torch.utils.cpp_extension import load as load_extension
 
-        build, sources = _build_dir()
         # -fopenmp: at::parallel_for is a header template; without it the kernels
         # silently run on one thread.
         _module = load_extension(
-            name="pdserve_cpu_kernels", sources=sources, build_directory=str(build),
+            name=_NAME, sources=sources, build_directory=str(build),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as e:  # no compiler / ninja
         log.warning("CPU kernels unavailable (%s); using torch ops", e)
     return _module
+
+
+def _import(path: Path) -> Any:
+    import importlib.util
+
+    import torch  # noqa: F401  (the module links against torch's libraries, loaded by it)
+
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build_dir() -> tuple[Path, list[str]]:
