@@ -24,4 +24,4 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy pdserve bench
+	$(VENV)/bin/mypy pdserve bench router deploy
