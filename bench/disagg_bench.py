@@ -134,7 +134,7 @@ class _Replay(worker_pb2_grpc.PrefillWorkerServicer):
 
 
 async def _kv_stream_gbps(total_mb: int, encoding: Encoding) -> tuple[float, float]:
-    per_msg = 2 * bytes_per_token(encoding, 1, 3, 64) * 2048 // 2  # k and v of one layer
+    per_msg = bytes_per_token(encoding, 1, 3, 64) * 2048  # k and v of one layer
     replay = _Replay(max(1, total_mb * (1 << 20) // per_msg), encoding)
     server = grpc.aio.server(options=OPTIONS)
     add_prefill_servicer(replay, server)

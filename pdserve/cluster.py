@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,16 +248,28 @@ def up(c: ClusterConfig) -> int:
                   for m, p in zip(c.decode, procs[len(c.prefill):], strict=False)) +
           '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
           "Ctrl-C stops the cluster.", flush=True)
-    # Ctrl-C and SIGTERM both stop the cluster (a background shell ignores SIGINT
-    # unless we ask for it).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupt_on_stop_signals()
     try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print("a cluster process exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+        return watch(lambda: all(p.poll() is None for p in procs), 0.5,
+                     "a cluster process exited; stopping")
     finally:
         stop(procs)
+
+
+def interrupt_on_stop_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt (a background shell ignores
+    SIGINT unless we ask for it)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def watch(alive: Callable[[], bool], interval_s: float, died: str) -> int:
+    """Block while ``alive()``: 0 on Ctrl-C or SIGTERM, 1 (after printing ``died``)
+    when the cluster broke on its own."""
+    try:
+        while alive():
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+    print(died, file=sys.stderr)
+    return 1

@@ -15,9 +15,6 @@ Actors ask for 0 CPUs: the CPU a worker uses is decided by pinning, not by Ray.
 
 from __future__ import annotations
 
-import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +31,15 @@ from ray.util.scheduling_strategies import (
 )
 
 from deploy.ray.actors import Registry, RoleProcess
-from pdserve.cluster import ClusterConfig, Member, router_command, router_env, worker_command
+from pdserve.cluster import (
+    ClusterConfig,
+    Member,
+    interrupt_on_stop_signals,
+    router_command,
+    router_env,
+    watch,
+    worker_command,
+)
 
 REGISTRY = "pdserve-registry"
 
@@ -193,17 +198,13 @@ def up(c: ClusterConfig) -> int:
     from pdserve.engine.model_loader import resolve_model
 
     resolve_model(c.model)  # convert once here, before the workers on this host race to
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupt_on_stop_signals()
     launcher = RayLauncher(c)
     try:
         launcher.start()
         print(launcher.banner(), flush=True)
-        while launcher.alive():
-            time.sleep(1.0)
-        print("the router actor died; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        return watch(launcher.alive, 1.0, "the router actor died; stopping")
+    except KeyboardInterrupt:  # while starting
         return 0
     finally:
         if launcher.state != "STOPPED":

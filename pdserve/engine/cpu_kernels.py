@@ -66,8 +66,6 @@ def load() -> Any:
 def _import(path: Path) -> Any:
     import importlib.util
 
-    import torch  # noqa: F401  (the module links against torch's libraries, loaded by it)
-
     spec = importlib.util.spec_from_file_location(_NAME, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

@@ -77,9 +77,11 @@ class TorchOps:
 
     def decode_attention(self, q: torch.Tensor, kv: KVCache, layer: int,
                          fb: ForwardBatch, scale: float) -> torch.Tensor:
-        assert fb.decode_block_tables is not None and fb.decode_mask is not None
-        return decode_attention(q, kv.k[layer], kv.v[layer], fb.decode_block_tables,
-                                fb.decode_mask, scale)
+        tables, lens = fb.decode_block_tables, fb.decode_seq_lens
+        assert tables is not None and lens is not None
+        keys = torch.arange(tables.shape[1] * kv.block_size, device=tables.device)
+        mask = (keys[None, :] < lens[:, None]).view(len(lens), 1, 1, -1)  # True: key exists
+        return decode_attention(q, kv.k[layer], kv.v[layer], tables, mask, scale)
 
 
 class CpuKernelOps:

@@ -99,7 +99,6 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # (N,) int64: block * block_size + offset
     num_decode: int
     decode_block_tables: torch.Tensor | None  # (D, nb) int64
-    decode_mask: torch.Tensor | None  # (D, 1, 1, nb * block_size) bool
     decode_seq_lens: torch.Tensor | None  # (D,) int64: tokens incl. the new one
     prefills: list[PrefillSegment]
     logits_indices: torch.Tensor  # (R,) rows whose next token is sampled

@@ -68,14 +68,13 @@ class ModelRunner:
         ordered = decode + prefill
         starts = _starts(ordered)
         dev = self.device
-        tables, mask, seq_lens = self._decode_tables(decode)
+        tables, seq_lens = self._decode_tables(decode)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode=len(decode),
             decode_block_tables=tables,
-            decode_mask=mask,
             decode_seq_lens=seq_lens,
             prefills=segments,
             logits_indices=torch.tensor(  # the last row of every chunk that samples
@@ -86,19 +85,17 @@ class ModelRunner:
 
     def _decode_tables(
         self, decode: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(block tables (D, nb) padded with block 0, sequence lengths (D,)) of the decode rows."""
         if not decode:
-            return None, None, None
+            return None, None
         bs = self.block_size
         lens = [c.request.num_computed_tokens + 1 for c in decode]
         nb = -(-max(lens) // bs)
         table = [c.request.block_ids[:nb] + [0] * (nb - len(c.request.block_ids[:nb]))
                  for c in decode]
         tables = torch.tensor(table, dtype=torch.int64, device=self.device)  # (D, nb)
-        keys = torch.arange(nb * bs, device=self.device)
-        seq_lens = torch.tensor(lens, device=self.device)
-        mask = (keys[None, :] < seq_lens[:, None]).view(len(decode), 1, 1, nb * bs)
-        return tables, mask, seq_lens
+        return tables, torch.tensor(lens, dtype=torch.int64, device=self.device)
 
 
 def _starts(chunks: list[ScheduledChunk]) -> list[int]:

@@ -30,12 +30,10 @@ def _batch(lens: list[int], gen: torch.Generator) -> Any:
     nb = -(-max(lens) // BS)
     perm = torch.randperm(BLOCKS, generator=gen)[: nb * len(lens)].view(len(lens), nb)
     seq_lens = torch.tensor(lens)
-    keys = torch.arange(nb * BS)
     positions = seq_lens - 1
     slots = perm.gather(1, (positions // BS)[:, None])[:, 0] * BS + positions % BS
     return SimpleNamespace(positions=positions, slot_mapping=slots, decode_block_tables=perm,
-                           decode_seq_lens=seq_lens,
-                           decode_mask=(keys[None] < seq_lens[:, None]).view(len(lens), 1, 1, -1))
+                           decode_seq_lens=seq_lens)
 
 
 def test_rms_norm_with_and_without_residual() -> None:
