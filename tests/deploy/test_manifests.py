@@ -248,6 +248,25 @@ def test_kuberay_resources_run_the_ray_entrypoint_on_one_cluster_spec() -> None:
     assert serve["applications"][0]["args"]["config"] == str(config)
 
 
+def test_rayservice_serves_on_the_heads_serve_port_and_names_real_code() -> None:
+    """Serve's proxy listens where the head exposes `serve`; the import path, its
+    builder and the overridden deployment exist (tests/integration/test_ray_serve.py
+    deploys this very config)."""
+    spec = _ray("RayService")["spec"]
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    head = spec["rayClusterConfig"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert serve.get("http_options", {}).get("port", 8000) == ports["serve"]
+    app = serve["applications"][0]
+    module, builder = app["import_path"].split(":")
+    source = (K8S.parents[1] / (module.replace(".", "/") + ".py")).read_text()
+    assert f"\ndef {builder}(args" in source
+    for d in app.get("deployments", []):
+        assert f"\nclass {d['name']}:" in source
+        for resource in d.get("ray_actor_options", {}).get("resources", {}):
+            assert resource in head["rayStartParams"]["resources"]
+
+
 def test_prometheus_scrapes_each_roles_metrics_port() -> None:
     objs = render(K8S / "base")
     for role in ROLES:
