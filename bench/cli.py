@@ -77,7 +77,8 @@ def _run_w5(args: argparse.Namespace) -> int:
               f"{1e3 * r['prefill_compute_s']:>10.1f} {1e3 * r['exposed_s']:>10.1f} "
               f"{100 * r['exposed_share']:>8.1f}% {r['bytes_per_token']:>8.0f}")
     w = res["wire"]
-    print(f"wire: raw loopback socket {w['raw_socket_GBps']:.2f} GB/s")
+    print(f"wire (medians of {len(w['rounds'])} rounds; {w['chunk_tokens']} tokens per message): "
+          f"raw loopback socket {w['raw_socket_GBps']:.2f} GB/s")
     for enc in ("bf16", "int8"):
         e = w[enc]
         print(f"  pdserve KV stream, {enc}: wire {e['wire_GBps']:.2f} GB/s "

@@ -12,14 +12,22 @@ from dataclasses import dataclass
 
 import grpc
 
-from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.convert import chunk_from_pb, header_from_pb
+from pdserve._proto.pdserve.v1 import worker_pb2
+from pdserve.convert import header_from_pb, parse_prefill_response
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.codec import Encoding, decode
-from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader, KVStreamError, KVStreamValidator
+from pdserve.kvwire.stream import (
+    PROTOCOL_VERSION,
+    KVChunk,
+    KVHeader,
+    KVStreamError,
+    KVStreamValidator,
+)
 from pdserve.params_pb import logprob_from_pb, params_to_pb
+
+PREFILL_METHOD = "/pdserve.v1.PrefillWorker/Prefill"
 
 
 @dataclass
@@ -30,18 +38,22 @@ class TransferStats:
 
 
 class PrefillClients:
-    """One channel per prefill worker address, reused across requests."""
+    """One channel per prefill worker address, reused across requests. The Prefill
+    stream's responses come up as bytes: ``parse_prefill_response`` reads the KV
+    chunks in them without copying (the generated stub would parse each through
+    protobuf objects)."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, worker_pb2_grpc.PrefillWorkerStub] = {}
+        self._calls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
-        if address not in self._stubs:
+    def prefill(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
+        if address not in self._calls:
             channel = grpc.aio.insecure_channel(address, options=OPTIONS)
             self._channels.append(channel)
-            self._stubs[address] = worker_pb2_grpc.PrefillWorkerStub(channel)
-        return self._stubs[address]
+            self._calls[address] = channel.unary_stream(
+                PREFILL_METHOD, request_serializer=worker_pb2.PrefillRequest.SerializeToString)
+        return self._calls[address]
 
     async def close(self) -> None:
         for c in self._channels:
@@ -58,24 +70,26 @@ async def receive_kv(engine: AsyncEngine, clients: PrefillClients, address: str,
                         e.blocks.block_size, enc, len(prompt))
     val = KVStreamValidator(expected)
     stats = TransferStats()
-    call = clients.stub(address).Prefill(
+    call = clients.prefill(address)(
         worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt,
                                   params=params_to_pb(params),
                                   encoding=int(enc)),  # type: ignore[arg-type]
         timeout=timeout)
     t0: float | None = None
     try:
-        async for msg in call:
-            kind = msg.WhichOneof("kind")
-            if kind == "header":
-                val.check_header(header_from_pb(msg.header))
-            elif kind == "chunk":
+        async for data in call:
+            msg = parse_prefill_response(data)
+            if isinstance(msg, KVChunk):
                 t0 = t0 or time.perf_counter()
-                chunk = chunk_from_pb(msg.chunk)
+                chunk = msg
                 val.check_chunk(chunk)
                 k, v = decode(chunk.payload, chunk.encoding, chunk.num_tokens,
                               s.num_kv_heads, s.head_dim)
                 engine.send(_writer(e, rid, chunk.layer, chunk.token_offset, k, v))
+                continue
+            kind = msg.WhichOneof("kind")
+            if kind == "header":
+                val.check_header(header_from_pb(msg.header))
             elif kind == "first_token":
                 val.check_complete()
                 stats.transfer_s = time.perf_counter() - t0 if t0 else 0.0

@@ -2,9 +2,11 @@
 
 Per request: ADMITTED (KV blocks for the prompt reserved, else RESOURCE_EXHAUSTED)
 → RECEIVING KV from the prefill worker (plan REMOTE; see kv_receiver) or
-PREFILLING itself (plan LOCAL) → DECODING in the continuous batch → DONE. A
-cancelled call, a failed transfer or an expired deadline aborts the request in
-the engine, which frees its blocks, and ends the call with a status.
+PREFILLING itself (plan LOCAL, or REMOTE whose prefill worker turned out
+unreachable or died mid-transfer, with ``prefill_fallback: local``) → DECODING
+in the continuous batch → DONE. A cancelled call, a failed transfer or an expired
+deadline aborts the request in the engine, which frees its blocks, and ends the
+call with a status.
 """
 
 from __future__ import annotations
@@ -71,8 +73,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 msg = _response(out)
                 if first:
                     self.metrics.prompt_tokens.inc(len(prompt))  # prefilled here
-                if first and out.timings is not None and out.timings.ttft_s is not None:
-                    msg.prefill_compute_s = out.timings.ttft_s - (out.timings.queue_s or 0.0)
+                    msg.prefill_compute_s = _local_compute_s(out)
                 first = False
                 self._count(out)
                 yield msg
@@ -95,10 +96,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 assert isinstance(out, RequestOutput)
                 finished = out.finished
                 msg = _response(out)
-                if first:
+                if first and stats is None:  # fell back to a local prefill
+                    self.metrics.prompt_tokens.inc(len(prompt))
+                    msg.prefill_compute_s = _local_compute_s(out)
+                elif first and stats is not None:
                     msg.prefill_compute_s, msg.kv_transfer_s = stats.prefill_compute_s, stats.transfer_s
                     msg.kv_bytes = stats.bytes
-                    first = False
+                first = False
                 self._count(out)
                 yield msg
         finally:
@@ -122,7 +126,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def _transfer(self, request: worker_pb2.DecodeRequest, rid: str, prompt: list[int],
                         params: SamplingParams, enc: Encoding,
-                        context: grpc.aio.ServicerContext) -> TransferStats:
+                        context: grpc.aio.ServicerContext) -> TransferStats | None:
+        """The prompt's KV from the prefill worker; None when it was unreachable or died
+        and the prompt is being prefilled here instead (``prefill_fallback: local``)."""
         address = request.prefill_address
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None else self.config.prefill_timeout_s
@@ -137,11 +143,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             code = e.code()
             if code == grpc.StatusCode.CANCELLED:
                 raise
+            if code == grpc.StatusCode.UNAVAILABLE and self.config.prefill_fallback == "local":
+                log.warning("prefill worker unavailable, prefilling locally",
+                            extra={"request_id": rid, "prefill": address,
+                                   "error": e.details()})
+                await self.engine.call(self.engine.engine.prefill_locally, rid)
+                return None
             await context.abort(code, f"prefill worker {address}: {e.details()}")
         self.metrics.kv_bytes.inc(stats.bytes)
         self.metrics.kv_seconds.observe(stats.transfer_s)
         self.metrics.prompt_tokens.inc(len(prompt))
         return stats
+
+
+def _local_compute_s(out: RequestOutput) -> float:
+    t = out.timings
+    if t is None or t.ttft_s is None:
+        return 0.0
+    return t.ttft_s - (t.queue_s or 0.0)
 
 
 def _response(out: RequestOutput) -> worker_pb2.DecodeResponse:

@@ -97,6 +97,9 @@ class WorkerConfig:
     """Decode: encoding asked of prefill workers unless the request names one."""
     prefill_timeout_s: float = 120.0
     """Decode: longest wait for a remote prefill when the call has no deadline."""
+    prefill_fallback: str = "local"
+    """Decode: when the prefill worker is unreachable or dies mid-transfer, ``local``
+    prefills here instead; ``fail`` ends the request with UNAVAILABLE."""
 
     def __post_init__(self) -> None:
         _require(self.role in ("prefill", "decode"), "role", "prefill or decode", self.role)
@@ -105,3 +108,5 @@ class WorkerConfig:
                  self.metrics_port)
         _require(self.kv_encoding in KV_ENCODINGS, "kv_encoding", f"one of {KV_ENCODINGS}",
                  self.kv_encoding)
+        _require(self.prefill_fallback in ("local", "fail"), "prefill_fallback",
+                 "local or fail", self.prefill_fallback)

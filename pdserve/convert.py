@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
+
 from pdserve._proto.pdserve.v1 import worker_pb2
+from pdserve.kvwire.chunk_message import parse_chunk_message
 from pdserve.kvwire.codec import EncodedKV, Encoding
-from pdserve.kvwire.stream import KVChunk, KVHeader
+from pdserve.kvwire.stream import KVChunk, KVHeader, KVStreamError
 
 
 def header_to_pb(h: KVHeader) -> worker_pb2.KVHeader:
@@ -24,41 +27,26 @@ def chunk_to_pb(c: KVChunk) -> worker_pb2.KVChunk:
     return worker_pb2.KVChunk(
         seq=c.seq, layer=c.layer, token_offset=c.token_offset, num_tokens=c.num_tokens,
         encoding=int(c.encoding),  # type: ignore[arg-type]
-        k=p.k, v=p.v, k_scales=p.k_scales, v_scales=p.v_scales, crc32c=c.crc32c)
-
-
-def chunk_response_bytes(c: KVChunk) -> bytes:
-    """``PrefillResponse{chunk: c}`` serialized, copying the payload once.
-
-    Building the message with protobuf copies the payload into it and again when
-    serializing; on loopback those copies cost a third of the stream's rate. The
-    small fields go through protobuf, the four payload fields are appended in the
-    same wire format (a field may follow the others in any order).
-    """
-    p = c.payload
-    small = worker_pb2.KVChunk(
-        seq=c.seq, layer=c.layer, token_offset=c.token_offset, num_tokens=c.num_tokens,
-        encoding=int(c.encoding), crc32c=c.crc32c).SerializeToString()  # type: ignore[arg-type]
-    parts: list[bytes] = [small]
-    for number, data in ((6, p.k), (7, p.v), (8, p.k_scales), (9, p.v_scales)):
-        if data:
-            parts += [_varint(number << 3 | 2) + _varint(len(data)), data]
-    body = sum(len(x) for x in parts)
-    return b"".join([_varint(2 << 3 | 2) + _varint(body), *parts])  # field 2: chunk
+        k=bytes(p.k), v=bytes(p.v), k_scales=bytes(p.k_scales), v_scales=bytes(p.v_scales),
+        crc32c=c.crc32c)
 
 
 def response_bytes(message: worker_pb2.PrefillResponse | bytes) -> bytes:
-    """The Prefill stream's serializer: chunks arrive already serialized."""
+    """The Prefill stream's serializer: chunks arrive already serialized
+    (``kvwire.chunk_message``)."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+def parse_prefill_response(data: bytes) -> KVChunk | worker_pb2.PrefillResponse:
+    """The Prefill stream's messages, received as bytes: chunks parsed without a copy,
+    the rest (header, first token) by protobuf."""
+    chunk = parse_chunk_message(data)
+    if chunk is not None:
+        return chunk
+    try:
+        return worker_pb2.PrefillResponse.FromString(data)
+    except DecodeError as e:
+        raise KVStreamError("DATA_LOSS", f"malformed Prefill message: {e}") from None
 
 
 def chunk_from_pb(c: worker_pb2.KVChunk) -> KVChunk:
@@ -68,8 +56,6 @@ def chunk_from_pb(c: worker_pb2.KVChunk) -> KVChunk:
 
 
 def _encoding(value: int) -> Encoding:
-    from pdserve.kvwire.stream import KVStreamError
-
     try:
         return Encoding(value)
     except ValueError:

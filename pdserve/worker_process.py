@@ -21,6 +21,7 @@ from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
+from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.metrics import WorkerMetrics
 from pdserve.placement import PlacementRequest
 
@@ -42,8 +43,13 @@ def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    # A prefill worker has no decode batch to keep responsive: whole 2,048-token
+    # chunks (bigger GEMMs, and 1.5 MB KV messages instead of 0.4 MB ones).
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=2048 if role == "prefill" else 512)
     p.add_argument("--kv-encoding", default="model")
+    p.add_argument("--prefill-fallback", default="local", choices=["local", "fail"],
+                   help="decode: what to do when the prefill worker is unreachable or dies")
     a = p.parse_args(argv)
     cpus = tuple(int(c) for c in a.cpus.split(",")) if a.cpus else None
     engine = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, num_threads=a.threads,
@@ -53,7 +59,7 @@ def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
                                  threads=a.threads, gpu=a.device != "cpu")
     return WorkerConfig(role=role, engine=engine, host=a.host, port=a.port,
                         metrics_port=a.metrics_port, placement=placement,
-                        kv_encoding=a.kv_encoding)
+                        kv_encoding=a.kv_encoding, prefill_fallback=a.prefill_fallback)
 
 
 def pin(config: WorkerConfig) -> WorkerConfig:
@@ -87,6 +93,7 @@ class RunningWorker:
 
 async def start_worker(config: WorkerConfig) -> RunningWorker:
     """Bind, load the model (health NOT_SERVING meanwhile), then serve."""
+    keep_freed_memory()  # before the KV stream's buffers come and go
     service = ("pdserve.v1.PrefillWorker" if config.role == "prefill"
                else "pdserve.v1.DecodeWorker")
     server = Server(config.host, config.port, [service])

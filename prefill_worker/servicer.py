@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.convert import chunk_response_bytes, header_to_pb, response_bytes
+from pdserve.convert import header_to_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
 from pdserve.engine.request import Logprob
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kvwire.codec import Encoding, encode, resolve
-from pdserve.kvwire.stream import PROTOCOL_VERSION, KVChunk, KVHeader
+from pdserve.kvwire.chunk_message import encode_chunk_message
+from pdserve.kvwire.codec import Encoding, resolve
+from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
 from pdserve.metrics import WorkerMetrics
 from pdserve.params_pb import logprob_to_pb, params_from_pb
 
@@ -57,11 +58,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             async for item in self.engine.generate(rid, prompt, params, export_kv=True):
                 if isinstance(item, KVPiece):
                     t_first = t_first or time.perf_counter()
-                    chunk = _chunk(seq, item, enc)
+                    message, nbytes = encode_chunk_message(seq, item.layer, item.start,
+                                                           item.k, item.v, enc)
                     seq += 1
-                    sent += chunk.payload.nbytes
-                    self.metrics.kv_bytes.inc(chunk.payload.nbytes)
-                    yield chunk_response_bytes(chunk)
+                    sent += nbytes
+                    self.metrics.kv_bytes.inc(nbytes)
+                    yield message
                 elif item.finished:
                     self.metrics.prompt_tokens.inc(len(prompt))
                     if t_first is not None:
@@ -92,12 +94,6 @@ def add_prefill_servicer(servicer: worker_pb2_grpc.PrefillWorkerServicer,
 def _first_token_only(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
                                stop=(), detokenize=False)
-
-
-def _chunk(seq: int, piece: KVPiece, enc: Encoding) -> KVChunk:
-    payload = encode(piece.k, piece.v, enc)
-    return KVChunk(seq, piece.layer, piece.start, piece.k.shape[0], enc, payload,
-                   payload.crc32c())
 
 
 def _first_token(out, prompt: list[int]) -> worker_pb2.FirstToken:  # type: ignore[no-untyped-def]

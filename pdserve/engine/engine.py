@@ -168,6 +168,12 @@ class LLMEngine:
         if not req.is_finished:
             self.scheduler.add_running(req)
 
+    def prefill_locally(self, request_id: str) -> None:
+        """Give up the import (its sender failed): prefill the prompt in this engine."""
+        req = self._importing(request_id)
+        self.blocks.free(req.abandon_import())
+        self.scheduler.add(req)
+
     def _importing(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
         if req is None or req.state is not RequestState.IMPORTING:

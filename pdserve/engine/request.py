@@ -7,6 +7,7 @@ States (each request is in exactly one)::
        └──────preempt────────┘   (blocks freed; KV recomputed later)
 
     IMPORTING ──commit──▶ RUNNING      (KV arrived from another engine)
+    IMPORTING ──abandon──▶ WAITING     (the sender died: prefill here instead)
     any state ──abort──▶ FINISHED      (finish_reason "abort")
 
 Token accounting follows vLLM v1: there is no prefill or decode phase. A request
@@ -107,6 +108,14 @@ class Request:
         self.num_computed_tokens = self.num_prompt_tokens
         self.state = RequestState.RUNNING
         self.metrics.first_scheduled_time = time.perf_counter()
+
+    def abandon_import(self) -> list[int]:
+        """IMPORTING → WAITING; returns the reserved blocks to free (what arrived of the
+        KV is dropped: the prompt is prefilled here from scratch)."""
+        assert self.state is RequestState.IMPORTING, self.state
+        self.state = RequestState.WAITING
+        blocks, self.block_ids = self.block_ids, []
+        return blocks
 
     def append_token(self, token_id: int, logprob: Logprob | None) -> None:
         self.all_token_ids.append(token_id)

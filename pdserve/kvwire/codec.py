@@ -9,9 +9,10 @@ payload. Nothing here is pickled: raw numbers only.
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
 
-import google_crc32c
+import crc32c
 import torch
 
 
@@ -32,6 +33,9 @@ class Encoding(enum.IntEnum):
             allowed = ", ".join(e.name.lower() for e in cls)
             raise ValueError(f"kv encoding must be one of {allowed}, got {name!r}") from None
 
+
+# Received payloads are immutable bytes; tensors over them are only ever read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 _FLOAT = {Encoding.FP32: torch.float32, Encoding.BF16: torch.bfloat16,
           Encoding.FP16: torch.float16}
@@ -56,10 +60,12 @@ def bytes_per_token(encoding: Encoding, num_layers: int, kv_heads: int, head_dim
 
 @dataclass
 class EncodedKV:
-    k: bytes
-    v: bytes
-    k_scales: bytes = b""
-    v_scales: bytes = b""
+    """One layer's payload: bytes, or memoryviews into a received message."""
+
+    k: bytes | memoryview
+    v: bytes | memoryview
+    k_scales: bytes | memoryview = b""
+    v_scales: bytes | memoryview = b""
 
     @property
     def nbytes(self) -> int:
@@ -68,32 +74,40 @@ class EncodedKV:
     def crc32c(self) -> int:
         crc = 0
         for part in (self.k, self.v, self.k_scales, self.v_scales):
-            crc = google_crc32c.extend(crc, part)
+            crc = crc32c.crc32c(part, crc)
         return int(crc)
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    t = t.contiguous().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bf16: ship the bits
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+def _as(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``view``'s bytes, no copy (read-only views included: nothing here
+    writes through them, and the tensor keeps the buffer alive)."""
+    if dtype == torch.bfloat16:  # frombuffer has no bf16: same bits as int16
+        return _as(view, torch.int16, shape).view(torch.bfloat16)
+    return torch.frombuffer(view, dtype=dtype).view(shape)
 
 
-def _quantize(x: torch.Tensor) -> tuple[bytes, bytes]:
-    x = x.float()  # (n, kvh, hd)
-    scale = x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0  # (n, kvh)
-    q = torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return _raw(q), _raw(scale)
+def encode_into(x: torch.Tensor, encoding: Encoding, data: memoryview,
+                scales: memoryview) -> None:
+    """One layer's K or V (n, kvh, hd) written in ``encoding`` into ``data`` (and, for
+    int8, its per-token, per-head scales into ``scales``): one conversion pass."""
+    x = x.detach()
+    if encoding is Encoding.INT8:
+        x = x.float()
+        scale = x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0  # (n, kvh)
+        _as(scales, torch.float32, tuple(scale.shape)).copy_(scale)
+        q = torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127)
+        _as(data, torch.int8, tuple(x.shape)).copy_(q)
+        return
+    _as(data, _FLOAT[encoding], tuple(x.shape)).copy_(x)
 
 
 def encode(k: torch.Tensor, v: torch.Tensor, encoding: Encoding) -> EncodedKV:
     """K/V (n, kvh, hd) of one layer → bytes in ``encoding`` (never MODEL here)."""
-    if encoding is Encoding.INT8:
-        kq, ks = _quantize(k)
-        vq, vs = _quantize(v)
-        return EncodedKV(kq, vq, ks, vs)
-    dt = _FLOAT[encoding]
-    return EncodedKV(_raw(k.to(dt)), _raw(v.to(dt)))
+    data, scales = expected_sizes(encoding, *k.shape)
+    parts = [bytearray(size) for size in (data, data, scales, scales)]
+    encode_into(k, encoding, memoryview(parts[0]), memoryview(parts[2]))
+    encode_into(v, encoding, memoryview(parts[1]), memoryview(parts[3]))
+    return EncodedKV(*map(bytes, parts))
 
 
 def expected_sizes(encoding: Encoding, n: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
@@ -103,21 +117,17 @@ def expected_sizes(encoding: Encoding, n: int, kv_heads: int, head_dim: int) -> 
     return n * kv_heads * head_dim * _FLOAT[encoding].itemsize, 0
 
 
-def _tensor(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        return _tensor(buf, torch.int16, shape).view(torch.bfloat16)
-    return torch.frombuffer(bytearray(buf), dtype=dtype).view(shape)
-
-
 def decode(enc: EncodedKV, encoding: Encoding, n: int, kv_heads: int,
            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes → K/V (n, kvh, hd). Sizes must have been checked (``expected_sizes``)."""
+    """Bytes → K/V (n, kvh, hd), views of the payload where the encoding allows
+    (read-only: the caller copies them into its cache). Sizes must have been checked
+    (``expected_sizes``)."""
     shape = (n, kv_heads, head_dim)
     if encoding is Encoding.INT8:
-        ks = _tensor(enc.k_scales, torch.float32, (n, kv_heads, 1))
-        vs = _tensor(enc.v_scales, torch.float32, (n, kv_heads, 1))
-        k = _tensor(enc.k, torch.int8, shape).float() * ks
-        v = _tensor(enc.v, torch.int8, shape).float() * vs
+        ks = _as(memoryview(enc.k_scales), torch.float32, (n, kv_heads, 1))
+        vs = _as(memoryview(enc.v_scales), torch.float32, (n, kv_heads, 1))
+        k = _as(memoryview(enc.k), torch.int8, shape).float() * ks
+        v = _as(memoryview(enc.v), torch.int8, shape).float() * vs
         return k, v
     dt = _FLOAT[encoding]
-    return _tensor(enc.k, dt, shape), _tensor(enc.v, dt, shape)
+    return _as(memoryview(enc.k), dt, shape), _as(memoryview(enc.v), dt, shape)

@@ -20,9 +20,13 @@ from tests.integration.ray_helpers import ask, blocks_free, cluster_yaml
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
+
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[dict[str, Any]]:
     ray_dir = tempfile.mkdtemp(prefix="pdray-", dir="/tmp")
+    # cluster_utils writes /tmp/ray/ray_current_cluster without creating /tmp/ray,
+    # which a freshly booted machine lacks.
+    Path("/tmp/ray").mkdir(exist_ok=True)
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "resources": {"pdserve_router": 1}, "include_dashboard": False,
         "temp_dir": ray_dir})

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -145,18 +149,50 @@ def test_broken_prefill_peer_fails_one_request_and_frees_blocks(
     asyncio.run(scenario())
 
 
-def test_unreachable_prefill_and_deadline(tiny_llama: Path) -> None:
+def test_unreachable_prefill_fails_or_falls_back_and_deadline(tiny_llama: Path) -> None:
+    expected = _offline(tiny_llama)
+
     async def scenario() -> None:
-        d = await start_worker(_config(tiny_llama, "decode"))
+        strict = await start_worker(replace(_config(tiny_llama, "decode"), prefill_fallback="fail"))
+        d = await start_worker(_config(tiny_llama, "decode"))  # prefill_fallback="local"
         try:
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await _generate(d, "127.0.0.1:1", "x")
+                await _generate(strict, "127.0.0.1:1", "x")
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "127.0.0.1:1" in (e.value.details() or "")
+            tokens, first = await _generate(d, "127.0.0.1:1", "x")
+            assert tokens == expected and first.kv_bytes == 0
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await _generate(d, "", "y", timeout=0.001)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await _settled(d)
+            await _settled(strict, d)
         finally:
             await d.stop(0)
+            await strict.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_prefill_process_killed_mid_transfer_decode_prefills_locally(tiny_llama: Path) -> None:
+    expected = _offline(tiny_llama)
+
+    async def scenario() -> None:
+        p = await start_worker(_config(tiny_llama, "prefill"))
+        d = await start_worker(_config(tiny_llama, "decode"))
+        dying = subprocess.Popen([sys.executable, "-m", "tests.dying_prefill",
+                                  "--upstream", p.address, "--chunks", "3"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert dying.stdout is not None
+            port = int(await asyncio.to_thread(dying.stdout.readline))
+            tokens, first = await _generate(d, f"127.0.0.1:{port}", "chaos")
+            assert dying.wait(timeout=10) == -signal.SIGKILL  # it did die mid-stream
+            assert tokens == expected and first.kv_bytes == 0  # prefilled on d
+            assert d.metrics.kv_failures._value.get() == 1
+            await _settled(p, d)
+        finally:
+            dying.kill()
+            await d.stop(0)
+            await p.stop(0)
 
     asyncio.run(scenario())
