@@ -52,8 +52,7 @@ def latency_cdfs(doc: dict[str, Any], out_dir: Path) -> list[Path]:
             who = " (short requests)" if w == "W4" else ""
             ax.set(xlabel=f"{title} (ms)", ylabel="fraction of samples",
                    title=f"{w} {title} CDF{who}", ylim=(0, 1.02))
-            if metric == "ttft":
-                ax.set_xscale("log")  # queued TTFTs span orders of magnitude under load
+            ax.set_xscale("log")  # queued TTFTs and prefill stalls span orders of magnitude
             ax.grid(alpha=0.3, which="both")
             ax.legend()
             path = out_dir / f"{w}_{metric}_cdf.png"

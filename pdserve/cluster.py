@@ -93,6 +93,9 @@ class ClusterConfig:
     api_key: str | None = None
     """Bearer token the router requires (also $PDSERVE_API_KEY); None = open."""
     local_prefill_below: int = 16
+    prefill_fallback: str = "local"
+    """Decode workers, when a prefill worker is unreachable or dies mid-transfer:
+    local (prefill the prompt themselves) or fail (UNAVAILABLE)."""
     launcher: str = "ray"
     pin: str = "auto"
     """auto: workers pin themselves (pdserve/placement.py); off: no pinning."""
@@ -107,6 +110,9 @@ class ClusterConfig:
             raise ValueError(f"kv_encoding must be one of {KV_ENCODINGS}, got {self.kv_encoding!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.prefill_fallback not in ("local", "fail"):
+            raise ValueError(f"prefill_fallback must be one of ('local', 'fail'), "
+                             f"got {self.prefill_fallback!r}")
         if self.pin not in PIN_MODES:
             raise ValueError(f"pin must be one of {PIN_MODES}, got {self.pin!r}")
         if not self.decode:
@@ -153,6 +159,8 @@ def worker_command(role: str, m: Member, c: ClusterConfig, slot: int, slots: int
            "--metrics-port", str(m.metrics_port), "--dtype", c.dtype,
            "--kv-encoding", c.kv_encoding, "--pin", c.pin, "--slot", str(slot),
            "--slots", str(slots)]
+    if role == "decode":
+        cmd += ["--prefill-fallback", c.prefill_fallback]
     if c.model:
         cmd += ["--model", c.model]
     if m.cpus:

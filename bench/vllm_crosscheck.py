@@ -1,0 +1,164 @@
+"""Cross-check `pdserve bench` against `vllm bench serve` on the same W4 load.
+
+`vllm bench serve` cannot run two Poisson processes, but their superposition is
+one: W4 (short 128/128 at rate Rs, long 2048/4 at rate Rl) is a Poisson process of
+rate Rs + Rl whose arrivals are long with probability Rl / (Rs + Rl). ``dataset``
+writes that mix as a `custom` dataset (text prompts of exactly 128 or 2,048 tokens
+for the model's tokenizer, each with its ``output_tokens``) and prints the `vllm
+bench serve` command (through bench/peer_bench_serve.py, in vLLM's venv; no
+shuffle, detailed results). ``replay`` then sends the very same requests at the
+very same offsets vLLM's client sent them (its ``start_times``) with `pdserve
+bench`'s client and statistics, and checks that the TTFT and ITL medians over all
+requests agree within a tolerance (default 10 %). Replaying the schedule matters:
+near saturation two independent Poisson draws give medians further apart than
+any measurement difference.
+
+    python -m bench.vllm_crosscheck dataset --tokenizer MD --rate-short 0.15 \
+        --rate-long 0.02 --duration 180 --out w4_mix.jsonl
+    <the printed vllm bench serve command>
+    python -m bench.vllm_crosscheck replay --target http://127.0.0.1:8000/v1 \
+        --tokenizer MD --dataset w4_mix.jsonl --vllm vllm_w4.json --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+from typing import Any
+
+from bench.serving_bench import LONG, SHORT, Arrival, run_open_loop
+from bench.serving_client import RequestSpec, make_backend
+from bench.stats import summarize
+
+
+def text_of_length(tokenizer: Any, n: int, rng: random.Random) -> str:
+    """Text that the tokenizer encodes to exactly ``n`` tokens (no special tokens)."""
+    vocab = tokenizer.vocab_size
+    ids = [rng.randrange(vocab) for _ in range(n)]
+    for _ in range(20):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == n:
+            return str(text)
+        ids = (ids + [rng.randrange(vocab) for _ in range(n)])[:n]
+    raise RuntimeError(f"no text of exactly {n} tokens found")
+
+
+def write_dataset(tokenizer_dir: str, rate_short: float, rate_long: float,
+                  duration_s: float, out: str, seed: int = 0) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    total = round((rate_short + rate_long) * duration_s)
+    p_long = rate_long / (rate_short + rate_long)
+    with open(out, "w") as f:
+        for _ in range(total):
+            n_in, n_out = LONG if rng.random() < p_long else SHORT
+            f.write(json.dumps({"prompt": text_of_length(tok, n_in, rng),
+                                "output_tokens": n_out}) + "\n")
+    return total
+
+
+def vllm_command(dataset: str, total: int, rate: float, model_name: str, tokenizer_dir: str,
+                 base_url: str, vllm_python: str) -> str:
+    return (f"{vllm_python} bench/peer_bench_serve.py --backend openai --base-url {base_url} "
+            f"--endpoint /v1/completions --model {model_name} --tokenizer {tokenizer_dir} "
+            f"--dataset-name custom --dataset-path {dataset} --skip-chat-template "
+            f"--custom-output-len -1 --num-prompts {total} --request-rate {rate} "
+            f"--ignore-eos --temperature 0 --seed 0 --disable-shuffle --save-result --save-detailed "
+            f"--result-filename vllm_w4.json")
+
+
+def replay_schedule(tokenizer: Any, dataset: str, vllm_doc: dict[str, Any]) -> list[Arrival]:
+    """vLLM's requests (dataset order, as sent without shuffle) at vLLM's send offsets."""
+    rows = [json.loads(line) for line in open(dataset) if line.strip()]
+    starts = vllm_doc["start_times"]
+    if len(starts) != len(rows):
+        raise ValueError(f"vLLM's result has {len(starts)} requests, the dataset {len(rows)}: "
+                         "was vllm bench serve run on this dataset with --disable-shuffle?")
+    t0 = min(starts)
+    arrivals = []
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        ids = tokenizer.encode(row["prompt"], add_special_tokens=False)
+        cls = "long" if len(ids) == LONG[0] else "short"
+        arrivals.append(Arrival(start - t0, RequestSpec(f"xc-{i}", cls, ids,
+                                                       int(row["output_tokens"]))))
+    return sorted(arrivals, key=lambda a: a.at_s)
+
+
+async def replay(target: str, model_name: str | None, arrivals: list[Arrival],
+                 ) -> dict[str, Any]:
+    backend = make_backend(target, model_name, None)
+    await backend.start()
+    try:
+        records, duration = await run_open_loop(backend, arrivals)
+    finally:
+        await backend.close()
+    return summarize(records, duration)
+
+
+def compare(pdserve: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """Medians over all requests: pdserve's summary vs vLLM's result file."""
+    rows = {}
+    for key, theirs in (("ttft_ms", "median_ttft_ms"), ("itl_ms", "median_itl_ms")):
+        a, b = pdserve[key]["p50"], vllm[theirs]
+        diff = abs(a - b) / statistics.mean((a, b))
+        rows[key] = {"pdserve_bench": a, "vllm_bench_serve": b, "rel_diff": diff,
+                     "within": diff <= tolerance}
+    return {"medians": rows, "tolerance": tolerance,
+            "completed": {"pdserve_bench": pdserve["completed"],
+                          "vllm_bench_serve": vllm["completed"]},
+            "agree": all(r["within"] for r in rows.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.vllm_crosscheck")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dataset", help="write W4's mix as a vllm bench serve custom dataset")
+    d.add_argument("--tokenizer", required=True, help="the model directory")
+    d.add_argument("--rate-short", type=float, required=True)
+    d.add_argument("--rate-long", type=float, required=True)
+    d.add_argument("--duration", type=float, default=120.0)
+    d.add_argument("--out", required=True)
+    d.add_argument("--model-name", default="smollm2-135m-instruct")
+    d.add_argument("--base-url", default="http://127.0.0.1:8000")
+    d.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    r = sub.add_parser("replay", help="vLLM's schedule with pdserve bench's client; compare")
+    r.add_argument("--target", required=True, help="the server vllm bench serve measured")
+    r.add_argument("--tokenizer", required=True, help="the model directory")
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--vllm", required=True, help="vllm bench serve --save-detailed result")
+    r.add_argument("--model-name", default=None)
+    r.add_argument("--tolerance", type=float, default=0.10)
+    r.add_argument("--json", default=None, help="also write the comparison here")
+    a = p.parse_args(argv)
+    if a.cmd == "dataset":
+        total = write_dataset(a.tokenizer, a.rate_short, a.rate_long, a.duration, a.out)
+        print(vllm_command(a.out, total, a.rate_short + a.rate_long, a.model_name,
+                           a.tokenizer, a.base_url, a.vllm_python))
+        return 0
+    from transformers import AutoTokenizer
+
+    with open(a.vllm) as f:
+        vllm_doc = json.load(f)
+    arrivals = replay_schedule(AutoTokenizer.from_pretrained(a.tokenizer), a.dataset, vllm_doc)
+    summary = asyncio.run(replay(a.target, a.model_name, arrivals))
+    res = compare(summary, vllm_doc, a.tolerance)
+    res["pdserve_summary"] = summary
+    for key, r in res["medians"].items():
+        print(f"{key:8} pdserve bench {r['pdserve_bench']:8.1f}  vllm bench serve "
+              f"{r['vllm_bench_serve']:8.1f}  diff {100 * r['rel_diff']:4.1f}% "
+              f"{'ok' if r['within'] else 'OVER'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0 if res["agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

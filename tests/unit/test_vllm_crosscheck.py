@@ -1,0 +1,40 @@
+"""The cross-check replays vLLM's schedule and applies the tolerance to the medians."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.vllm_crosscheck import compare, replay_schedule
+
+
+class WordTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [len(w) for w in text.split()]
+
+
+def test_replay_keeps_vllm_order_offsets_and_lengths(tmp_path: Path) -> None:
+    data = tmp_path / "mix.jsonl"
+    rows = [{"prompt": "a " * 128, "output_tokens": 128},
+            {"prompt": "b " * 2048, "output_tokens": 4},
+            {"prompt": "c " * 128, "output_tokens": 128}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arrivals = replay_schedule(WordTokenizer(), str(data), {"start_times": [10.0, 12.5, 11.0]})
+    assert [(a.at_s, a.spec.cls, len(a.spec.prompt), a.spec.max_tokens) for a in arrivals] == [
+        (0.0, "short", 128, 128), (1.0, "short", 128, 128), (2.5, "long", 2048, 4)]
+    with pytest.raises(ValueError, match="disable-shuffle"):
+        replay_schedule(WordTokenizer(), str(data), {"start_times": [1.0]})
+
+
+def test_medians_within_tolerance_agree_and_outside_do_not() -> None:
+    vllm = {"median_ttft_ms": 100.0, "median_itl_ms": 30.0, "completed": 60}
+
+    def ours(ttft: float) -> dict[str, object]:
+        return {"ttft_ms": {"p50": ttft}, "itl_ms": {"p50": 31.0}, "completed": 60}
+
+    assert compare(ours(105.0), vllm, 0.10)["agree"]
+    res = compare(ours(130.0), vllm, 0.10)
+    assert not res["agree"] and not res["medians"]["ttft_ms"]["within"]
+    assert res["medians"]["itl_ms"]["within"]
