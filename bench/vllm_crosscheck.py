@@ -11,7 +11,9 @@ very same offsets vLLM's client sent them (its ``start_times``) with `pdserve
 bench`'s client and statistics, and checks that the TTFT and ITL medians over all
 requests agree within a tolerance (default 10 %). Replaying the schedule matters:
 near saturation two independent Poisson draws give medians further apart than
-any measurement difference.
+any measurement difference. ``together`` is the other way to hold the server's
+state equal: both clients at once, each sending half of W4's mix (one run,
+measured by both tools).
 
     python -m bench.vllm_crosscheck dataset --tokenizer MD --rate-short 0.15 \
         --rate-long 0.02 --duration 180 --out w4_mix.jsonl
@@ -30,7 +32,7 @@ import statistics
 import sys
 from typing import Any
 
-from bench.serving_bench import LONG, SHORT, Arrival, run_open_loop
+from bench.serving_bench import LONG, SHORT, Arrival, poisson_times, run_open_loop
 from bench.serving_client import RequestSpec, make_backend
 from bench.stats import summarize
 
@@ -102,6 +104,37 @@ async def replay(target: str, model_name: str | None, arrivals: list[Arrival],
     return summarize(records, duration)
 
 
+def dataset_schedule(tokenizer: Any, dataset: str, rate: float, duration_s: float,
+                     seed: int) -> list[Arrival]:
+    """The dataset's requests, in order, at Poisson times of ``rate`` (as vLLM sends)."""
+    rows = [json.loads(line) for line in open(dataset) if line.strip()]
+    times = poisson_times(rate, duration_s * 10, seed)[:len(rows)]
+    arrivals = []
+    for i, (row, at) in enumerate(zip(rows, times, strict=True)):
+        ids = tokenizer.encode(row["prompt"], add_special_tokens=False)
+        cls = "long" if len(ids) == LONG[0] else "short"
+        arrivals.append(Arrival(at, RequestSpec(f"xt-{i}", cls, ids, int(row["output_tokens"]))))
+    return arrivals
+
+
+async def together(vllm_cmd: str, target: str, arrivals: list[Arrival]) -> dict[str, Any]:
+    """vLLM's client and pdserve bench's client load the server at the same time, each
+    with half of the W4 mix: one run, both tools measuring the same server state."""
+    proc = await asyncio.create_subprocess_shell(vllm_cmd, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    while line := (await proc.stdout.readline()).decode():
+        print(line, end="")
+        if "Starting main benchmark run" in line:
+            break
+    ours = asyncio.create_task(replay(target, None, arrivals))
+    while line := (await proc.stdout.readline()).decode():
+        print(line, end="")
+    if await proc.wait() != 0:
+        raise RuntimeError(f"vllm bench serve failed: {vllm_cmd}")
+    return await ours
+
+
 def compare(pdserve: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """Medians over all requests: pdserve's summary vs vLLM's result file."""
     rows = {}
@@ -116,6 +149,18 @@ def compare(pdserve: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> 
             "agree": all(r["within"] for r in rows.values())}
 
 
+def _together(a: argparse.Namespace, tok: Any) -> tuple[str, dict[str, Any]]:
+    half_s, half_l = a.rate_short / 2, a.rate_long / 2
+    theirs, ours = f"{a.workdir}/w4_half_vllm.jsonl", f"{a.workdir}/w4_half_pdserve.jsonl"
+    total = write_dataset(a.tokenizer, half_s, half_l, a.duration, theirs, seed=0)
+    write_dataset(a.tokenizer, half_s, half_l, a.duration, ours, seed=1)
+    base = a.target.removesuffix("/v1")
+    cmd = vllm_command(theirs, total, half_s + half_l, a.model_name, a.tokenizer, base,
+                       a.vllm_python) + f" --result-dir {a.workdir}"
+    arrivals = dataset_schedule(tok, ours, half_s + half_l, a.duration, seed=1)
+    return f"{a.workdir}/vllm_w4.json", asyncio.run(together(cmd, a.target, arrivals))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.vllm_crosscheck")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model-name", default="smollm2-135m-instruct")
     d.add_argument("--base-url", default="http://127.0.0.1:8000")
     d.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    t = sub.add_parser("together", help="both tools at once, each with half of W4's mix")
+    t.add_argument("--target", required=True, help="OpenAI base URL, e.g. http://H:P/v1")
+    t.add_argument("--tokenizer", required=True, help="the model directory")
+    t.add_argument("--rate-short", type=float, required=True)
+    t.add_argument("--rate-long", type=float, required=True)
+    t.add_argument("--duration", type=float, default=120.0)
+    t.add_argument("--model-name", default="smollm2-135m-instruct")
+    t.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    t.add_argument("--workdir", required=True, help="datasets and vLLM's result go here")
+    t.add_argument("--tolerance", type=float, default=0.10)
+    t.add_argument("--json", default=None, help="also write the comparison here")
     r = sub.add_parser("replay", help="vLLM's schedule with pdserve bench's client; compare")
     r.add_argument("--target", required=True, help="the server vllm bench serve measured")
     r.add_argument("--tokenizer", required=True, help="the model directory")
@@ -144,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers import AutoTokenizer
 
-    with open(a.vllm) as f:
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    if a.cmd == "together":
+        vllm_path, summary = _together(a, tok)
+    else:
+        vllm_path = a.vllm
+        with open(a.vllm) as f:
+            arrivals = replay_schedule(tok, a.dataset, json.load(f))
+        summary = asyncio.run(replay(a.target, a.model_name, arrivals))
+    with open(vllm_path) as f:
         vllm_doc = json.load(f)
-    arrivals = replay_schedule(AutoTokenizer.from_pretrained(a.tokenizer), a.dataset, vllm_doc)
-    summary = asyncio.run(replay(a.target, a.model_name, arrivals))
     res = compare(summary, vllm_doc, a.tolerance)
     res["pdserve_summary"] = summary
     for key, r in res["medians"].items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.vllm_crosscheck import compare, replay_schedule
+from bench.vllm_crosscheck import compare, dataset_schedule, replay_schedule
 
 
 class WordTokenizer:
@@ -38,3 +38,13 @@ def test_medians_within_tolerance_agree_and_outside_do_not() -> None:
     res = compare(ours(130.0), vllm, 0.10)
     assert not res["agree"] and not res["medians"]["ttft_ms"]["within"]
     assert res["medians"]["itl_ms"]["within"]
+
+
+def test_together_schedule_is_the_dataset_in_order_at_poisson_times(tmp_path: Path) -> None:
+    data = tmp_path / "half.jsonl"
+    rows = [{"prompt": "a " * 128, "output_tokens": 128}, {"prompt": "b " * 2048,
+                                                            "output_tokens": 4}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arrivals = dataset_schedule(WordTokenizer(), str(data), rate=0.1, duration_s=60, seed=1)
+    assert [(a.spec.cls, a.spec.max_tokens) for a in arrivals] == [("short", 128), ("long", 4)]
+    assert 0 < arrivals[0].at_s < arrivals[1].at_s
