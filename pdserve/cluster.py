@@ -30,7 +30,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.config import DTYPES, KV_ENCODINGS
+from pdserve.config import DTYPES, KV_ENCODINGS, PREFILL_FALLBACKS
 from pdserve.placement import PIN_MODES
 
 LAUNCHERS: tuple[str, ...] = ("ray", "process")
@@ -110,8 +110,8 @@ class ClusterConfig:
             raise ValueError(f"kv_encoding must be one of {KV_ENCODINGS}, got {self.kv_encoding!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
-        if self.prefill_fallback not in ("local", "fail"):
-            raise ValueError(f"prefill_fallback must be one of ('local', 'fail'), "
+        if self.prefill_fallback not in PREFILL_FALLBACKS:
+            raise ValueError(f"prefill_fallback must be one of {PREFILL_FALLBACKS}, "
                              f"got {self.prefill_fallback!r}")
         if self.pin not in PIN_MODES:
             raise ValueError(f"pin must be one of {PIN_MODES}, got {self.pin!r}")

@@ -76,6 +76,7 @@ class EngineConfig:
                  self.kernels)
 
 
+PREFILL_FALLBACKS = ("local", "fail")
 KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
 
 
@@ -97,7 +98,7 @@ class WorkerConfig:
     """Decode: encoding asked of prefill workers unless the request names one."""
     prefill_timeout_s: float = 120.0
     """Decode: longest wait for a remote prefill when the call has no deadline."""
-    prefill_fallback: str = "local"
+    prefill_fallback: str = "local"  # one of PREFILL_FALLBACKS
     """Decode: when the prefill worker is unreachable or dies mid-transfer, ``local``
     prefills here instead; ``fail`` ends the request with UNAVAILABLE."""
 
@@ -108,5 +109,5 @@ class WorkerConfig:
                  self.metrics_port)
         _require(self.kv_encoding in KV_ENCODINGS, "kv_encoding", f"one of {KV_ENCODINGS}",
                  self.kv_encoding)
-        _require(self.prefill_fallback in ("local", "fail"), "prefill_fallback",
-                 "local or fail", self.prefill_fallback)
+        _require(self.prefill_fallback in PREFILL_FALLBACKS, "prefill_fallback",
+                 f"one of {PREFILL_FALLBACKS}", self.prefill_fallback)

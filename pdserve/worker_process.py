@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 
 from pdserve import placement
-from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.config import PREFILL_FALLBACKS, EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
@@ -48,7 +48,7 @@ def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-num-batched-tokens", type=int,
                    default=2048 if role == "prefill" else 512)
     p.add_argument("--kv-encoding", default="model")
-    p.add_argument("--prefill-fallback", default="local", choices=["local", "fail"],
+    p.add_argument("--prefill-fallback", default="local", choices=list(PREFILL_FALLBACKS),
                    help="decode: what to do when the prefill worker is unreachable or dies")
     a = p.parse_args(argv)
     cpus = tuple(int(c) for c in a.cpus.split(",")) if a.cpus else None

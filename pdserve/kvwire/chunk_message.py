@@ -34,9 +34,11 @@ _INTS = {1: "seq", 2: "layer", 3: "token_offset", 4: "num_tokens", 5: "encoding"
 _PAYLOAD = {6: "k", 7: "v", 8: "k_scales", 9: "v_scales"}
 _CRC = 10
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_FIXED_SIZE = {_FIXED64: 8, _FIXED32: 4}
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint."""
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -50,13 +52,13 @@ def encode_chunk_message(seq: int, layer: int, start: int, k: torch.Tensor, v: t
     """One layer's K/V (n, kvh, hd) → (serialized ``PrefillResponse{chunk}``, payload bytes)."""
     n, kvh, hd = k.shape
     data, scales = expected_sizes(encoding, n, kvh, hd)
-    small = b"".join(_varint(num << 3 | _VARINT) + _varint(val) for num, val in
+    small = b"".join(varint(num << 3 | _VARINT) + varint(val) for num, val in
                      ((1, seq), (2, layer), (3, start), (4, n), (5, int(encoding))) if val)
     sizes = (data, data, scales, scales)
-    tags = [_varint(num << 3 | _LEN) + _varint(size) if size else b""
+    tags = [varint(num << 3 | _LEN) + varint(size) if size else b""
             for num, size in zip(_PAYLOAD, sizes, strict=True)]
     body = len(small) + sum(map(len, tags)) + sum(sizes) + 5  # + CRC field
-    head = _varint(_CHUNK << 3 | _LEN) + _varint(body)
+    head = varint(_CHUNK << 3 | _LEN) + varint(body)
     # torch.empty, not bytearray: no zero-fill of a buffer about to be overwritten
     buf = torch.empty(len(head) + body, dtype=torch.uint8).numpy().data
     head += small
@@ -116,22 +118,22 @@ def _fields(buf: memoryview):  # type: ignore[no-untyped-def]
     """Yields (field number, wire type, int or memoryview) over one message."""
     pos, end = 0, len(buf)
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key, pos = _readvarint(buf, pos)
         num, wire = key >> 3, key & 7
         if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
+            value, pos = _readvarint(buf, pos)
             yield num, wire, value
             continue
-        size = {_FIXED64: 8, _FIXED32: 4}.get(wire)
+        size = _FIXED_SIZE.get(wire)
         if wire == _LEN:
-            size, pos = _read_varint(buf, pos)
+            size, pos = _readvarint(buf, pos)
         if size is None or pos + size > end:
             raise KVStreamError("DATA_LOSS", "KV message is malformed or truncated")
         yield num, wire, buf[pos:pos + size]
         pos += size
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _readvarint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while pos < len(buf) and shift < 64:
         byte = buf[pos]

@@ -8,7 +8,7 @@ import torch
 
 from pdserve._proto.pdserve.v1 import worker_pb2
 from pdserve.convert import chunk_from_pb, chunk_to_pb, parse_prefill_response
-from pdserve.kvwire.chunk_message import encode_chunk_message, parse_chunk_message
+from pdserve.kvwire.chunk_message import encode_chunk_message, parse_chunk_message, varint
 from pdserve.kvwire.codec import Encoding, decode, encode
 from pdserve.kvwire.stream import KVChunk, KVStreamError
 
@@ -54,7 +54,7 @@ def test_unknown_fields_are_skipped_and_the_last_repeated_field_wins() -> None:
     stale_k = chunk_to_pb(_reference(3, 1, 0, k + 1, k, Encoding.FP32)).SerializeToString()
     unknown = bytes([99 << 3 & 0x7F | 0x80, 99 >> 4, 5])  # field 99, varint 5
     body = stale_k + unknown + inner
-    data = bytes([2 << 3 | 2]) + _varint(len(body)) + body
+    data = bytes([2 << 3 | 2]) + varint(len(body)) + body
     assert parse_chunk_message(data) == chunk
     assert chunk_from_pb(worker_pb2.PrefillResponse.FromString(data).chunk) == chunk
 
@@ -84,11 +84,3 @@ def test_unknown_encoding_is_invalid_argument() -> None:
         parse_chunk_message(bytes([2 << 3 | 2, len(body)]) + body)
     assert e.value.code == "INVALID_ARGUMENT"
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
