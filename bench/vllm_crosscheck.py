@@ -32,9 +32,13 @@ import statistics
 import sys
 from typing import Any
 
+import numpy as np
+
 from bench.serving_bench import LONG, SHORT, Arrival, poisson_times, run_open_loop
 from bench.serving_client import RequestSpec, make_backend
-from bench.stats import summarize
+from bench.stats import RequestRecord, summarize
+
+SPREAD_QUANTILES = (10, 25, 50, 75, 90)
 
 
 def text_of_length(tokenizer: Any, n: int, rng: random.Random) -> str:
@@ -94,14 +98,14 @@ def replay_schedule(tokenizer: Any, dataset: str, vllm_doc: dict[str, Any]) -> l
 
 
 async def replay(target: str, model_name: str | None, arrivals: list[Arrival],
-                 ) -> dict[str, Any]:
+                 ) -> tuple[dict[str, Any], list[RequestRecord]]:
     backend = make_backend(target, model_name, None)
     await backend.start()
     try:
         records, duration = await run_open_loop(backend, arrivals)
     finally:
         await backend.close()
-    return summarize(records, duration)
+    return summarize(records, duration), records
 
 
 def dataset_schedule(tokenizer: Any, dataset: str, rate: float, duration_s: float,
@@ -117,7 +121,8 @@ def dataset_schedule(tokenizer: Any, dataset: str, rate: float, duration_s: floa
     return arrivals
 
 
-async def together(vllm_cmd: str, target: str, arrivals: list[Arrival]) -> dict[str, Any]:
+async def together(vllm_cmd: str, target: str, arrivals: list[Arrival],
+                   ) -> tuple[dict[str, Any], list[RequestRecord]]:
     """vLLM's client and pdserve bench's client load the server at the same time, each
     with half of the W4 mix: one run, both tools measuring the same server state."""
     proc = await asyncio.create_subprocess_shell(vllm_cmd, stdout=asyncio.subprocess.PIPE,
@@ -135,6 +140,21 @@ async def together(vllm_cmd: str, target: str, arrivals: list[Arrival]) -> dict[
     return await ours
 
 
+def spread(records: list[RequestRecord], vllm: dict[str, Any]) -> dict[str, Any]:
+    """Both tools' ITL and TTFT quantiles side by side (ms): a median can sit in a gap
+    between two modes of a multi-modal distribution, so agreement is judged on the
+    whole distribution as well."""
+    ok = [r for r in records if r.success]
+    ours = {"itl": [g for r in ok for g in r.itl_s], "ttft": [r.ttft_s for r in ok]}
+    theirs = {"itl": [g for req in vllm["itls"] for g in req],
+              "ttft": [t for t, ok_ in zip(vllm["ttfts"], vllm["output_lens"], strict=True)
+                       if ok_]}
+    return {f"{key}_ms": {f"p{q}": [1e3 * float(np.percentile(ours[key], q)),
+                                    1e3 * float(np.percentile(theirs[key], q))]
+                          for q in SPREAD_QUANTILES}
+            for key in ("itl", "ttft")}
+
+
 def compare(pdserve: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """Medians over all requests: pdserve's summary vs vLLM's result file."""
     rows = {}
@@ -149,7 +169,17 @@ def compare(pdserve: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> 
             "agree": all(r["within"] for r in rows.values())}
 
 
-def _together(a: argparse.Namespace, tok: Any) -> tuple[str, dict[str, Any]]:
+def _print_comparison(res: dict[str, Any]) -> None:
+    for key, r in res["medians"].items():
+        print(f"{key:8} pdserve bench {r['pdserve_bench']:8.1f}  vllm bench serve "
+              f"{r['vllm_bench_serve']:8.1f}  diff {100 * r['rel_diff']:4.1f}% "
+              f"{'ok' if r['within'] else 'OVER'}")
+    for key, qs in res["quantiles_pdserve_vs_vllm"].items():
+        print(f"{key:8} " + "  ".join(f"{q} {a:.0f}/{b:.0f}" for q, (a, b) in qs.items()))
+
+
+def _together(a: argparse.Namespace, tok: Any,
+              ) -> tuple[str, tuple[dict[str, Any], list[RequestRecord]]]:
     half_s, half_l = a.rate_short / 2, a.rate_long / 2
     theirs, ours = f"{a.workdir}/w4_half_vllm.jsonl", f"{a.workdir}/w4_half_pdserve.jsonl"
     total = write_dataset(a.tokenizer, half_s, half_l, a.duration, theirs, seed=0)
@@ -202,20 +232,21 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     if a.cmd == "together":
-        vllm_path, summary = _together(a, tok)
+        vllm_path, (summary, records) = _together(a, tok)
     else:
         vllm_path = a.vllm
         with open(a.vllm) as f:
             arrivals = replay_schedule(tok, a.dataset, json.load(f))
-        summary = asyncio.run(replay(a.target, a.model_name, arrivals))
+        summary, records = asyncio.run(replay(a.target, a.model_name, arrivals))
     with open(vllm_path) as f:
         vllm_doc = json.load(f)
     res = compare(summary, vllm_doc, a.tolerance)
+    res["quantiles_pdserve_vs_vllm"] = spread(records, vllm_doc)
     res["pdserve_summary"] = summary
-    for key, r in res["medians"].items():
-        print(f"{key:8} pdserve bench {r['pdserve_bench']:8.1f}  vllm bench serve "
-              f"{r['vllm_bench_serve']:8.1f}  diff {100 * r['rel_diff']:4.1f}% "
-              f"{'ok' if r['within'] else 'OVER'}")
+    res["pdserve_requests"] = [
+        {"rid": r.rid, "cls": r.cls, "start_s": r.start_s, "ttft_ms": 1e3 * r.ttft_s,
+         "itls_ms": [1e3 * g for g in r.itl_s], "error": r.error} for r in records]
+    _print_comparison(res)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

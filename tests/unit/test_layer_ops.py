@@ -80,8 +80,8 @@ def test_silu_mul_matches_torch() -> None:
     torch.testing.assert_close(ker.silu_mul(gate_up), ref.silu_mul(gate_up))
 
 
-@pytest.mark.parametrize("n, k", [(13, 64), (6, 32), (7, 40)])  # packed, packed, row-major
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n, k", [(13, 64), (6, 32), (20, 48), (7, 40)])  # packed x3, row-major
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 11])  # the 4-, 2- and 1-row paths and their mixes
 def test_bf16_weight_kernel_matches_fp32_matmul_on_the_same_weights(n: int, k: int, m: int) -> None:
     from pdserve.engine.linear import Linear
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.vllm_crosscheck import compare, dataset_schedule, replay_schedule
+from bench.vllm_crosscheck import compare, dataset_schedule, replay_schedule, spread
 
 
 class WordTokenizer:
@@ -48,3 +48,16 @@ def test_together_schedule_is_the_dataset_in_order_at_poisson_times(tmp_path: Pa
     arrivals = dataset_schedule(WordTokenizer(), str(data), rate=0.1, duration_s=60, seed=1)
     assert [(a.spec.cls, a.spec.max_tokens) for a in arrivals] == [("short", 128), ("long", 4)]
     assert 0 < arrivals[0].at_s < arrivals[1].at_s
+
+
+def test_spread_puts_both_tools_quantiles_side_by_side() -> None:
+    from bench.stats import RequestRecord
+
+    rec = RequestRecord("r0", "short", 128, 4, ttft_s=0.5, chunk_times_s=[1.0, 1.1, 1.3],
+                        success=True)
+    failed = RequestRecord("r1", "short", 128, 4, error="HTTP 500")
+    vllm = {"itls": [[0.1, 0.2], []], "ttfts": [0.5, 0.0], "output_lens": [3, 0]}
+    res = spread([rec, failed], vllm)
+    assert res["itl_ms"]["p50"] == pytest.approx([150.0, 150.0])
+    assert res["ttft_ms"]["p90"] == pytest.approx([500.0, 500.0])  # failed requests left out
+    assert set(res["itl_ms"]) == {"p10", "p25", "p50", "p75", "p90"}
