@@ -9,7 +9,9 @@ bench serve` command (through bench/peer_bench_serve.py, in vLLM's venv; no
 shuffle, detailed results). ``replay`` then sends the very same requests at the
 very same offsets vLLM's client sent them (its ``start_times``) with `pdserve
 bench`'s client and statistics, and checks that the TTFT and ITL medians over all
-requests agree within a tolerance (default 10 %). Replaying the schedule matters:
+requests agree within a tolerance (default 10 %), and prints both tools' p10-p90
+side by side (a median that falls between two modes of the ITL distribution, one
+per decode batch size, is worth checking against its neighbours). Replaying the schedule matters:
 near saturation two independent Poisson draws give medians further apart than
 any measurement difference. ``together`` is the other way to hold the server's
 state equal: both clients at once, each sending half of W4's mix (one run,
