@@ -9,7 +9,7 @@ W6_NOTE = ("W6: pdserve's engine has no speculative decoding yet, so this is dec
            "identical-outputs check) is left to the engine issue.")
 
 HEADER = (f"{'wl':<3} {'target':<14} {'class':<6} {'ok':>4} {'fail':>4} "
-          f"{'TTFT p50/p90/p99 ms':>23} {'TPOT p50 ms':>11} {'ITL p50/p99 ms':>16} "
+          f"{'TTFT p50/p90/p99 ms':>23} {'TPOT p50 ms':>11} {'ITL p50/p99/max ms':>22} "
           f"{'E2E p50 ms':>10} {'out tok/s':>9} {'req/s':>6} {'goodput':>7}")
 
 
@@ -20,9 +20,9 @@ def _f(v: float | None, digits: int = 1) -> str:
 def row(w: str, label: str, cls: str, s: dict[str, Any]) -> str:
     t, i = s["ttft_ms"], s["itl_ms"]
     ttft = f"{_f(t['p50'])}/{_f(t['p90'])}/{_f(t['p99'])}"
-    itl = f"{_f(i['p50'])}/{_f(i['p99'])}"
+    itl = f"{_f(i['p50'])}/{_f(i['p99'])}/{_f(i.get('max'))}"
     return (f"{w:<3} {label[:14]:<14} {cls:<6} {s['completed']:>4} {s['failed']:>4} "
-            f"{ttft:>23} {_f(s['tpot_ms']['p50']):>11} {itl:>16} {_f(s['e2e_ms']['p50']):>10} "
+            f"{ttft:>23} {_f(s['tpot_ms']['p50']):>11} {itl:>22} {_f(s['e2e_ms']['p50']):>10} "
             f"{_f(s['output_throughput']):>9} {_f(s['request_throughput'], 2):>6} "
             f"{_f(s['goodput'], 2):>7}")
 
@@ -55,8 +55,9 @@ def headlines(doc: dict[str, Any]) -> list[str]:
                         f"TTFT {_f(s['ttft_ms']['p50'], 0)} ms")
             elif w == "W4":
                 sh = s["short"]
-                cell = (f"{label} short ITL p50/p99 {_f(sh['itl_ms']['p50'])}/"
-                        f"{_f(sh['itl_ms']['p99'])} ms, TTFT p50/p99 "
+                cell = (f"{label} short ITL p50/p99/max {_f(sh['itl_ms']['p50'])}/"
+                        f"{_f(sh['itl_ms']['p99'])}/{_f(sh['itl_ms'].get('max'))} ms, "
+                        f"TTFT p50/p99 "
                         f"{_f(sh['ttft_ms']['p50'])}/{_f(sh['ttft_ms']['p99'])} ms, goodput "
                         f"{_f(sh['goodput'], 2)}/s (SLO TTFT {1e3 * res['slo']['ttft_s']:.0f} ms,"
                         f" TPOT {1e3 * res['slo']['tpot_s']:.1f} ms)")

@@ -66,11 +66,14 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 
 def distribution(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean and p50/p90/p99 in milliseconds (None when there are no values)."""
+    """Mean, p50/p90/p99 and max in milliseconds (None when there are no values). The
+    max matters for pooled ITLs: a few prefill stalls among thousands of gaps stay
+    below p99."""
     out: dict[str, float | None] = {"mean": 1e3 * statistics.fmean(values) if values else None}
     for p in PERCENTILES:
         v = percentile(values, p)
         out[f"p{p}"] = None if v is None else 1e3 * v
+    out["max"] = 1e3 * max(values) if len(values) else None
     return out
 
 

@@ -110,7 +110,7 @@ def test_bench_two_targets_in_one_run_writes_json_and_plots(
     names = {p.name for p in plots.iterdir()}
     assert {"W2_ttft_cdf.png", "W4_itl_cdf.png", "W4_itl_timeline.png"} <= names
     printed = capsys.readouterr().out
-    assert "W4: pd short ITL p50/p99" in printed and "W2: pd " in printed
+    assert "W4: pd short ITL p50/p99/max" in printed and "W2: pd " in printed
 
 
 def test_bench_target_rejects_bad_arguments() -> None:

@@ -44,6 +44,7 @@ def test_summary_matches_hand_computed_vllm_definitions() -> None:
     assert s["itl_ms"]["p50"] == pytest.approx(200.0)
     assert s["itl_ms"]["p90"] == pytest.approx(280.0)
     assert s["itl_ms"]["p99"] == pytest.approx(298.0)
+    assert s["itl_ms"]["max"] == pytest.approx(300.0)  # the worst stall, which p99 can hide
     assert s["ttft_ms"]["mean"] == pytest.approx(1e3 * 0.8 / 3)
     assert s["ttft_ms"]["p50"] == pytest.approx(200.0)
     assert s["tpot_ms"]["p50"] == pytest.approx(175.0)
