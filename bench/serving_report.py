@@ -20,7 +20,7 @@ def _f(v: float | None, digits: int = 1) -> str:
 def row(w: str, label: str, cls: str, s: dict[str, Any]) -> str:
     t, i = s["ttft_ms"], s["itl_ms"]
     ttft = f"{_f(t['p50'])}/{_f(t['p90'])}/{_f(t['p99'])}"
-    itl = f"{_f(i['p50'])}/{_f(i['p99'])}/{_f(i.get('max'))}"
+    itl = f"{_f(i['p50'])}/{_f(i['p99'])}/{_f(i['max'])}"
     return (f"{w:<3} {label[:14]:<14} {cls:<6} {s['completed']:>4} {s['failed']:>4} "
             f"{ttft:>23} {_f(s['tpot_ms']['p50']):>11} {itl:>22} {_f(s['e2e_ms']['p50']):>10} "
             f"{_f(s['output_throughput']):>9} {_f(s['request_throughput'], 2):>6} "
@@ -56,7 +56,7 @@ def headlines(doc: dict[str, Any]) -> list[str]:
             elif w == "W4":
                 sh = s["short"]
                 cell = (f"{label} short ITL p50/p99/max {_f(sh['itl_ms']['p50'])}/"
-                        f"{_f(sh['itl_ms']['p99'])}/{_f(sh['itl_ms'].get('max'))} ms, "
+                        f"{_f(sh['itl_ms']['p99'])}/{_f(sh['itl_ms']['max'])} ms, "
                         f"TTFT p50/p99 "
                         f"{_f(sh['ttft_ms']['p50'])}/{_f(sh['ttft_ms']['p99'])} ms, goodput "
                         f"{_f(sh['goodput'], 2)}/s (SLO TTFT {1e3 * res['slo']['ttft_s']:.0f} ms,"

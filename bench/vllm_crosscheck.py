@@ -11,9 +11,9 @@ very same offsets vLLM's client sent them (its ``start_times``) with `pdserve
 bench`'s client and statistics, and checks that the TTFT and ITL medians over all
 requests agree within a tolerance (default 10 %), and prints both tools' p10-p90
 side by side (a median that falls between two modes of the ITL distribution, one
-per decode batch size, is worth checking against its neighbours). Replaying the schedule matters:
-near saturation two independent Poisson draws give medians further apart than
-any measurement difference. ``together`` is the other way to hold the server's
+per decode batch size, is worth checking against its neighbours). Replaying the
+schedule matters: near saturation two independent Poisson draws give medians
+further apart than any measurement difference. ``together`` is the other way to hold the server's
 state equal: both clients at once, each sending half of W4's mix (one run,
 measured by both tools).
 
@@ -82,20 +82,26 @@ def vllm_command(dataset: str, total: int, rate: float, model_name: str, tokeniz
             f"--result-filename vllm_w4.json")
 
 
-def replay_schedule(tokenizer: Any, dataset: str, vllm_doc: dict[str, Any]) -> list[Arrival]:
-    """vLLM's requests (dataset order, as sent without shuffle) at vLLM's send offsets."""
-    rows = [json.loads(line) for line in open(dataset) if line.strip()]
-    starts = vllm_doc["start_times"]
-    if len(starts) != len(rows):
-        raise ValueError(f"vLLM's result has {len(starts)} requests, the dataset {len(rows)}: "
-                         "was vllm bench serve run on this dataset with --disable-shuffle?")
-    t0 = min(starts)
-    arrivals = []
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+def dataset_specs(tokenizer: Any, dataset: str, prefix: str) -> list[RequestSpec]:
+    """The dataset's requests in file order, prompts as token ids, classed by length."""
+    specs = []
+    for i, line in enumerate(line for line in open(dataset) if line.strip()):
+        row = json.loads(line)
         ids = tokenizer.encode(row["prompt"], add_special_tokens=False)
         cls = "long" if len(ids) == LONG[0] else "short"
-        arrivals.append(Arrival(start - t0, RequestSpec(f"xc-{i}", cls, ids,
-                                                       int(row["output_tokens"]))))
+        specs.append(RequestSpec(f"{prefix}-{i}", cls, ids, int(row["output_tokens"])))
+    return specs
+
+
+def replay_schedule(tokenizer: Any, dataset: str, vllm_doc: dict[str, Any]) -> list[Arrival]:
+    """vLLM's requests (dataset order, as sent without shuffle) at vLLM's send offsets."""
+    specs = dataset_specs(tokenizer, dataset, "xc")
+    starts = vllm_doc["start_times"]
+    if len(starts) != len(specs):
+        raise ValueError(f"vLLM's result has {len(starts)} requests, the dataset {len(specs)}: "
+                         "was vllm bench serve run on this dataset with --disable-shuffle?")
+    t0 = min(starts)
+    arrivals = [Arrival(start - t0, spec) for spec, start in zip(specs, starts, strict=True)]
     return sorted(arrivals, key=lambda a: a.at_s)
 
 
@@ -113,14 +119,9 @@ async def replay(target: str, model_name: str | None, arrivals: list[Arrival],
 def dataset_schedule(tokenizer: Any, dataset: str, rate: float, duration_s: float,
                      seed: int) -> list[Arrival]:
     """The dataset's requests, in order, at Poisson times of ``rate`` (as vLLM sends)."""
-    rows = [json.loads(line) for line in open(dataset) if line.strip()]
-    times = poisson_times(rate, duration_s * 10, seed)[:len(rows)]
-    arrivals = []
-    for i, (row, at) in enumerate(zip(rows, times, strict=True)):
-        ids = tokenizer.encode(row["prompt"], add_special_tokens=False)
-        cls = "long" if len(ids) == LONG[0] else "short"
-        arrivals.append(Arrival(at, RequestSpec(f"xt-{i}", cls, ids, int(row["output_tokens"]))))
-    return arrivals
+    specs = dataset_specs(tokenizer, dataset, "xt")
+    times = poisson_times(rate, duration_s * 10, seed)[:len(specs)]
+    return [Arrival(at, spec) for spec, at in zip(specs, times, strict=True)]
 
 
 async def together(vllm_cmd: str, target: str, arrivals: list[Arrival],
@@ -193,38 +194,44 @@ def _together(a: argparse.Namespace, tok: Any,
     return f"{a.workdir}/vllm_w4.json", asyncio.run(together(cmd, a.target, arrivals))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    mix = argparse.ArgumentParser(add_help=False)  # W4's mix, for vLLM's client
+    mix.add_argument("--tokenizer", required=True, help="the model directory")
+    mix.add_argument("--rate-short", type=float, required=True)
+    mix.add_argument("--rate-long", type=float, required=True)
+    mix.add_argument("--duration", type=float, default=120.0)
+    mix.add_argument("--model-name", default="smollm2-135m-instruct")
+    mix.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    check = argparse.ArgumentParser(add_help=False)  # the comparison
+    check.add_argument("--tolerance", type=float, default=0.10)
+    check.add_argument("--json", default=None, help="also write the comparison here")
     p = argparse.ArgumentParser(prog="python -m bench.vllm_crosscheck")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dataset", help="write W4's mix as a vllm bench serve custom dataset")
-    d.add_argument("--tokenizer", required=True, help="the model directory")
-    d.add_argument("--rate-short", type=float, required=True)
-    d.add_argument("--rate-long", type=float, required=True)
-    d.add_argument("--duration", type=float, default=120.0)
+    d = sub.add_parser("dataset", parents=[mix],
+                       help="write W4's mix as a vllm bench serve custom dataset")
     d.add_argument("--out", required=True)
-    d.add_argument("--model-name", default="smollm2-135m-instruct")
     d.add_argument("--base-url", default="http://127.0.0.1:8000")
-    d.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
-    t = sub.add_parser("together", help="both tools at once, each with half of W4's mix")
+    t = sub.add_parser("together", parents=[mix, check],
+                       help="both tools at once, each with half of W4's mix")
     t.add_argument("--target", required=True, help="OpenAI base URL, e.g. http://H:P/v1")
-    t.add_argument("--tokenizer", required=True, help="the model directory")
-    t.add_argument("--rate-short", type=float, required=True)
-    t.add_argument("--rate-long", type=float, required=True)
-    t.add_argument("--duration", type=float, default=120.0)
-    t.add_argument("--model-name", default="smollm2-135m-instruct")
-    t.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     t.add_argument("--workdir", required=True, help="datasets and vLLM's result go here")
-    t.add_argument("--tolerance", type=float, default=0.10)
-    t.add_argument("--json", default=None, help="also write the comparison here")
-    r = sub.add_parser("replay", help="vLLM's schedule with pdserve bench's client; compare")
+    r = sub.add_parser("replay", parents=[check],
+                       help="vLLM's schedule with pdserve bench's client; compare")
     r.add_argument("--target", required=True, help="the server vllm bench serve measured")
     r.add_argument("--tokenizer", required=True, help="the model directory")
     r.add_argument("--dataset", required=True)
     r.add_argument("--vllm", required=True, help="vllm bench serve --save-detailed result")
     r.add_argument("--model-name", default=None)
-    r.add_argument("--tolerance", type=float, default=0.10)
-    r.add_argument("--json", default=None, help="also write the comparison here")
-    a = p.parse_args(argv)
+    return p
+
+
+def _request_rows(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    return [{"rid": r.rid, "cls": r.cls, "start_s": r.start_s, "ttft_ms": 1e3 * r.ttft_s,
+             "itls_ms": [1e3 * g for g in r.itl_s], "error": r.error} for r in records]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     if a.cmd == "dataset":
         total = write_dataset(a.tokenizer, a.rate_short, a.rate_long, a.duration, a.out)
         print(vllm_command(a.out, total, a.rate_short + a.rate_long, a.model_name,
@@ -235,19 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     if a.cmd == "together":
         vllm_path, (summary, records) = _together(a, tok)
+        with open(vllm_path) as f:
+            vllm_doc = json.load(f)
     else:
-        vllm_path = a.vllm
         with open(a.vllm) as f:
-            arrivals = replay_schedule(tok, a.dataset, json.load(f))
+            vllm_doc = json.load(f)
+        arrivals = replay_schedule(tok, a.dataset, vllm_doc)
         summary, records = asyncio.run(replay(a.target, a.model_name, arrivals))
-    with open(vllm_path) as f:
-        vllm_doc = json.load(f)
     res = compare(summary, vllm_doc, a.tolerance)
     res["quantiles_pdserve_vs_vllm"] = spread(records, vllm_doc)
     res["pdserve_summary"] = summary
-    res["pdserve_requests"] = [
-        {"rid": r.rid, "cls": r.cls, "start_s": r.start_s, "ttft_ms": 1e3 * r.ttft_s,
-         "itls_ms": [1e3 * g for g in r.itl_s], "error": r.error} for r in records]
+    res["pdserve_requests"] = _request_rows(records)
     _print_comparison(res)
     if a.json:
         with open(a.json, "w") as f:
