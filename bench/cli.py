@@ -133,7 +133,7 @@ def vocab_of(model: str | None) -> int:
 
 def _vocab(model: str) -> int:
     from pdserve.engine.model import load_hf_config
-    from pdserve.engine.model_loader import resolve_model
+    from pdserve.model_files import resolve_model
 
     return int(load_hf_config(resolve_model(model)).vocab_size)  # type: ignore[attr-defined]
 

@@ -22,7 +22,7 @@ INSTRUCTION = "Repeat the following passage verbatim, word for word, and nothing
 def load_tokenizer(model_dir: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    from pdserve.engine.model_loader import resolve_model
+    from pdserve.model_files import resolve_model
 
     return AutoTokenizer.from_pretrained(str(resolve_model(model_dir, convert=False)))
 

@@ -24,7 +24,7 @@ VPY=${PDSERVE_VLLM_PYTHON:-/work/vllm-venv/bin/python}
 OUT=${OUT:-bench/results}
 DUR=${DURATION:-120}
 RS=${RATE_SHORT:-0.5}
-MD=$($PY -c "from pdserve.engine.model_loader import resolve_model; print(resolve_model(None, convert=False))")
+MD=$($PY -c "from pdserve.model_files import resolve_model; print(resolve_model(None, convert=False))")
 LOGS=$(mktemp -d /tmp/pdserve-w4-XXXX)
 mkdir -p "$OUT"
 pids=()

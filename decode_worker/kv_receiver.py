@@ -15,7 +15,6 @@ import grpc
 from pdserve._proto.pdserve.v1 import worker_pb2
 from pdserve.convert import header_from_pb, parse_prefill_response
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.codec import Encoding, decode
 from pdserve.kvwire.stream import (
@@ -26,6 +25,7 @@ from pdserve.kvwire.stream import (
     KVStreamValidator,
 )
 from pdserve.params_pb import logprob_from_pb, params_to_pb
+from pdserve.sampling_params import SamplingParams
 
 PREFILL_METHOD = "/pdserve.v1.PrefillWorker/Prefill"
 

@@ -22,11 +22,11 @@ from pdserve.config import WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.block_manager import NoFreeBlocksError
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvwire.codec import Encoding, resolve
 from pdserve.kvwire.stream import KVStreamError
 from pdserve.metrics import WorkerMetrics
 from pdserve.params_pb import logprob_to_pb, params_from_pb
+from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

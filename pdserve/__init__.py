@@ -10,7 +10,7 @@ __all__ = ["LLM", "SamplingParams", "EngineConfig"]
 if TYPE_CHECKING:
     from pdserve.config import EngineConfig
     from pdserve.engine.llm import LLM
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.sampling_params import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return LLM
     if name == "SamplingParams":
-        from pdserve.engine.sampling_params import SamplingParams
+        from pdserve.sampling_params import SamplingParams
 
         return SamplingParams
     if name == "EngineConfig":

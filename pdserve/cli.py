@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "prepare-model":
         from pdserve.engine import cpu_kernels
-        from pdserve.engine.model_loader import resolve_model
+        from pdserve.model_files import resolve_model
 
         print(resolve_model(args.model))
         cpu_kernels.load()  # built once here (a minute or two), not by the first worker

@@ -238,7 +238,7 @@ def stop(procs: list[subprocess.Popen[bytes]], grace: float = 15) -> None:
 
 
 def up(c: ClusterConfig) -> int:
-    from pdserve.engine.model_loader import resolve_model
+    from pdserve.model_files import resolve_model
 
     if c.launcher == "ray":
         from deploy.ray.launcher import up as ray_up

@@ -6,8 +6,8 @@ No torch here: the router uses it too.
 from __future__ import annotations
 
 from pdserve._proto.pdserve.v1 import common_pb2
-from pdserve.engine.request import Logprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.logprobs import Logprob
+from pdserve.sampling_params import SamplingParams
 
 
 def params_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:

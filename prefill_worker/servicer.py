@@ -18,13 +18,13 @@ import grpc
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.convert import header_to_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
-from pdserve.engine.request import Logprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvwire.chunk_message import encode_chunk_message
 from pdserve.kvwire.codec import Encoding, resolve
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
+from pdserve.logprobs import Logprob
 from pdserve.metrics import WorkerMetrics
 from pdserve.params_pb import logprob_to_pb, params_from_pb
+from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

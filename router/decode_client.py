@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.engine.request import Logprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.grpc_server import OPTIONS
+from pdserve.logprobs import Logprob
 from pdserve.params_pb import logprob_from_pb, params_to_pb
+from pdserve.sampling_params import SamplingParams
 
 
 @dataclass

@@ -19,9 +19,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pdserve.engine.request import Logprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.logprobs import Logprob
 from pdserve.metrics import RouterMetrics
+from pdserve.sampling_params import SamplingParams
 from router.decode_client import DecodeCall, DecodeClients, DecodeDelta, WorkerError
 from router.health import DecodeHealth
 from router.policy import Choice, LoadAwarePolicy

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdserve.engine.request import Logprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.logprobs import Logprob
+from pdserve.sampling_params import SamplingParams
 from router.generation import GenerateRequest
 
 MAX_N = 16

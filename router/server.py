@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
-from pdserve.engine.model_loader import resolve_model
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.metrics import RouterMetrics
+from pdserve.model_files import resolve_model
 from router.auth import ApiKey, ApiKeyInterceptor
 from router.decode_client import DecodeClients
 from router.generation import Generator

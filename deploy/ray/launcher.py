@@ -195,7 +195,7 @@ def _quietly(fn: Any, *args: Any, **kw: Any) -> None:
 
 def up(c: ClusterConfig) -> int:
     """Run the cluster until Ctrl-C or SIGTERM; 1 if the router died."""
-    from pdserve.engine.model_loader import resolve_model
+    from pdserve.model_files import resolve_model
 
     resolve_model(c.model)  # convert once here, before the workers on this host race to
     interrupt_on_stop_signals()

@@ -62,7 +62,7 @@ class PDServe:
     more clusters on the same ports; scale the workers in the cluster config instead."""
 
     def __init__(self, config: ClusterConfig, router_http_port: int = 0) -> None:
-        from pdserve.engine.model_loader import resolve_model
+        from pdserve.model_files import resolve_model
 
         port = router_http_port or _free_port(config.host)
         config = dataclasses.replace(config, launcher="ray", http_port=port,

@@ -26,7 +26,7 @@ import torch
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -76,7 +76,7 @@ def _import(path: Path) -> Any:
 
 def _build_dir() -> tuple[Path, list[str]]:
     """(build directory for these sources, the sources' copies inside it)."""
-    from pdserve.engine.model_loader import cache_root
+    from pdserve.model_files import cache_root
 
     csrc = Path(__file__).with_name("csrc")
     digest = hashlib.sha256(b"".join((csrc / s).read_bytes() for s in _SOURCES)).hexdigest()

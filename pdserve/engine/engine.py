@@ -21,13 +21,14 @@ from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
-from pdserve.engine.model_loader import resolve_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.request import Logprob, Request, RequestState
+from pdserve.engine.request import Request, RequestState
 from pdserve.engine.sampler import Sampler
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler
+from pdserve.logprobs import Logprob
+from pdserve.model_files import resolve_model
+from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

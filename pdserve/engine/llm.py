@@ -9,7 +9,7 @@ from typing import Any
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.request import Logprob, Request
+from pdserve.engine.request import Request
+from pdserve.logprobs import Logprob
 
 
 @dataclass

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.logprobs import Logprob
+from pdserve.sampling_params import SamplingParams
 
 
 class RequestState(enum.Enum):
@@ -31,14 +32,6 @@ class RequestState(enum.Enum):
     RUNNING = "running"
     IMPORTING = "importing"
     FINISHED = "finished"
-
-
-@dataclass
-class Logprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-    """The top-k (token id, logprob) pairs, most likely first."""
 
 
 @dataclass

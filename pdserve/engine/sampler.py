@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.request import Logprob, Request
+from pdserve.engine.request import Request
+from pdserve.logprobs import Logprob
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs
 

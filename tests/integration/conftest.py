@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.engine.model_loader import resolve_model
+from pdserve.model_files import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from tests.engine_helpers import assert_engine_empty, run_all
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestState
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.sampling_params import SamplingParams
 
 
 def _req(rid: str, n: int) -> Request:

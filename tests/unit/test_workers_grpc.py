@@ -16,7 +16,7 @@ import pytest
 from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.worker_process import RunningWorker, start_worker
 from tests.engine_helpers import assert_engine_empty, run_all
 
