@@ -111,3 +111,59 @@ class WorkerConfig:
                  self.kv_encoding)
         _require(self.prefill_fallback in PREFILL_FALLBACKS, "prefill_fallback",
                  f"one of {PREFILL_FALLBACKS}", self.prefill_fallback)
+
+
+ROUTING_POLICIES: tuple[str, ...] = ("load_aware",)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router process: public gRPC + OpenAI HTTP, and whom it routes to."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """Public gRPC port (0 picks a free one)."""
+    http_port: int = 8000
+    """OpenAI-compatible HTTP port, also /health and /metrics (0 = off)."""
+    model: str | None = None
+    """HF directory or .gguf; None = the default model."""
+    served_model_name: str | None = None
+    """The model's name in the API; None = its directory's name."""
+    decode: tuple[str, ...] = ()
+    """Decode worker addresses (host:port)."""
+    prefill: tuple[str, ...] = ()
+    """Prefill worker addresses (host:port)."""
+    members_stdin: bool = False
+    """Read membership updates (JSON lines) from stdin instead of a static list."""
+    policy: str = "load_aware"
+    """Routing policy, one of ROUTING_POLICIES."""
+    local_prefill_below: int = 16
+    """Prompts shorter than this are prefilled on the decode worker (plan LOCAL)."""
+    max_model_len: int | None = None
+    """None = the model's max_position_embeddings."""
+    api_key: str | None = None
+    """Bearer token required on the public API; None = open."""
+    health_interval_s: float = 1.0
+    """Seconds between decode worker health probes."""
+    drain_grace_s: float = 10.0
+    """Seconds in-flight requests get to finish on SIGTERM."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
+        _require(0 <= self.http_port < 65536, "http_port", "in [0, 65535]", self.http_port)
+        _require(bool(self.decode) or self.members_stdin, "decode",
+                 "at least one decode worker address (or members_stdin)", self.decode)
+        for field_name in ("decode", "prefill"):
+            for a in getattr(self, field_name):
+                _require(isinstance(a, str) and ":" in a, field_name, "a list of host:port", a)
+        _require(self.policy in ROUTING_POLICIES, "policy", f"one of {ROUTING_POLICIES}",
+                 self.policy)
+        _require(self.local_prefill_below >= 0, "local_prefill_below", ">= 0",
+                 self.local_prefill_below)
+        if self.max_model_len is not None:
+            _require(self.max_model_len >= 2, "max_model_len", ">= 2", self.max_model_len)
+        if self.api_key is not None:
+            _require(isinstance(self.api_key, str) and bool(self.api_key), "api_key",
+                     "a non-empty string or None", self.api_key)
+        _require(self.health_interval_s > 0, "health_interval_s", "> 0", self.health_interval_s)
+        _require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
