@@ -32,12 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    service_name = "pdserve.v1.DecodeWorker"
+
     def __init__(self, config: WorkerConfig) -> None:
         self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
         self.metrics: WorkerMetrics = None  # type: ignore[assignment]
         self.config = config
         self.clients = PrefillClients()
         self.default_encoding = Encoding.parse(config.kv_encoding)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""

@@ -121,19 +121,16 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def _add_servicer(server: Server, config: WorkerConfig):  # type: ignore[no-untyped-def]
-    from pdserve._proto.pdserve.v1 import worker_pb2_grpc
-
     if config.role == "prefill":
-        from prefill_worker.servicer import PrefillServicer, add_prefill_servicer
+        from prefill_worker.servicer import PrefillServicer
 
-        prefill = PrefillServicer()
-        add_prefill_servicer(prefill, server.server)
-        return prefill
-    from decode_worker.servicer import DecodeServicer
+        servicer = PrefillServicer(config)
+    else:
+        from decode_worker.servicer import DecodeServicer
 
-    decode = DecodeServicer(config)
-    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(decode, server.server)
-    return decode
+        servicer = DecodeServicer(config)  # type: ignore[assignment]
+    servicer.register(server.server)
+    return servicer
 
 
 def main(role: str, argv: list[str] | None = None) -> int:

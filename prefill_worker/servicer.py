@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.config import WorkerConfig
 from pdserve.convert import header_to_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
 from pdserve.kvwire.chunk_message import encode_chunk_message
@@ -30,9 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self) -> None:
+    service_name = "pdserve.v1.PrefillWorker"
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
         self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
         self.metrics: WorkerMetrics = None  # type: ignore[assignment]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        add_prefill_servicer(self, server)
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""
