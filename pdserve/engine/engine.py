@@ -18,14 +18,14 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
-from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.sampler import Sampler
-from pdserve.engine.scheduler import ScheduledChunk, Scheduler
+from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
+from pdserve.engine.stop_checker import StopChecker
 from pdserve.logprobs import Logprob
 from pdserve.model_files import resolve_model
 from pdserve.sampling_params import SamplingParams
@@ -68,12 +68,13 @@ class LLMEngine:
         self.kv = KVCache(s.num_layers, num_blocks, cfg.block_size, s.num_kv_heads,
                           s.head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
+        stops = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                   stops)
         self.sampler = Sampler(s.vocab_size, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.requests: dict[str, Request] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._to_report: dict[str, Request] = {}
         # Set from another thread to stop a long step between layers (an abort is
         # waiting); the step's tokens are then recomputed next step.
@@ -103,8 +104,7 @@ class LLMEngine:
         self._validate_prompt(ids, params)
         req = Request(request_id, ids, params)
         self.requests[request_id] = req
-        if params.detokenize:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req)
+        self.scheduler.stops.track(req)
         return req
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -130,7 +130,8 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return False
-        self._finish(req, "abort")
+        self.scheduler.finish(req, "abort")
+        self._to_report[request_id] = req
         return True
 
     # --- KV import (decode side of a disaggregated request) ----------------------
@@ -139,6 +140,7 @@ class LLMEngine:
         req = self._new_request(request_id, prompt, params)
         need = self.blocks.blocks_for_tokens(req.num_prompt_tokens + 1)
         if not self.blocks.can_allocate(need):
+            self.scheduler.finish(req, "abort")
             self._forget(req)
             raise NoFreeBlocksError(
                 f"need {need} KV blocks for the prompt, {self.blocks.num_free_blocks} free")
@@ -190,19 +192,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Compute one batch of tokens; report every request that changed."""
         sched = self.scheduler.schedule()
-        if sched.chunks:
-            try:
-                logits, sampling = self.runner.execute(
-                    sched.chunks, _export, lambda: self.interrupt_requested)
-            except StepInterrupted:
-                return self._reports()
-            for c in sched.chunks:
-                c.request.num_computed_tokens += c.num_tokens
-            if sampling:
-                reqs = [c.request for c in sampling]
-                result = self.sampler.sample(logits, reqs)
-                for r, tok, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
-                    self._append(r, tok, lp)
+        if not sched.chunks:
+            return self._reports()
+        try:
+            out = self.runner.execute(sched.chunks, _export, lambda: self.interrupt_requested)
+        except StepInterrupted:
+            return self._reports()
+        reqs = [c.request for c in out.sampling]
+        sampled: list[SampledToken] = []
+        if reqs:
+            result = self.sampler.sample(out.logits, reqs)
+            sampled = [SampledToken(*t) for t in
+                       zip(reqs, result.token_ids, result.logprobs, strict=True)]
+        self.scheduler.update(sched, sampled)
+        self._to_report.update((r.request_id, r) for r in reqs)
         return self._reports()
 
     def _reports(self) -> list[RequestOutput]:
@@ -214,28 +217,12 @@ class LLMEngine:
         return reports
 
     def _append(self, req: Request, token: int, logprob: Logprob | None) -> None:
-        req.append_token(token, logprob)
-        self._to_report[req.request_id] = req
-        p = req.params
-        detok = self._detok.get(req.request_id)
-        stop_str = detok.update() if detok is not None else None
-        if token in p.stop_token_ids:
-            self._finish(req, "stop", token)
-        elif not p.ignore_eos and token in self.eos_token_ids:
-            self._finish(req, "stop", None)
-        elif stop_str is not None:
-            self._finish(req, "stop", stop_str)
-        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            self._finish(req, "length")
-
-    def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        self.scheduler.remove(req)
-        self.blocks.free(req.finish(reason, stop_reason))
+        """A token from outside a step (an import's first token): report it."""
+        self.scheduler.append(req, token, logprob)
         self._to_report[req.request_id] = req
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
-        self._detok.pop(req.request_id, None)
 
 
 def _export(chunk: ScheduledChunk, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

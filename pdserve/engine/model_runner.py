@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +13,14 @@ from pdserve.engine.scheduler import ScheduledChunk
 
 # Gets (request chunk, layer, k (n, kvh, hd), v (n, kvh, hd)) for exporting requests.
 ChunkKVHook = Callable[[ScheduledChunk, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(R, V) float32: one row per chunk in ``sampling``."""
+    sampling: list[ScheduledChunk]
+    """The chunks that caught their request up, so they sample a token."""
 
 
 class ModelRunner:
@@ -24,8 +33,8 @@ class ModelRunner:
     def execute(
         self, chunks: list[ScheduledChunk], export: ChunkKVHook | None = None,
         interrupted: Callable[[], bool] | None = None,
-    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Run one step. Returns logits (R, V) and the R chunks they belong to."""
+    ) -> ModelOutput:
+        """Run one step: the logits of the chunks that sample."""
         decode = [c for c in chunks if c.num_tokens == 1]
         prefill = [c for c in chunks if c.num_tokens > 1]
         ordered = decode + prefill
@@ -41,7 +50,7 @@ class ModelRunner:
                     export(c, layer, k[rows], v[rows])
 
         logits = self.model.forward(fb, self.kv, hook, interrupted)
-        return logits, [c for c in ordered if c.samples]
+        return ModelOutput(logits, [c for c in ordered if c.samples])
 
     def _build(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk]) -> ForwardBatch:
         bs = self.block_size

@@ -31,7 +31,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None
-    """"stop" (EOS, stop token or stop string), "length", "abort" or "error"."""
+    """"stop" (EOS, stop token or stop string), "length" or "abort"."""
     stop_reason: str | int | None = None
     logprobs: list[Logprob] = field(default_factory=list)
     new_logprobs: list[Logprob] = field(default_factory=list)

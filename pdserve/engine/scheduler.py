@@ -8,6 +8,11 @@ There is no prefill or decode phase: every request wants its missing tokens
 KV blocks are allocated step by step as tokens are scheduled. When the pool is
 empty, the newest running request is preempted (its blocks freed, its KV
 recomputed later); a waiting request simply waits.
+
+After the forward pass, ``update`` applies the step: computed tokens counted,
+sampled tokens appended, stop conditions checked (``StopChecker``), finished
+requests removed and their blocks freed. The engine only runs the model and the
+sampler in between.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestState
+from pdserve.engine.stop_checker import StopChecker
+from pdserve.logprobs import Logprob
 
 
 @dataclass
@@ -34,16 +41,26 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
 
+@dataclass
+class SampledToken:
+    """The token a step sampled for one request (a chunk that ``samples``)."""
+
+    request: Request
+    token_id: int
+    logprob: Logprob | None = None
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 stops: StopChecker) -> None:
         self.blocks = blocks
+        self.stops = stops
         self.token_budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -69,27 +86,50 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.token_budget)
-        if not out.preempted:
+        budget, preempted = self._schedule_running(out, self.token_budget)
+        if not preempted:  # the pool is short: admitting more would only thrash
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def update(self, out: SchedulerOutput, sampled: list[SampledToken]) -> list[Request]:
+        """Apply a computed step: count its tokens, append what it sampled; returns
+        the requests that finished (their blocks are free)."""
+        for c in out.chunks:
+            c.request.num_computed_tokens += c.num_tokens
+        return [s.request for s in sampled if self.append(s.request, s.token_id, s.logprob)]
+
+    def append(self, req: Request, token_id: int, logprob: Logprob | None) -> bool:
+        """Give ``req`` its next token; finish it if that was its last. True if finished."""
+        req.append_token(token_id, logprob)
+        done = self.stops.check(req)
+        if done is not None:
+            self.finish(req, done.reason, done.stop_reason)
+        return done is not None
+
+    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """Any state → FINISHED: out of the queues, blocks back to the pool."""
+        self.remove(req)
+        self.blocks.free(req.finish(reason, stop_reason))
+        self.stops.release(req)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         # Decode tokens first so long prefills never stall token streams.
         queue = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        preempted = False
         while queue and budget > 0:
             req = queue.pop(0)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self._newest(queue) or req
-                self._preempt(victim, out)
+                self._preempt(victim)
+                preempted = True
                 if victim is req:
                     break
                 queue.remove(victim)
             else:
                 out.chunks.append(ScheduledChunk(req, n))
                 budget -= n
-        return budget
+        return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -120,8 +160,7 @@ class Scheduler:
         req.block_ids += self.blocks.allocate(need)
         return True
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.blocks.free(req.preempt())
         self.waiting.appendleft(req)
-        out.preempted.append(req)
