@@ -5,9 +5,10 @@
   (the fastest a Python process moves bytes over a socket here);
 - per KV encoding, pdserve's Prefill stream over gRPC with each side doing the
   worker's real work: the sender converts fp32 K/V into a chunk message
-  (``encode_chunk_message``, CRC32C included), the receiver parses it, checks it
-  (``KVStreamValidator``: order, sizes, CRC32C), decodes and copies it into an fp32
-  cache tensor, as ``write_kv`` does.
+  (``encode_chunk_message``, CRC32C included); the receiver runs the decode
+  worker's own receive path (``GrpcKVSource`` → ``receive_kv``: parse, check with
+  ``KVStreamValidator`` — order, sizes, CRC32C — decode) and copies each chunk into
+  an fp32 cache tensor, as ``write_kv`` does.
 
 Wire GB/s counts payload bytes on the wire; effective GB/s counts the KV delivered
 into the receiver's fp32 cache (what an unencoded stream would have carried).
@@ -111,24 +112,27 @@ async def _serve_kv(ready: Any, total_mb: int, enc_name: str, chunk_tokens: int)
     import grpc
     import torch
 
-    from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-    from pdserve.convert import header_to_pb
+    from pdserve._proto.pdserve.v1 import worker_pb2_grpc
+    from pdserve.convert import event_to_pb
     from pdserve.grpc_server import OPTIONS
     from pdserve.kvwire.chunk_message import encode_chunk_message
-    from pdserve.kvwire.codec import Encoding, bytes_per_token
+    from pdserve.kvwire.codec import Encoding
+    from pdserve.kvwire.stream import FirstToken
+    from pdserve.logprobs import Logprob
     from prefill_worker.servicer import add_prefill_servicer
 
     torch.set_num_threads(1)
     enc = Encoding.parse(enc_name)
-    count = max(1, (total_mb << 20) // (bytes_per_token(enc, 1, KV_HEADS, HEAD_DIM) * chunk_tokens))
+    count = _num_chunks(total_mb, enc, chunk_tokens)
     k = torch.randn(chunk_tokens, KV_HEADS, HEAD_DIM)  # the worker's fp32 cache dtype
     header = _header(enc, chunk_tokens * count)
 
     class Replay(worker_pb2_grpc.PrefillWorkerServicer):
         async def Prefill(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
-            yield worker_pb2.PrefillResponse(header=header_to_pb(header))
+            yield event_to_pb(header)
             for seq in range(count):  # all on "layer 0", token ranges in order
                 yield encode_chunk_message(seq, 0, seq * chunk_tokens, k, k, enc)[0]
+            yield event_to_pb(FirstToken(Logprob(0, 0.0, []), 0.0, header.num_tokens))
 
     server = grpc.aio.server(options=OPTIONS)
     add_prefill_servicer(Replay(), server)
@@ -136,6 +140,12 @@ async def _serve_kv(ready: Any, total_mb: int, enc_name: str, chunk_tokens: int)
     await server.start()
     ready.put(port)
     await server.wait_for_termination(timeout=600)
+
+
+def _num_chunks(total_mb: int, enc: Any, chunk_tokens: int) -> int:
+    from pdserve.kvwire.codec import bytes_per_token
+
+    return max(1, (total_mb << 20) // (bytes_per_token(enc, 1, KV_HEADS, HEAD_DIM) * chunk_tokens))
 
 
 def _header(enc: Any, num_tokens: int) -> Any:
@@ -147,44 +157,40 @@ def _header(enc: Any, num_tokens: int) -> Any:
 def _kv_receiver(port: int, results: Any, total_mb: int, enc_name: str,
                  chunk_tokens: int) -> None:
     _pin(1)
-    results.put(asyncio.run(_receive_kv(port, enc_name, chunk_tokens)))
+    results.put(asyncio.run(_receive_kv(port, total_mb, enc_name, chunk_tokens)))
 
 
-async def _receive_kv(port: int, enc_name: str, chunk_tokens: int) -> dict[str, float]:
-    import grpc
+async def _receive_kv(port: int, total_mb: int, enc_name: str,
+                      chunk_tokens: int) -> dict[str, float]:
+    """The decode worker's receive path (its gRPC KV source, the stream validator, the
+    decode), writing into a plain fp32 tensor where ``write_kv`` writes into blocks."""
     import torch
 
-    from decode_worker.kv_receiver import PREFILL_METHOD
-    from pdserve._proto.pdserve.v1 import worker_pb2
-    from pdserve.convert import header_from_pb, parse_prefill_response
-    from pdserve.grpc_server import OPTIONS
-    from pdserve.kvwire.codec import Encoding, decode
-    from pdserve.kvwire.stream import KVChunk, KVStreamValidator
+    from decode_worker.kv_source import GrpcKVSource
+    from pdserve.kvwire.codec import Encoding
+    from pdserve.kvwire.receiver import receive_kv
+    from pdserve.kvwire.stream import KVRequest, KVStreamValidator
+    from pdserve.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
     enc = Encoding.parse(enc_name)
+    val = KVStreamValidator(_header(enc, chunk_tokens * _num_chunks(total_mb, enc, chunk_tokens)))
     cache = torch.empty(2, chunk_tokens, KV_HEADS, HEAD_DIM)  # (k|v, tokens, kvh, hd)
-    val: KVStreamValidator | None = None
-    wire = delivered = 0
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as ch:
-        call = ch.unary_stream(PREFILL_METHOD,
-                               request_serializer=worker_pb2.PrefillRequest.SerializeToString)
+    delivered = 0
+
+    def write(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        nonlocal delivered
+        cache[0].copy_(k)
+        cache[1].copy_(v)
+        delivered += cache.numel() * 4
+
+    source = GrpcKVSource()
+    request = KVRequest("wire-check", [], SamplingParams(), enc)
+    try:
         t0 = time.perf_counter()
-        async for data in call(worker_pb2.PrefillRequest()):
-            msg = parse_prefill_response(data)
-            if not isinstance(msg, KVChunk):
-                header = header_from_pb(msg.header)
-                val = KVStreamValidator(_header(enc, header.num_tokens))
-                val.check_header(header)
-                continue
-            assert val is not None
-            val.check_chunk(msg)
-            k, v = decode(msg.payload, enc, msg.num_tokens, KV_HEADS, HEAD_DIM)
-            cache[0].copy_(k)
-            cache[1].copy_(v)
-            wire += msg.payload.nbytes
-            delivered += cache.numel() * 4
+        _, stats = await receive_kv(source.prefill(f"127.0.0.1:{port}", request, 600.0),
+                                    val, write)
         elapsed = time.perf_counter() - t0
-    assert val is not None
-    val.check_complete()
-    return {"wire_GBps": wire / elapsed / 1e9, "effective_GBps": delivered / elapsed / 1e9}
+    finally:
+        await source.close()
+    return {"wire_GBps": stats.bytes / elapsed / 1e9, "effective_GBps": delivered / elapsed / 1e9}

@@ -1,34 +1,64 @@
-"""``DecodeWorker.Generate``: admit, get the KV (remote or local), decode, stream.
+"""``DecodeWorker.Generate``: the lifecycle of a decode request.
 
-Per request: ADMITTED (KV blocks for the prompt reserved, else RESOURCE_EXHAUSTED)
-→ RECEIVING KV from the prefill worker (plan REMOTE; see kv_receiver) or
-PREFILLING itself (plan LOCAL, or REMOTE whose prefill worker turned out
-unreachable or died mid-transfer, with ``prefill_fallback: local``) → DECODING
-in the continuous batch → DONE. A cancelled call, a failed transfer or an expired
-deadline aborts the request in the engine, which frees its blocks, and ends the
-call with a status.
+One path for every plan; a REMOTE plan puts a KV import in front of it::
+
+    PLANNED ──admit──▶ ADMITTED ─┬─(LOCAL)──────────────────────────────────▶ DECODING ──▶ DONE
+                                 └─(REMOTE) IMPORTING ─┬─ committed ──────────▶ DECODING
+                                                       └─ fell back ─▶ PREFILLING ─▶ DECODING
+
+- PLANNED: the request is converted and checked (params, plan, prefill address;
+  else INVALID_ARGUMENT).
+- ADMITTED: the request has its seat in the engine. LOCAL: queued for a prefill
+  here. REMOTE: blocks for the prompt's KV reserved (else RESOURCE_EXHAUSTED) — a
+  ``KVImport`` in RESERVED.
+- IMPORTING: the KV comes from the prefill worker through the ``KVSource``
+  (pdserve/engine/kv_import.py has its states). It commits (the request decodes
+  with the first token), or falls back to PREFILLING here when the prefill worker
+  was unreachable or died (``prefill_fallback: local``), or aborts: the call ends
+  with the stream's status (FAILED_PRECONDITION, DATA_LOSS, ... or the peer's).
+- DECODING: in the continuous batch; tokens stream back. DONE: the final output
+  (finish reason) was sent.
+
+A cancelled call, an expired deadline or any error aborts the request in the
+engine, which frees its blocks. Every line logged while serving a request carries
+its id: admitted (plan, prefill address), fell back, done (finish reason, tokens).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
-from decode_worker.kv_receiver import PrefillClients, TransferStats, receive_kv
+from decode_worker.kv_source import KVSource, make_kv_source
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.async_engine import AsyncEngine, RequestStream
 from pdserve.engine.block_manager import NoFreeBlocksError
+from pdserve.engine.kv_import import ImportState, KVImport
 from pdserve.engine.outputs import RequestOutput
-from pdserve.kvwire.codec import Encoding, resolve
-from pdserve.kvwire.stream import KVStreamError
+from pdserve.kvwire.codec import Encoding
+from pdserve.kvwire.stream import KVRequest, KVStreamError
+from pdserve.logs import request_scope
 from pdserve.metrics import WorkerMetrics
 from pdserve.params_pb import logprob_to_pb, params_from_pb
-from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where the prompt's KV comes from: computed here, or imported from a prefill
+    worker (``prefill_address``) in ``encoding``."""
+
+    kv: KVRequest
+    prefill_address: str | None
+
+    @property
+    def name(self) -> str:
+        return "remote" if self.prefill_address else "local"
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -37,8 +67,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, config: WorkerConfig) -> None:
         self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
         self.metrics: WorkerMetrics = None  # type: ignore[assignment]
+        self.kv_source: KVSource = None  # type: ignore[assignment]
         self.config = config
-        self.clients = PrefillClients()
         self.default_encoding = Encoding.parse(config.kv_encoding)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -46,15 +76,33 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""
+        self.kv_source = make_kv_source(self.config.kv_source, engine)
         self.engine, self.metrics = engine, metrics
 
     async def Generate(self, request: worker_pb2.DecodeRequest,  # noqa: N802 - gRPC name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
-        if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker: model still loading")
+        with request_scope(request.request_id):
+            if self.engine is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "decode worker: model still loading")
+            plan = await self._plan(request, context)
+            last: RequestOutput | None = None
+            try:
+                async with self.engine.request(plan.kv.request_id) as stream:
+                    kv_import = await self._admit(stream, plan, context)
+                    async for out in stream.outputs():
+                        assert isinstance(out, RequestOutput)
+                        yield self._response(out, first=last is None, kv_import=kv_import)
+                        last = out
+            finally:
+                self._end(last, plan)
+
+    async def _plan(self, request: worker_pb2.DecodeRequest,
+                    context: grpc.aio.ServicerContext) -> DecodePlan:
+        """PLANNED: the protobuf request as a checked plan."""
         try:
             params = params_from_pb(request.params)
+            encoding = Encoding(request.encoding) if request.encoding else self.default_encoding
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remote = request.plan == worker_pb2.PLAN_REMOTE or (
@@ -62,103 +110,77 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if remote and not request.prefill_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "plan REMOTE needs prefill_address")
-        if remote:
-            stream = self._remote(request, prompt, params, context)
-        else:
-            stream = self._local(rid, prompt, params, context)
-        async for msg in stream:
-            yield msg
+        kv = KVRequest(request.request_id, list(request.prompt_token_ids), params, encoding)
+        return DecodePlan(kv, request.prefill_address if remote else None)
 
-    async def _local(self, rid: str, prompt: list[int], params: SamplingParams,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        first = True
+    async def _admit(self, stream: RequestStream, plan: DecodePlan,
+                     context: grpc.aio.ServicerContext) -> KVImport | None:
+        """ADMITTED, then IMPORTING for a remote plan; returns its finished import."""
+        kv = plan.kv
+        log.info("admitted", extra={"plan": plan.name, "prefill": plan.prefill_address,
+                                    "prompt_tokens": len(kv.prompt)})
         try:
-            async for out in self.engine.generate(rid, prompt, params):
-                assert isinstance(out, RequestOutput)
-                msg = _response(out)
-                if first:
-                    self.metrics.prompt_tokens.inc(len(prompt))  # prefilled here
-                    msg.prefill_compute_s = _local_compute_s(out)
-                first = False
-                self._count(out)
-                yield msg
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    async def _remote(self, request: worker_pb2.DecodeRequest, prompt: list[int],
-                      params: SamplingParams, context: grpc.aio.ServicerContext,
-                      ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        rid, engine = request.request_id, self.engine
-        enc = resolve(Encoding(request.encoding) if request.encoding else self.default_encoding,
-                      engine.engine.weight_dtype)
-        q = engine.open(rid)
-        finished = False
-        try:
-            await self._admit(rid, prompt, params, context)
-            stats = await self._transfer(request, rid, prompt, params, enc, context)
-            first = True
-            async for out in engine.stream(q):
-                assert isinstance(out, RequestOutput)
-                finished = out.finished
-                msg = _response(out)
-                if first and stats is None:  # fell back to a local prefill
-                    self.metrics.prompt_tokens.inc(len(prompt))
-                    msg.prefill_compute_s = _local_compute_s(out)
-                elif first and stats is not None:
-                    msg.prefill_compute_s, msg.kv_transfer_s = stats.prefill_compute_s, stats.transfer_s
-                    msg.kv_bytes = stats.bytes
-                first = False
-                self._count(out)
-                yield msg
-        finally:
-            engine.close(rid, finished)
-            if not finished:
-                self.metrics.aborted.inc()
-
-    def _count(self, out: RequestOutput) -> None:
-        self.metrics.generation_tokens.inc(len(out.new_token_ids))
-        if out.finished and out.timings is not None:
-            self.metrics.preemptions.inc(out.timings.num_preemptions)
-
-    async def _admit(self, rid: str, prompt: list[int], params: SamplingParams,
-                     context: grpc.aio.ServicerContext) -> None:
-        try:
-            await self.engine.call(self.engine.engine.begin_import, rid, prompt, params)
+            if plan.prefill_address is None:
+                await stream.add(kv.prompt, kv.params)
+                return None
+            kv_import = await stream.reserve_import(kv.prompt, kv.params, kv.encoding)
         except NoFreeBlocksError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker full: {e}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await self._import(kv_import, plan, context)
+        return kv_import
 
-    async def _transfer(self, request: worker_pb2.DecodeRequest, rid: str, prompt: list[int],
-                        params: SamplingParams, enc: Encoding,
-                        context: grpc.aio.ServicerContext) -> TransferStats | None:
-        """The prompt's KV from the prefill worker; None when it was unreachable or died
-        and the prompt is being prefilled here instead (``prefill_fallback: local``)."""
-        address = request.prefill_address
+    async def _import(self, kv_import: KVImport, plan: DecodePlan,
+                      context: grpc.aio.ServicerContext) -> None:
+        address = plan.prefill_address
+        assert address is not None
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None else self.config.prefill_timeout_s
+        events = self.kv_source.prefill(address, plan.kv, timeout)
         try:
-            stats = await receive_kv(self.engine, self.clients, address, rid, prompt, params,
-                                     enc, timeout)
+            await kv_import.run(events, fall_back=self.config.prefill_fallback == "local")
         except KVStreamError as e:
             self.metrics.kv_failures.inc()
+            log.warning("KV import failed", extra={"prefill": address, "code": e.code,
+                                                   "error": str(e)})
             await context.abort(getattr(grpc.StatusCode, e.code), f"KV from {address}: {e}")
-        except grpc.aio.AioRpcError as e:
+        if kv_import.state is ImportState.FELL_BACK:
             self.metrics.kv_failures.inc()
-            code = e.code()
-            if code == grpc.StatusCode.CANCELLED:
-                raise
-            if code == grpc.StatusCode.UNAVAILABLE and self.config.prefill_fallback == "local":
-                log.warning("prefill worker unavailable, prefilling locally",
-                            extra={"request_id": rid, "prefill": address,
-                                   "error": e.details()})
-                await self.engine.call(self.engine.engine.prefill_locally, rid)
-                return None
-            await context.abort(code, f"prefill worker {address}: {e.details()}")
-        self.metrics.kv_bytes.inc(stats.bytes)
-        self.metrics.kv_seconds.observe(stats.transfer_s)
-        self.metrics.prompt_tokens.inc(len(prompt))
-        return stats
+            log.warning("prefill worker unavailable, prefilling locally",
+                        extra={"prefill": address, "error": str(kv_import.error)})
+            return
+        self.metrics.kv_bytes.inc(kv_import.stats.bytes)
+        self.metrics.kv_seconds.observe(kv_import.stats.transfer_s)
+
+    def _response(self, out: RequestOutput, first: bool,
+                  kv_import: KVImport | None) -> worker_pb2.DecodeResponse:
+        msg = worker_pb2.DecodeResponse(
+            token_ids=out.new_token_ids, text=out.new_text,
+            finish_reason=out.finish_reason or "" if out.finished else "",
+            logprobs=[logprob_to_pb(lp) for lp in out.new_logprobs],
+            stop_reason="" if out.stop_reason is None else str(out.stop_reason))
+        self.metrics.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished and out.timings is not None:
+            self.metrics.preemptions.inc(out.timings.num_preemptions)
+        if first:  # the prompt is in the KV cache now, whichever way it got there
+            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+            if kv_import is not None and kv_import.state is ImportState.COMMITTED:
+                s = kv_import.stats
+                msg.prefill_compute_s, msg.kv_transfer_s = s.prefill_compute_s, s.transfer_s
+                msg.kv_bytes = s.bytes
+            else:
+                msg.prefill_compute_s = _local_compute_s(out)
+        return msg
+
+    def _end(self, last: RequestOutput | None, plan: DecodePlan) -> None:
+        """DONE, or cut short (cancelled, failed): the end line either way."""
+        if last is None or not last.finished:
+            self.metrics.aborted.inc()
+        reason = last.finish_reason if last is not None and last.finished else "abort"
+        tokens = len(last.token_ids) if last is not None else 0
+        log.info("done", extra={"plan": plan.name, "finish_reason": reason,
+                                "output_tokens": tokens})
 
 
 def _local_compute_s(out: RequestOutput) -> float:
@@ -166,11 +188,3 @@ def _local_compute_s(out: RequestOutput) -> float:
     if t is None or t.ttft_s is None:
         return 0.0
     return t.ttft_s - (t.queue_s or 0.0)
-
-
-def _response(out: RequestOutput) -> worker_pb2.DecodeResponse:
-    return worker_pb2.DecodeResponse(
-        token_ids=out.new_token_ids, text=out.new_text,
-        finish_reason=out.finish_reason or "" if out.finished else "",
-        logprobs=[logprob_to_pb(lp) for lp in out.new_logprobs],
-        stop_reason="" if out.stop_reason is None else str(out.stop_reason))

@@ -77,6 +77,7 @@ class EngineConfig:
 
 
 PREFILL_FALLBACKS = ("local", "fail")
+KV_SOURCES: tuple[str, ...] = ("grpc", "loopback")
 KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
 
 
@@ -101,6 +102,9 @@ class WorkerConfig:
     prefill_fallback: str = "local"  # one of PREFILL_FALLBACKS
     """Decode: when the prefill worker is unreachable or dies mid-transfer, ``local``
     prefills here instead; ``fail`` ends the request with UNAVAILABLE."""
+    kv_source: str = "grpc"
+    """Decode: where remote KV comes from: ``grpc`` (prefill workers) or ``loopback``
+    (an in-process fake prefilling on this worker; tests)."""
 
     def __post_init__(self) -> None:
         _require(self.role in ("prefill", "decode"), "role", "prefill or decode", self.role)
@@ -111,6 +115,8 @@ class WorkerConfig:
                  self.kv_encoding)
         _require(self.prefill_fallback in PREFILL_FALLBACKS, "prefill_fallback",
                  f"one of {PREFILL_FALLBACKS}", self.prefill_fallback)
+        _require(self.kv_source in KV_SOURCES, "kv_source", f"one of {KV_SOURCES}",
+                 self.kv_source)
 
 
 ROUTING_POLICIES: tuple[str, ...] = ("load_aware",)

@@ -1,4 +1,6 @@
-"""Protobuf ⇄ domain conversions of the KV stream (used by both workers)."""
+"""Protobuf ⇄ domain conversions of the KV stream (both workers): the one place on
+the KV path that sees ``worker_pb2``. Past it there are only domain events
+(``KVHeader``, ``KVChunk``, ``FirstToken``) and ``KVRequest``."""
 
 from __future__ import annotations
 
@@ -6,29 +8,37 @@ from google.protobuf.message import DecodeError
 
 from pdserve._proto.pdserve.v1 import worker_pb2
 from pdserve.kvwire.chunk_message import parse_chunk_message
-from pdserve.kvwire.codec import EncodedKV, Encoding
-from pdserve.kvwire.stream import KVChunk, KVHeader, KVStreamError
+from pdserve.kvwire.codec import Encoding
+from pdserve.kvwire.stream import FirstToken, KVEvent, KVHeader, KVRequest, KVStreamError
+from pdserve.params_pb import logprob_from_pb, logprob_to_pb, params_from_pb, params_to_pb
 
 
-def header_to_pb(h: KVHeader) -> worker_pb2.KVHeader:
-    return worker_pb2.KVHeader(
-        protocol_version=h.protocol_version, model_name=h.model_name, num_layers=h.num_layers,
-        num_kv_heads=h.num_kv_heads, head_dim=h.head_dim, block_size=h.block_size,
-        encoding=int(h.encoding), num_tokens=h.num_tokens)  # type: ignore[arg-type]
+def kv_request_to_pb(r: KVRequest) -> worker_pb2.PrefillRequest:
+    return worker_pb2.PrefillRequest(
+        request_id=r.request_id, prompt_token_ids=r.prompt, params=params_to_pb(r.params),
+        encoding=int(r.encoding))  # type: ignore[arg-type]
 
 
-def header_from_pb(h: worker_pb2.KVHeader) -> KVHeader:
-    return KVHeader(h.protocol_version, h.model_name, h.num_layers, h.num_kv_heads, h.head_dim,
-                    h.block_size, _encoding(h.encoding), h.num_tokens)
+def kv_request_from_pb(r: worker_pb2.PrefillRequest) -> KVRequest:
+    """Raises ValueError naming the field for out-of-range values."""
+    try:
+        encoding = Encoding(r.encoding)
+    except ValueError:
+        raise ValueError(f"encoding must be a KVEncoding, got {r.encoding}") from None
+    return KVRequest(r.request_id, list(r.prompt_token_ids), params_from_pb(r.params), encoding)
 
 
-def chunk_to_pb(c: KVChunk) -> worker_pb2.KVChunk:
-    p = c.payload
-    return worker_pb2.KVChunk(
-        seq=c.seq, layer=c.layer, token_offset=c.token_offset, num_tokens=c.num_tokens,
-        encoding=int(c.encoding),  # type: ignore[arg-type]
-        k=bytes(p.k), v=bytes(p.v), k_scales=bytes(p.k_scales), v_scales=bytes(p.v_scales),
-        crc32c=c.crc32c)
+def event_to_pb(e: KVHeader | FirstToken) -> worker_pb2.PrefillResponse:
+    """The header and the first token; chunks are written as bytes (kvwire.chunk_message)."""
+    if isinstance(e, KVHeader):
+        return worker_pb2.PrefillResponse(header=worker_pb2.KVHeader(
+            protocol_version=e.protocol_version, model_name=e.model_name,
+            num_layers=e.num_layers, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim,
+            block_size=e.block_size, encoding=int(e.encoding),  # type: ignore[arg-type]
+            num_tokens=e.num_tokens))
+    return worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
+        token=logprob_to_pb(e.token), prefill_compute_s=e.prefill_compute_s,
+        num_prompt_tokens=e.num_prompt_tokens))
 
 
 def response_bytes(message: worker_pb2.PrefillResponse | bytes) -> bytes:
@@ -37,22 +47,28 @@ def response_bytes(message: worker_pb2.PrefillResponse | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def parse_prefill_response(data: bytes) -> KVChunk | worker_pb2.PrefillResponse:
-    """The Prefill stream's messages, received as bytes: chunks parsed without a copy,
-    the rest (header, first token) by protobuf."""
+def parse_prefill_response(data: bytes) -> KVEvent:
+    """One Prefill stream message, received as bytes, as a domain event: chunks parsed
+    without a copy, the header and first token through protobuf."""
     chunk = parse_chunk_message(data)
     if chunk is not None:
         return chunk
     try:
-        return worker_pb2.PrefillResponse.FromString(data)
+        msg = worker_pb2.PrefillResponse.FromString(data)
     except DecodeError as e:
         raise KVStreamError("DATA_LOSS", f"malformed Prefill message: {e}") from None
+    kind = msg.WhichOneof("kind")
+    if kind == "header":
+        return _header(msg.header)
+    if kind == "first_token":
+        t = msg.first_token
+        return FirstToken(logprob_from_pb(t.token), t.prefill_compute_s, t.num_prompt_tokens)
+    raise KVStreamError("DATA_LOSS", "Prefill message holds neither header, chunk nor token")
 
 
-def chunk_from_pb(c: worker_pb2.KVChunk) -> KVChunk:
-    payload = EncodedKV(c.k, c.v, c.k_scales, c.v_scales)
-    return KVChunk(c.seq, c.layer, c.token_offset, c.num_tokens, _encoding(c.encoding),
-                   payload, c.crc32c)
+def _header(h: worker_pb2.KVHeader) -> KVHeader:
+    return KVHeader(h.protocol_version, h.model_name, h.num_layers, h.num_kv_heads, h.head_dim,
+                    h.block_size, _encoding(h.encoding), h.num_tokens)
 
 
 def _encoding(value: int) -> Encoding:

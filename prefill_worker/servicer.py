@@ -1,14 +1,15 @@
 """``PrefillWorker.Prefill``: header, then KV chunks as each layer is computed, then
 the first token.
 
-Per request: RECEIVED → (queued in the engine) → PREFILLING (chunks streamed as
-layers finish) → FIRST_TOKEN sent → DONE. A cancelled call aborts the request in
-the engine, which frees its blocks.
+Per request: RECEIVED (request converted and checked, else INVALID_ARGUMENT) →
+PREFILLING (queued in the engine, then computed; each layer of each chunk goes out
+as soon as the forward pass wrote it) → FIRST_TOKEN sent → DONE. A cancelled call
+aborts the request in the engine, which frees its blocks. Every line logged while
+serving a request carries its id.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,15 +18,14 @@ import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
-from pdserve.convert import header_to_pb, response_bytes
+from pdserve.convert import event_to_pb, kv_request_from_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
+from pdserve.engine.kv_export import export_kv
 from pdserve.kvwire.chunk_message import encode_chunk_message
-from pdserve.kvwire.codec import Encoding, resolve
-from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
-from pdserve.logprobs import Logprob
+from pdserve.kvwire.codec import Encoding
+from pdserve.kvwire.stream import FirstToken, KVHeader
+from pdserve.logs import request_scope
 from pdserve.metrics import WorkerMetrics
-from pdserve.params_pb import logprob_to_pb, params_from_pb
-from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,43 +48,55 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802 - gRPC name
                       context: grpc.aio.ServicerContext,
                       ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:
-        rid = request.request_id
-        if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker: model still loading")
-        try:
-            params = params_from_pb(request.params)
-            enc = resolve(Encoding(request.encoding), self.engine.engine.weight_dtype)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        # Only the first token is sampled here; the decode worker does the rest.
-        params = _first_token_only(params)
-        prompt = list(request.prompt_token_ids)
-        yield worker_pb2.PrefillResponse(header=header_to_pb(self._header(enc, len(prompt))))
-        seq, sent, t_first = 0, 0, None
-        try:
-            async for item in self.engine.generate(rid, prompt, params, export_kv=True):
-                if isinstance(item, KVPiece):
-                    t_first = t_first or time.perf_counter()
-                    message, nbytes = encode_chunk_message(seq, item.layer, item.start,
-                                                           item.k, item.v, enc)
-                    seq += 1
-                    sent += nbytes
-                    self.metrics.kv_bytes.inc(nbytes)
-                    yield message
-                elif item.finished:
-                    self.metrics.prompt_tokens.inc(len(prompt))
-                    if t_first is not None:
-                        self.metrics.kv_seconds.observe(time.perf_counter() - t_first)
-                    yield worker_pb2.PrefillResponse(first_token=_first_token(item, prompt))
-        except ValueError as e:  # the engine refused the prompt
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        finally:
-            log.info("prefill done", extra={"request_id": rid, "chunks": seq, "bytes": sent})
+        with request_scope(request.request_id):
+            if self.engine is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "prefill worker: model still loading")
+            try:
+                kv_request = kv_request_from_pb(request)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            log.info("prefill started", extra={"prompt_tokens": len(kv_request.prompt),
+                                               "encoding": kv_request.encoding.name})
+            stream = _Sent()
+            try:
+                async for event in export_kv(self.engine, kv_request):
+                    yield self._message(event, stream)
+            except ValueError as e:  # the engine refused the prompt
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            finally:
+                log.info("prefill done", extra={"chunks": stream.chunks, "bytes": stream.bytes,
+                                                "first_token": stream.done})
 
-    def _header(self, enc: Encoding, num_tokens: int) -> KVHeader:
-        s = self.engine.engine.spec
-        return KVHeader(PROTOCOL_VERSION, s.name, s.num_layers, s.num_kv_heads, s.head_dim,
-                        self.engine.engine.blocks.block_size, enc, num_tokens)
+    def _message(self, event: KVHeader | KVPiece | FirstToken,
+                 stream: _Sent) -> worker_pb2.PrefillResponse | bytes:
+        if isinstance(event, KVHeader):
+            stream.encoding = event.encoding
+            return event_to_pb(event)
+        if isinstance(event, KVPiece):
+            stream.t_first = stream.t_first or time.perf_counter()
+            message, nbytes = encode_chunk_message(stream.chunks, event.layer, event.start,
+                                                   event.k, event.v, stream.encoding)
+            stream.chunks += 1
+            stream.bytes += nbytes
+            self.metrics.kv_bytes.inc(nbytes)
+            return message
+        self.metrics.prompt_tokens.inc(event.num_prompt_tokens)
+        if stream.t_first is not None:
+            self.metrics.kv_seconds.observe(time.perf_counter() - stream.t_first)
+        stream.done = True
+        return event_to_pb(event)
+
+
+class _Sent:
+    """What one Prefill call has sent so far."""
+
+    def __init__(self) -> None:
+        self.encoding = Encoding.MODEL
+        self.chunks = 0  # also the next chunk's seq
+        self.bytes = 0
+        self.t_first: float | None = None
+        self.done = False
 
 
 def add_prefill_servicer(servicer: worker_pb2_grpc.PrefillWorkerServicer,
@@ -96,18 +108,3 @@ def add_prefill_servicer(servicer: worker_pb2_grpc.PrefillWorkerServicer,
         response_serializer=response_bytes)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("pdserve.v1.PrefillWorker", {"Prefill": handler})])
-
-
-def _first_token_only(params: SamplingParams) -> SamplingParams:
-    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
-                               stop=(), detokenize=False)
-
-
-def _first_token(out, prompt: list[int]) -> worker_pb2.FirstToken:  # type: ignore[no-untyped-def]
-    t = out.timings
-    lp = out.logprobs[0] if out.logprobs else Logprob(out.token_ids[0], 0.0, [])
-    compute = 0.0
-    if t is not None and t.ttft_s is not None and t.queue_s is not None:
-        compute = t.ttft_s - t.queue_s
-    return worker_pb2.FirstToken(token=logprob_to_pb(lp), prefill_compute_s=compute,
-                                 num_prompt_tokens=len(prompt))

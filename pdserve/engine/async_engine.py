@@ -2,8 +2,10 @@
 
 The engine is not thread-safe, so everything that touches it (add, abort, KV
 import) is a command executed on the engine thread between steps, in the order
-it was sent. Outputs go back to each request's asyncio queue. KV exported during
-prefill travels the same queue, ahead of the token that follows it.
+it was sent. Each request lives in a ``RequestStream`` (``request(rid)``): its
+outputs come back on the stream's asyncio queue; KV exported during prefill
+travels the same queue, ahead of the token that follows it; a KV import
+(pdserve/engine/kv_import.py) is handed out by the stream.
 
 Engine thread loop::
 
@@ -15,6 +17,7 @@ Engine thread loop::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -25,7 +28,9 @@ from typing import Any, TypeVar
 import torch
 
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_import import KVImport
 from pdserve.engine.outputs import RequestOutput
+from pdserve.kvwire.codec import Encoding
 from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,43 @@ class _QueueExporter:
         skip = max(skip, 0)
         self.sent[layer] = start + k.shape[0]
         self.deliver(KVPiece(layer, start + skip, k[skip:].clone(), v[skip:].clone()))
+
+
+class RequestStream:
+    """One request in an ``AsyncEngine``: started as a prefill here (``add``) or as a
+    KV import (``reserve_import``), then read through ``outputs``."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.finished = False
+
+    async def add(self, prompt: list[int], params: SamplingParams,
+                  export_kv: bool = False) -> None:
+        """Queue the request for prefill here; ``export_kv`` ships its prompt's KV as
+        ``KVPiece``s ahead of its outputs. Raises ValueError for a bad prompt."""
+        e = self.engine
+        exporter = _QueueExporter(e._deliverer(self.request_id)) if export_kv else None
+        await e.call(e.engine.add_request, self.request_id, prompt, params, exporter)
+
+    async def reserve_import(self, prompt: list[int], params: SamplingParams,
+                             encoding: Encoding) -> KVImport:
+        """Reserve blocks for the prompt's KV, to come from a peer in ``encoding``.
+        Raises NoFreeBlocksError when the pool is short, ValueError for a bad prompt."""
+        e = self.engine
+        await e.call(e.engine.begin_import, self.request_id, prompt, params)
+        expected = e.engine.kv_header(encoding, len(prompt))
+        return KVImport(e, self.request_id, expected, params.logprobs is not None)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput | KVPiece]:
+        """The request's items until its final output."""
+        while not self.finished:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            self.finished = isinstance(item, RequestOutput) and item.finished
+            yield item  # type: ignore[misc]
 
 
 class AsyncEngine:
@@ -104,43 +146,33 @@ class AsyncEngine:
             raise EngineDeadError(f"engine stopped: {self.dead}")
         self._commands.put(fn)
 
-    def open(self, request_id: str) -> asyncio.Queue[object]:
-        """Register the queue that will receive the request's outputs (and KV pieces)."""
+    @contextlib.asynccontextmanager
+    async def request(self, request_id: str) -> AsyncIterator[RequestStream]:
+        """One request's seat: its output queue, open while inside. Leaving it aborts
+        the request (freeing its blocks) unless it finished."""
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        q: asyncio.Queue[object] = asyncio.Queue()
-        self._streams[request_id] = q
-        return q
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream.queue
+        try:
+            yield stream
+        finally:
+            self._streams.pop(request_id, None)
+            if not stream.finished:
+                self.abort(request_id)
 
-    def close(self, request_id: str, finished: bool) -> None:
-        """Forget the request's queue; abort it in the engine unless it finished."""
-        self._streams.pop(request_id, None)
-        if not finished and self.dead is None:
+    def abort(self, request_id: str) -> None:
+        """Abort the request in the engine (no-op if it is gone)."""
+        if self.dead is None:
             self.engine.interrupt_requested = True  # free its blocks now, not after the step
             self.send(lambda: self._abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        export_kv: bool = False) -> AsyncIterator[RequestOutput | KVPiece]:
-        q = self.open(request_id)
-        finished = False
-        try:
-            exporter = _QueueExporter(self._deliverer(request_id)) if export_kv else None
-            await self.call(self.engine.add_request, request_id, prompt, params, exporter)
-            async for item in self.stream(q):
-                finished = isinstance(item, RequestOutput) and item.finished
+        async with self.request(request_id) as stream:
+            await stream.add(prompt, params, export_kv)
+            async for item in stream.outputs():
                 yield item
-        finally:
-            self.close(request_id, finished)
-
-    async def stream(self, q: asyncio.Queue[object]) -> AsyncIterator[RequestOutput | KVPiece]:
-        """Items of one request's queue until its final output."""
-        while True:
-            item = await q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-            if isinstance(item, RequestOutput) and item.finished:
-                return
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

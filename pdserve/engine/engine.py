@@ -26,6 +26,8 @@ from pdserve.engine.request import Request, RequestState
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
 from pdserve.engine.stop_checker import StopChecker
+from pdserve.kvwire.codec import Encoding, resolve
+from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
 from pdserve.logprobs import Logprob
 from pdserve.model_files import resolve_model
 from pdserve.sampling_params import SamplingParams
@@ -176,6 +178,13 @@ class LLMEngine:
         req = self._importing(request_id)
         self.blocks.free(req.abandon_import())
         self.scheduler.add(req)
+
+    def kv_header(self, encoding: Encoding, num_tokens: int) -> KVHeader:
+        """This model's fingerprint for a KV stream of ``num_tokens`` prompt tokens
+        (``Encoding.MODEL`` resolved to the weights' dtype)."""
+        s = self.spec
+        return KVHeader(PROTOCOL_VERSION, s.name, s.num_layers, s.num_kv_heads, s.head_dim,
+                        self.blocks.block_size, resolve(encoding, self.weight_dtype), num_tokens)
 
     def _importing(self, request_id: str) -> Request:
         req = self.requests.get(request_id)

@@ -1,7 +1,9 @@
 """What a KV stream must look like, checked on the receiving side before use.
 
 The stream is: one header (the sender's model fingerprint), then chunks in
-``seq`` order, each one layer of a token range. The receiver checks the header
+``seq`` order, each one layer of a token range, then the first token sampled
+after the prompt. These three are the stream's domain events (``KVEvent``); only
+pdserve/convert.py knows their protobuf form. The receiver checks the header
 against its own model before accepting a byte, and every chunk's position,
 sizes and CRC32C before writing it into its blocks. A violation raises
 ``KVStreamError`` carrying the gRPC status name to fail the request with.
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.kvwire.codec import EncodedKV, Encoding, expected_sizes
+from pdserve.logprobs import Logprob
+from pdserve.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
 
@@ -20,6 +24,16 @@ class KVStreamError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code  # a grpc.StatusCode name: FAILED_PRECONDITION, DATA_LOSS, ...
+
+
+class PeerFailed(KVStreamError):
+    """The sending peer failed the stream, or could not be reached (its status).
+    UNAVAILABLE (unreachable, or died mid-stream) is the one a receiver may answer by
+    prefilling itself."""
+
+    @property
+    def unavailable(self) -> bool:
+        return self.code == "UNAVAILABLE"
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,29 @@ class KVChunk:
     encoding: Encoding
     payload: EncodedKV
     crc32c: int
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The stream's last event: the token sampled after the prompt."""
+
+    token: Logprob
+    prefill_compute_s: float = 0.0
+    num_prompt_tokens: int = 0
+
+
+KVEvent = KVHeader | KVChunk | FirstToken
+
+
+@dataclass(frozen=True)
+class KVRequest:
+    """What a receiver asks of a KV sender: prefill this prompt, stream its KV in
+    ``encoding``, sample the first token with ``params``."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    encoding: Encoding
 
 
 class KVStreamValidator:

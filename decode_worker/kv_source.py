@@ -1,0 +1,85 @@
+"""Where a decode worker gets a prompt's KV: the ``KVSource`` seam.
+
+A source turns a ``KVRequest`` sent to a prefill worker address into the stream's
+domain events (header, chunks, first token). A failure of the peer itself comes
+out as ``PeerFailed`` carrying its status (UNAVAILABLE: unreachable or died, which
+the import may answer by prefilling locally); what the events say is checked by
+the import, not here.
+
+Sources, chosen by ``WorkerConfig.kv_source``:
+
+- ``grpc``: the real one, ``PrefillWorker.Prefill`` over gRPC (one channel per
+  address, reused).
+- ``loopback``: an in-process fake that prefills on this worker's own engine and
+  hands its exported KV over without a network (decode_worker/fake_kv_sources.py;
+  tests also script hostile streams there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Protocol
+
+import grpc
+
+from pdserve._proto.pdserve.v1 import worker_pb2
+from pdserve.convert import kv_request_to_pb, parse_prefill_response
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.grpc_server import OPTIONS
+from pdserve.kvwire.stream import KVEvent, KVRequest, PeerFailed
+
+PREFILL_METHOD = "/pdserve.v1.PrefillWorker/Prefill"
+
+
+class KVSource(Protocol):
+    def prefill(self, address: str, request: KVRequest,
+                timeout: float) -> AsyncGenerator[KVEvent, None]:
+        """The KV stream of ``request`` from the prefill worker at ``address``; closing
+        the generator cancels the call."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcKVSource:
+    """The Prefill stream's responses come up as bytes: ``parse_prefill_response``
+    reads the KV chunks in them without copying (the generated stub would parse each
+    through protobuf objects)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def prefill(self, address: str, request: KVRequest,
+                      timeout: float) -> AsyncGenerator[KVEvent, None]:
+        call = self._call(address)(kv_request_to_pb(request), timeout=timeout)
+        try:
+            async for data in call:
+                yield parse_prefill_response(data)
+        except grpc.aio.AioRpcError as e:
+            raise PeerFailed(e.code().name, f"prefill worker {address}: {e.details()}") from None
+        finally:
+            call.cancel()
+
+    def _call(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
+        if address not in self._calls:
+            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+            self._channels.append(channel)
+            self._calls[address] = channel.unary_stream(
+                PREFILL_METHOD, request_serializer=worker_pb2.PrefillRequest.SerializeToString)
+        return self._calls[address]
+
+    async def close(self) -> None:
+        for c in self._channels:
+            await c.close()
+
+
+def make_kv_source(name: str, engine: AsyncEngine) -> KVSource:
+    """The source called ``name`` (``WorkerConfig.kv_source``) for a worker's engine."""
+    if name == "grpc":
+        return GrpcKVSource()
+    if name == "loopback":
+        from decode_worker.fake_kv_sources import LoopbackKVSource
+
+        return LoopbackKVSource(engine)
+    raise ValueError(f"kv_source must be grpc or loopback, got {name!r}")
