@@ -61,6 +61,7 @@ class ScriptedKVSource:
         self.events = edit(list(events)) if edit is not None else list(events)
         self.fail, self.fail_after, self.stall = fail, fail_after, stall
         self.sent = 0
+        self.stalled = asyncio.Event()  # set when it starts to hang on ``stall``
         self.closed = False
 
     async def prefill(self, address: str, request: KVRequest,
@@ -78,6 +79,7 @@ class ScriptedKVSource:
 
     async def _break(self) -> None:
         if self.stall is not None:
+            self.stalled.set()
             await self.stall.wait()
         if self.fail is not None:
             raise self.fail

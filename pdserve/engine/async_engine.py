@@ -161,6 +161,11 @@ class AsyncEngine:
             if not stream.finished:
                 self.abort(request_id)
 
+    @property
+    def open_requests(self) -> list[str]:
+        """Ids of the requests whose output queue is open."""
+        return list(self._streams)
+
     def abort(self, request_id: str) -> None:
         """Abort the request in the engine (no-op if it is gone)."""
         if self.dead is None:

@@ -1,0 +1,262 @@
+"""The decode worker's KV import, step by step, with in-process KV sources (no gRPC):
+RESERVED → RECEIVING → COMMITTED, FELL_BACK (the sender dies mid-stream) or
+ABORTED (cancelled, hostile stream). Every path ends with every block free and no
+engine queue open."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from decode_worker.fake_kv_sources import LoopbackKVSource, ScriptedKVSource
+from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_import import ImportState, KVImport
+from pdserve.kvwire.codec import Encoding
+from pdserve.kvwire.stream import (
+    FirstToken,
+    KVChunk,
+    KVEvent,
+    KVHeader,
+    KVRequest,
+    KVStreamError,
+    PeerFailed,
+)
+from pdserve.logs import current_request_id
+from pdserve.sampling_params import SamplingParams
+from pdserve.worker_process import start_worker
+from tests.engine_helpers import assert_engine_empty, run_all
+
+PROMPT = list(range(5, 75))  # 70 tokens: 3 prefill chunks of at most 32
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+Scenario = Callable[[AsyncEngine, AsyncEngine], Awaitable[None]]
+
+
+def _config(model: Path) -> EngineConfig:
+    return EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64,
+                        max_num_batched_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path) -> list[int]:
+    e = LLMEngine(_config(tiny_llama))
+    e.add_request("ref", PROMPT, PARAMS)
+    return run_all(e)["ref"].token_ids  # type: ignore[attr-defined]
+
+
+def _run(model: Path, scenario: Scenario) -> None:
+    """``scenario(decode, prefill)`` on two started engines, then both must be empty."""
+    async def main() -> None:
+        d, p = AsyncEngine(LLMEngine(_config(model))), AsyncEngine(LLMEngine(_config(model)))
+        d.start()
+        p.start()
+        try:
+            await scenario(d, p)
+            await _settled(d, p)
+        finally:
+            d.stop()
+            p.stop()
+
+    asyncio.run(main())
+
+
+async def _settled(*engines: AsyncEngine) -> None:
+    """Aborts reach the engine thread asynchronously: wait for them (at most 2 s)."""
+    for _ in range(200):
+        if all(e.engine.blocks.all_free() and not e.engine.requests for e in engines):
+            break
+        await asyncio.sleep(0.01)
+    for e in engines:
+        assert_engine_empty(e.engine)
+        assert not e.open_requests
+
+
+def _ask(rid: str = "r") -> KVRequest:
+    return KVRequest(rid, PROMPT, PARAMS, Encoding.MODEL)
+
+
+async def _recorded(p: AsyncEngine) -> list[KVEvent]:
+    return await LoopbackKVSource(p).record(_ask("rec"))
+
+
+def _reserved_blocks(d: AsyncEngine) -> int:
+    return d.engine.blocks.num_blocks - d.engine.blocks.num_free_blocks
+
+
+async def _tokens(stream) -> list[int]:  # type: ignore[no-untyped-def]
+    tokens: list[int] = []
+    async for out in stream.outputs():
+        tokens += out.new_token_ids
+    return tokens
+
+
+def test_commit_then_decode_gives_the_engine_alone_tokens(tiny_llama: Path,
+                                                         reference: list[int]) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            assert imp.state is ImportState.RESERVED
+            assert _reserved_blocks(d) == d.engine.blocks.blocks_for_tokens(len(PROMPT) + 1)
+            await imp.run(LoopbackKVSource(p).prefill("p", _ask(), 30), fall_back=False)
+            assert imp.state is ImportState.COMMITTED
+            assert imp.stats.bytes > 0
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_sender_dies_mid_stream_falls_back_to_a_local_prefill(tiny_llama: Path,
+                                                              reference: list[int]) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        died = PeerFailed("UNAVAILABLE", "prefill worker p: connection reset")
+        src = ScriptedKVSource(await _recorded(p), fail=died, fail_after=4)
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            await imp.run(src.prefill("p", _ask(), 30), fall_back=True)
+            assert imp.state is ImportState.FELL_BACK and imp.error is died
+            assert src.sent == 4 and src.closed
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_sender_dies_without_fallback_aborts(tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        src = ScriptedKVSource(await _recorded(p), fail=PeerFailed("UNAVAILABLE", "gone"),
+                               fail_after=4)
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            with pytest.raises(PeerFailed):
+                await imp.run(src.prefill("p", _ask(), 30), fall_back=False)
+            assert imp.state is ImportState.ABORTED
+
+    _run(tiny_llama, scenario)
+
+
+def test_cancelled_mid_receive_aborts_and_frees(tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        src = ScriptedKVSource(await _recorded(p), fail_after=3, stall=asyncio.Event())
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            task = asyncio.create_task(imp.run(src.prefill("p", _ask(), 30), fall_back=True))
+            await src.stalled.wait()
+            assert imp.state is ImportState.RECEIVING and _reserved_blocks(d) > 0
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert imp.state is ImportState.ABORTED and src.closed
+
+    _run(tiny_llama, scenario)
+
+
+def _chunks(events: list[KVEvent]) -> list[int]:
+    return [i for i, e in enumerate(events) if isinstance(e, KVChunk)]
+
+
+def _other_model(events: list[KVEvent]) -> list[KVEvent]:
+    h = events[0]
+    assert isinstance(h, KVHeader)
+    return [dataclasses.replace(h, num_layers=h.num_layers + 1), *events[1:]]
+
+
+def _bad_crc(events: list[KVEvent]) -> list[KVEvent]:
+    i = _chunks(events)[1]
+    c = events[i]
+    assert isinstance(c, KVChunk)
+    events[i] = dataclasses.replace(c, crc32c=c.crc32c ^ 1)
+    return events
+
+
+def _out_of_order(events: list[KVEvent]) -> list[KVEvent]:
+    i, j = _chunks(events)[:2]
+    events[i], events[j] = events[j], events[i]
+    return events
+
+
+def _early_first_token(events: list[KVEvent]) -> list[KVEvent]:
+    assert isinstance(events[-1], FirstToken)
+    return [*events[:-2], events[-1], events[-2]]  # the last chunk comes too late
+
+
+HOSTILE = {
+    "other_model": (_other_model, "FAILED_PRECONDITION"),
+    "crc": (_bad_crc, "DATA_LOSS"),
+    "out_of_order": (_out_of_order, "DATA_LOSS"),
+    "first_token_early": (_early_first_token, "DATA_LOSS"),
+    "no_header": (lambda ev: ev[1:], "INVALID_ARGUMENT"),
+    "no_first_token": (lambda ev: ev[:-1], "DATA_LOSS"),
+}
+
+
+@pytest.mark.parametrize("mode", list(HOSTILE))
+def test_hostile_stream_aborts_with_its_status(tiny_llama: Path, mode: str) -> None:
+    edit, code = HOSTILE[mode]
+
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        src = ScriptedKVSource(await _recorded(p), edit=edit)
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            with pytest.raises(KVStreamError) as e:
+                await imp.run(src.prefill("p", _ask(), 30), fall_back=True)  # never for these
+            assert e.value.code == code, str(e.value)
+            assert imp.state is ImportState.ABORTED and src.closed
+
+    _run(tiny_llama, scenario)
+
+
+def test_peer_error_other_than_unavailable_never_falls_back(tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        src = ScriptedKVSource([], fail=PeerFailed("RESOURCE_EXHAUSTED", "P full"), fail_after=0)
+        async with d.request("r") as stream:
+            imp: KVImport = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            with pytest.raises(PeerFailed) as e:
+                await imp.run(src.prefill("p", _ask(), 30), fall_back=True)
+            assert e.value.code == "RESOURCE_EXHAUSTED" and imp.state is ImportState.ABORTED
+
+    _run(tiny_llama, scenario)
+
+
+def test_decode_worker_with_the_loopback_source_logs_each_step_under_the_id(
+        tiny_llama: Path, reference: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    """The servicer's one path, REMOTE plan, KV source chosen by name; its log lines."""
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(_stamp_request_id)
+    config = WorkerConfig(role="decode", engine=_config(tiny_llama), port=0,
+                          kv_source="loopback")
+    params = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    async def scenario() -> None:
+        d = await start_worker(config)
+        try:
+            async with grpc.aio.insecure_channel(d.address) as ch:
+                req = worker_pb2.DecodeRequest(request_id="loop-1", prompt_token_ids=PROMPT,
+                                               params=params, plan=worker_pb2.PLAN_REMOTE,
+                                               prefill_address="in-process")
+                msgs = [m async for m in worker_pb2_grpc.DecodeWorkerStub(ch).Generate(req)]
+            assert [t for m in msgs for t in m.token_ids] == reference
+            assert msgs[0].kv_bytes > 0 and msgs[-1].finish_reason == "length"
+            await _settled(d.engine)
+        finally:
+            await d.stop(0)
+
+    asyncio.run(scenario())
+    mine = [r for r in caplog.records if getattr(r, "rid", None) == "loop-1"]
+    messages = [r.getMessage() for r in mine]
+    assert "admitted" in messages and "done" in messages
+    admitted = mine[messages.index("admitted")]
+    assert admitted.plan == "remote" and admitted.prefill == "in-process"  # type: ignore[attr-defined]
+    done = mine[messages.index("done")]
+    assert done.finish_reason == "length" and done.output_tokens == 10  # type: ignore[attr-defined]
+
+
+def _stamp_request_id(record: logging.LogRecord) -> bool:
+    record.rid = current_request_id()
+    return True
