@@ -1,27 +1,32 @@
 """``DecodeWorker.Generate``: the lifecycle of a decode request.
 
-One path for every plan; a REMOTE plan puts a KV import in front of it::
+One path for every plan; a REMOTE plan puts a KV import in front of decoding. The
+import's states are those of pdserve/engine/kv_import.py::
 
-    PLANNED ──admit──▶ ADMITTED ─┬─(LOCAL)──────────────────────────────────▶ DECODING ──▶ DONE
-                                 └─(REMOTE) IMPORTING ─┬─ committed ──────────▶ DECODING
-                                                       └─ fell back ─▶ PREFILLING ─▶ DECODING
+    PLANNED ──▶ ADMITTED ──(LOCAL: prefill here)──────────────────────────▶ DECODING ──▶ DONE
+                   │                                                           ▲
+                   └─(REMOTE: KV import) RESERVED ──▶ RECEIVING ──┬─ COMMITTED ─┤
+                                                                  ├─ FELL_BACK ─┘ (prefill here)
+                                                                  └─ ABORTED ──▶ call fails
 
-- PLANNED: the request is converted and checked (params, plan, prefill address;
-  else INVALID_ARGUMENT).
-- ADMITTED: the request has its seat in the engine. LOCAL: queued for a prefill
-  here. REMOTE: blocks for the prompt's KV reserved (else RESOURCE_EXHAUSTED) — a
-  ``KVImport`` in RESERVED.
-- IMPORTING: the KV comes from the prefill worker through the ``KVSource``
-  (pdserve/engine/kv_import.py has its states). It commits (the request decodes
-  with the first token), or falls back to PREFILLING here when the prefill worker
-  was unreachable or died (``prefill_fallback: local``), or aborts: the call ends
-  with the stream's status (FAILED_PRECONDITION, DATA_LOSS, ... or the peer's).
-- DECODING: in the continuous batch; tokens stream back. DONE: the final output
-  (finish reason) was sent.
+- PLANNED: the protobuf request converted and checked (params, plan, prefill
+  address, encoding; else INVALID_ARGUMENT) into a ``DecodePlan``.
+- ADMITTED: the request has its seat in the engine (``RequestStream``). LOCAL: queued
+  for a prefill here. REMOTE: blocks for the prompt's KV reserved (else
+  RESOURCE_EXHAUSTED): the import is RESERVED.
+- RECEIVING: the KV comes from the prefill worker through the ``KVSource``
+  (decode_worker/kv_source.py), checked and written into the reserved blocks.
+  COMMITTED: the first token arrived, the request decodes. FELL_BACK: the prefill
+  worker was unreachable or died and ``prefill_fallback`` is ``local``: the prompt is
+  prefilled here. ABORTED: the call ends with the stream's status
+  (FAILED_PRECONDITION, DATA_LOSS, INVALID_ARGUMENT, or the peer's own).
+- DECODING: in the continuous batch; tokens stream back, the first message says how
+  the prompt's KV arrived. DONE: the final output (finish reason) was sent.
 
-A cancelled call, an expired deadline or any error aborts the request in the
-engine, which frees its blocks. Every line logged while serving a request carries
-its id: admitted (plan, prefill address), fell back, done (finish reason, tokens).
+A cancelled call, an expired deadline or any error aborts the request in the engine
+(leaving its ``RequestStream``), which frees its blocks. Every line logged while
+serving a request carries its id: admitted (plan, prefill address), KV import failed
+or fell back, done (finish reason, output tokens).
 """
 
 from __future__ import annotations

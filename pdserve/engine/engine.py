@@ -3,8 +3,12 @@
 ``add_request`` → ``step`` (repeatedly; each returns the requests that moved) →
 ``abort`` by id. KV can leave during prefill (a ``KVExporter`` gets every layer
 of every chunk as soon as that layer is computed) and enter a second engine
-(``begin_import`` / ``write_kv`` / ``commit_import``), which then decodes as if
-it had prefilled itself.
+(``begin_import`` / ``write_kv`` / ``commit_import``, or ``prefill_locally`` when
+the sender fails), which then decodes as if it had prefilled itself; asyncio callers
+drive these through a ``KVImport`` (pdserve/engine/kv_import.py).
+
+Each step: the scheduler picks the tokens, the model runner computes them, the
+sampler picks the next tokens, and the scheduler applies the result (``update``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ States (each request is in exactly one)::
     IMPORTING ──abandon──▶ WAITING     (the sender died: prefill here instead)
     any state ──abort──▶ FINISHED      (finish_reason "abort")
 
+IMPORTING is the engine's side of a ``KVImport`` (pdserve/engine/kv_import.py) while
+it is RESERVED or RECEIVING; commit is its COMMITTED, abandon its FELL_BACK, abort
+its ABORTED.
+
 Token accounting follows vLLM v1: there is no prefill or decode phase. A request
 holds ``all_token_ids`` (prompt + output) and ``num_computed_tokens``; each step
 the scheduler gives it some of the missing tokens. When everything known is
