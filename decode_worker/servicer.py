@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """Where the prompt's KV comes from: computed here, or imported from a prefill
-    worker (``prefill_address``) in ``encoding``."""
+    """The checked request, and where its prompt's KV comes from: computed here
+    (``prefill_address`` None) or imported from that prefill worker."""
 
     kv: KVRequest
     prefill_address: str | None
@@ -115,24 +115,30 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if remote and not request.prefill_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "plan REMOTE needs prefill_address")
+        if request.request_id in self.engine.open_requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id {request.request_id!r} is already in use")
         kv = KVRequest(request.request_id, list(request.prompt_token_ids), params, encoding)
         return DecodePlan(kv, request.prefill_address if remote else None)
 
     async def _admit(self, stream: RequestStream, plan: DecodePlan,
                      context: grpc.aio.ServicerContext) -> KVImport | None:
-        """ADMITTED, then IMPORTING for a remote plan; returns its finished import."""
+        """ADMITTED; for a remote plan, the KV import then runs to COMMITTED or
+        FELL_BACK (ABORTED ends the call). Returns that import."""
         kv = plan.kv
-        log.info("admitted", extra={"plan": plan.name, "prefill": plan.prefill_address,
-                                    "prompt_tokens": len(kv.prompt)})
         try:
             if plan.prefill_address is None:
                 await stream.add(kv.prompt, kv.params)
-                return None
-            kv_import = await stream.reserve_import(kv.prompt, kv.params, kv.encoding)
+            else:
+                kv_import = await stream.reserve_import(kv.prompt, kv.params, kv.encoding)
         except NoFreeBlocksError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker full: {e}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.info("admitted", extra={"plan": plan.name, "prefill": plan.prefill_address,
+                                    "prompt_tokens": len(kv.prompt)})
+        if plan.prefill_address is None:
+            return None
         await self._import(kv_import, plan, context)
         return kv_import
 
