@@ -260,3 +260,8 @@ def test_decode_worker_with_the_loopback_source_logs_each_step_under_the_id(
 def _stamp_request_id(record: logging.LogRecord) -> bool:
     record.rid = current_request_id()
     return True
+
+
+def test_kv_source_is_chosen_by_a_checked_config_name() -> None:
+    with pytest.raises(ValueError, match="kv_source"):
+        WorkerConfig(role="decode", kv_source="carrier-pigeon")
