@@ -4,25 +4,26 @@ point; nothing here knows protobuf or JSON). Seams: a ``RoutingPolicy``
 (router/policy.py) picks the decode worker and plan, a ``DecodeBackend``
 (router/decode_backend.py) carries the call.
 
-Per request (a ``_Flight`` in ``Generator._flights`` from ROUTING to its end)::
+Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
 
     RECEIVED ─_receive─▶ ROUTING ─_dispatch─▶ DISPATCHED ─_first_token─▶ STREAMING ─_finish─▶ DONE
-                          ▲   │                  │                          │
-                          │   └─_route: none─▶ FAILED ◀─_fail (worker error)─┤
-                          └──────_retry──────────┘                          │
-                      (RESOURCE_EXHAUSTED                 ABORTED ◀─_aborted─┤ (Abort)
-                       before the first token)          CANCELLED ◀─_hang_up─┘ (stream closed)
 
-RECEIVED: tokenized and validated by ``_receive`` (``GenerationError``
-INVALID_ARGUMENT with ``param``, or UNAVAILABLE while draining or with no decode
-worker up, or ALREADY_EXISTS). ROUTING: ``_route`` asks the policy for a decode
-worker neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one
+    ROUTING                ─_route────▶ FAILED     no decode worker left to try
+    DISPATCHED             ─_retry────▶ ROUTING    the worker was full (RESOURCE_EXHAUSTED)
+    DISPATCHED, STREAMING  ─_aborted──▶ ABORTED    ``abort``: the call was cancelled
+    DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the worker's call failed
+    DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone, deadline)
+
+``_receive`` admits, tokenizes and validates (else ``GenerationError``:
+INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
+decode worker up, ALREADY_EXISTS). ``_route`` asks the policy for a decode worker
+neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one
 answered full, else UNAVAILABLE. DISPATCHED and STREAMING hold one call on a
-decode worker; ``_hang_up`` ends it whatever ended the request and tells the
-policy. Closing the stream (client gone), ``abort`` and the deadline all cancel
-the decode worker's call, which cancels the prefill call. The request id is bound
-to every log line of the request (``pdserve.logs.request_scope``) and is the one
-the decode worker gets, so one ``grep`` follows it through every role.
+decode worker; ``_hang_up`` ends that call whatever ended it and tells the policy.
+Closing the stream (client gone), ``abort`` and the deadline all cancel the
+decode worker's call, which cancels the prefill call. The request id is bound to
+every log line of the request (``pdserve.logs.request_scope``) and is the one the
+decode worker gets, so one ``grep`` follows a request through every role.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 
 class Stage(enum.Enum):
-    RECEIVED = "received"
     ROUTING = "routing"
     DISPATCHED = "dispatched"
     STREAMING = "streaming"
@@ -58,7 +58,6 @@ class Stage(enum.Enum):
     CANCELLED = "cancelled"
 
 
-_WAITING = (Stage.RECEIVED, Stage.ROUTING)
 _ON_WORKER = (Stage.DISPATCHED, Stage.STREAMING)
 
 
@@ -72,7 +71,7 @@ class _Flight:
     t0: float
     stage: Stage = Stage.ROUTING
     tried: set[str] = field(default_factory=set)
-    choice: Choice | None = None
+    decode_address: str = ""  # the decode worker of the latest call
     call: DecodeStream | None = None  # set while on a decode worker
     aborted: bool = False
     t_dispatch: float = 0.0
@@ -119,7 +118,7 @@ class Generator:
     @property
     def waiting(self) -> int:
         """Requests not yet dispatched to a decode worker."""
-        return sum(f.stage in _WAITING for f in self._flights.values())
+        return sum(f.stage is Stage.ROUTING for f in self._flights.values())
 
     def stage(self, request_id: str) -> Stage | None:
         f = self._flights.get(request_id)
@@ -186,7 +185,8 @@ class Generator:
         f.call = self.decode.generate(choice.decode.address, job)
         self.policy.dispatched(f.request_id, choice, len(f.prompt))
         f.tried.add(choice.decode.address)
-        f.stage, f.choice, f.t_dispatch = Stage.DISPATCHED, choice, time.perf_counter()
+        f.stage, f.decode_address = Stage.DISPATCHED, choice.decode.address
+        f.t_dispatch = time.perf_counter()
         f.timings = Timings(plan=choice.plan)
         log.info("request routed", extra={
             "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
@@ -248,8 +248,7 @@ class Generator:
 
     def _fail(self, f: _Flight, e: WorkerError) -> GenerationError:
         f.stage = Stage.FAILED
-        address = f.choice.decode.address if f.choice is not None else "?"
-        return GenerationError(e.code, f"decode worker {address}: {e.details}")
+        return GenerationError(e.code, f"decode worker {f.decode_address}: {e.details}")
 
     # the end of each call, and of the request
 

@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--port", type=int, default=_DEFAULT.port, help="gRPC port")
     p.add_argument("--http-port", type=int, default=_DEFAULT.http_port,
                    help="OpenAI-compatible HTTP port, also /health and /metrics (0 = off)")
-    p.add_argument("--model", default=_DEFAULT.model, help="HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--model", default=_DEFAULT.model,
+                   help="HF directory or .gguf (default: SmolLM2)")
     p.add_argument("--served-model-name", default=_DEFAULT.served_model_name,
                    help="the model's name in the API (default: its directory's name)")
     p.add_argument("--decode", action="append", default=list(_DEFAULT.decode),
