@@ -6,6 +6,7 @@ no request held, every policy count zero, every fake call closed."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncGenerator, Coroutine
 from typing import Any
@@ -232,6 +233,30 @@ def test_a_cancelled_task_cancels_the_decode_call() -> None:
 
     run(scenario())
     assert worker.streams[0].cancelled and aborted_total(g) == 1
+    assert_idle(g, backend)
+
+
+def test_a_stream_dropped_unclosed_is_released_by_the_loop() -> None:
+    """A server that drops a stream without closing it (gRPC may, on a cancel):
+    the event loop's finalizer closes it in a task of its own, cleanly."""
+    worker = FakeDecodeWorker("d:1", hold_after=1)
+    backend = FakeDecodeBackend([worker])
+    g = make_generator(backend, load_aware(["d:1"], ["p:1"]))
+    errors: list[dict[str, Any]] = []
+
+    async def consume_one() -> None:
+        stream = g.generate(request("r", max_tokens=5))
+        await stream.__anext__()
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        await asyncio.create_task(consume_one())
+        gc.collect()
+        while g.running or backend.open_streams:  # the finalizer's tasks run
+            await asyncio.sleep(0)
+
+    run(scenario())
+    assert errors == [] and worker.streams[0].cancelled and aborted_total(g) == 1
     assert_idle(g, backend)
 
 
