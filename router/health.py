@@ -1,12 +1,13 @@
 """Which decode workers the router may use, from periodic health probes
 (``DecodeBackend.is_serving``: ``grpc.health.v1`` on the real backend).
 
-Per decode worker::
+Per decode worker (``WorkerState``)::
 
-    UNKNOWN ──SERVING──▶ UP ◀──SERVING── DOWN
-       │                 │                 ▲
-       └── NOT_SERVING, refused or a miss ─┤
-                         └── NOT_SERVING, refused, or ``misses_to_down`` misses in a row
+    UNKNOWN ─SERVING──────────────────────────────────────────▶ UP
+    UNKNOWN ─NOT_SERVING, refused, or no answer in time───────▶ DOWN
+    UP      ─NOT_SERVING or refused───────────────────────────▶ DOWN
+    UP      ─no answer to ``misses_to_down`` probes in a row──▶ DOWN
+    DOWN    ─SERVING──────────────────────────────────────────▶ UP
 
 A miss (no answer in time) takes an UP worker down only after ``misses_to_down``
 in a row: a slow answer on a busy machine is not yet a death. Only UP workers are
