@@ -1,9 +1,8 @@
-"""The router's side of the decode workers' gRPC API: the one place where the
+"""The gRPC ``DecodeBackend`` (router/decode_backend.py): the one place where the
 router's domain meets ``worker_pb2``.
 
-``DecodeClients.generate`` opens one ``DecodeWorker.Generate`` call and hands back
-a ``DecodeCall``: an async iterator of ``DecodeDelta`` that can be cancelled from
-elsewhere (``Abort``). gRPC failures surface as ``WorkerError`` with the status
+``DecodeClients.generate`` opens one ``DecodeWorker.Generate`` call and wraps it
+in a ``DecodeCall``; gRPC failures surface as ``WorkerError`` with the status
 name, so the domain code never sees grpc types either.
 """
 
@@ -11,36 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.grpc_server import OPTIONS
-from pdserve.logprobs import Logprob
 from pdserve.params_pb import logprob_from_pb, params_to_pb
-from pdserve.sampling_params import SamplingParams
-
-
-@dataclass
-class DecodeDelta:
-    token_ids: list[int]
-    text: str
-    logprobs: list[Logprob]
-    finish_reason: str
-    # Set on the first delta: how the prompt's KV arrived.
-    prefill_compute_s: float = 0.0
-    kv_transfer_s: float = 0.0
-    kv_bytes: int = 0
-
-
-class WorkerError(Exception):
-    """A decode worker's call ended with a gRPC status other than OK."""
-
-    def __init__(self, code: str, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
+from router.decode_backend import DecodeDelta, DecodeJob, WorkerError
 
 
 class DecodeCall:
@@ -68,6 +45,14 @@ class DecodeCall:
             raise WorkerError("CANCELLED", "cancelled by the router") from None
 
 
+def _job_to_pb(job: DecodeJob) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(
+        request_id=job.request_id, prompt_token_ids=job.prompt, params=params_to_pb(job.params),
+        plan=worker_pb2.PLAN_REMOTE if job.prefill_address else worker_pb2.PLAN_LOCAL,
+        prefill_address=job.prefill_address or "",
+        encoding=job.kv_encoding)  # type: ignore[arg-type]
+
+
 class DecodeClients:
     """One channel per decode worker address, opened on first use."""
 
@@ -79,16 +64,9 @@ class DecodeClients:
             self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
         return self._channels[address]
 
-    def generate(self, address: str, request_id: str, prompt: list[int], params: SamplingParams,
-                 prefill_address: str | None, kv_encoding: int,
-                 timeout: float | None) -> DecodeCall:
-        req = worker_pb2.DecodeRequest(
-            request_id=request_id, prompt_token_ids=prompt, params=params_to_pb(params),
-            plan=worker_pb2.PLAN_REMOTE if prefill_address else worker_pb2.PLAN_LOCAL,
-            prefill_address=prefill_address or "",
-            encoding=kv_encoding)  # type: ignore[arg-type]
+    def generate(self, address: str, job: DecodeJob) -> DecodeCall:
         stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(address))
-        return DecodeCall(stub.Generate(req, timeout=timeout))
+        return DecodeCall(stub.Generate(_job_to_pb(job), timeout=job.timeout))
 
     async def is_serving(self, address: str, timeout: float) -> bool | None:
         """True/False: the worker answered SERVING or not; None: no answer in time."""

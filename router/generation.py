@@ -1,97 +1,103 @@
 """One generation stream, shared by the gRPC ``Generation`` service and the
 OpenAI-compatible HTTP API (both convert their wire format to these types at one
-point; nothing here knows protobuf or JSON).
+point; nothing here knows protobuf or JSON). Seams: a ``RoutingPolicy``
+(router/policy.py) picks the decode worker and plan, a ``DecodeBackend``
+(router/decode_backend.py) carries the call.
 
-Per request: RECEIVED (waiting) → VALIDATED (tokenized, params and context length
-checked, else ``GenerationError(INVALID_ARGUMENT, param=...)``) → ROUTED (decode
-worker and plan chosen; a full decode worker answers RESOURCE_EXHAUSTED and the
-next one is tried) → STREAMING (running; relay of the decode worker's stream) →
-DONE. Closing the stream (client gone), ``abort`` and the deadline all cancel the
-decode worker's call, which cancels the prefill call.
+Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
+
+    RECEIVED ─_receive─▶ ROUTING ─_dispatch─▶ DISPATCHED ─_first_token─▶ STREAMING ─_finish─▶ DONE
+
+    ROUTING                ─_route────▶ FAILED     no decode worker left to try
+    DISPATCHED             ─_retry────▶ ROUTING    the worker was full (RESOURCE_EXHAUSTED)
+    DISPATCHED, STREAMING  ─_aborted──▶ ABORTED    ``abort``: the call was cancelled
+    DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the worker's call failed
+    DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone, deadline)
+
+``_receive`` admits, tokenizes and validates (else ``GenerationError``:
+INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
+decode worker up, ALREADY_EXISTS). ``_route`` asks the policy for a decode worker
+neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one
+answered full, else UNAVAILABLE. DISPATCHED and STREAMING hold one call on a
+decode worker; ``_hang_up`` ends that call whatever ended it and tells the policy.
+Closing the stream (client gone), ``abort`` and the deadline all cancel the
+decode worker's call, which cancels the prefill call. The request id is bound to
+every log line of the request (``pdserve.logs.request_scope``) and is the one the
+decode worker gets, so one ``grep`` follows a request through every role.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
-from pdserve.logprobs import Logprob
+from pdserve.logs import request_scope
 from pdserve.metrics import RouterMetrics
-from pdserve.sampling_params import SamplingParams
-from router.decode_client import DecodeCall, DecodeClients, DecodeDelta, WorkerError
+from router.decode_backend import DecodeBackend, DecodeDelta, DecodeJob, DecodeStream, WorkerError
 from router.health import DecodeHealth
-from router.policy import Choice, LoadAwarePolicy
-from router.tokenizer import RouterTokenizer
+from router.policy import Choice, RoutingPolicy
+from router.request import Delta, GenerateRequest, GenerationError, Timings, validate_request
+from router.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    """Exactly one of text, messages and token_ids is set."""
-
-    params: SamplingParams
-    request_id: str = ""
-    model: str = ""
-    text: str | None = None
-    messages: list[dict[str, str]] | None = None
-    token_ids: list[int] | None = None
-    kv_encoding: int = 0
-    timeout: float | None = None
-    # OpenAI rule: prompt + max_tokens must fit the context (else the engine stops at it).
-    check_context: bool = False
-    # No max_tokens given (OpenAI chat): generate up to the end of the context.
-    fill_context: bool = False
+class Stage(enum.Enum):
+    ROUTING = "routing"
+    DISPATCHED = "dispatched"
+    STREAMING = "streaming"
+    DONE = "done"
+    ABORTED = "aborted"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-@dataclass
-class Timings:
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    prefill_compute_s: float = 0.0
-    kv_transfer_s: float = 0.0
-    kv_bytes: int = 0
-    plan: str = ""
-
-
-@dataclass
-class Delta:
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[Logprob] = field(default_factory=list)
-    finish_reason: str = ""  # set on the last delta, with usage and timings
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    timings: Timings | None = None
-
-
-class GenerationError(Exception):
-    """``code`` is a gRPC status name (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...)."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+_ON_WORKER = (Stage.DISPATCHED, Stage.STREAMING)
 
 
 @dataclass
 class _Flight:
-    """One request between dispatch and its end."""
+    """One request from ROUTING to its end."""
 
     request_id: str
-    prompt_len: int
+    request: GenerateRequest
+    prompt: list[int]
     t0: float
-    call: DecodeCall | None = None  # set on dispatch to a decode worker
+    stage: Stage = Stage.ROUTING
+    tried: set[str] = field(default_factory=set)
+    decode_address: str = ""  # the decode worker of the latest call
+    call: DecodeStream | None = None  # set while on a decode worker
     aborted: bool = False
+    t_dispatch: float = 0.0
+    t_last: float = 0.0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    timings: Timings = field(default_factory=Timings)
+
+
+@contextlib.contextmanager
+def _bound_request_id(rid: str) -> Iterator[None]:
+    """``request_scope`` around a stream. A stream dropped unclosed is closed by the
+    event loop's finalizer in a task of its own, where the id was never bound:
+    there is nothing to unbind there."""
+    scope = request_scope(rid)
+    scope.__enter__()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            scope.__exit__(None, None, None)
 
 
 class Generator:
-    def __init__(self, model_id: str, tokenizer: RouterTokenizer, policy: LoadAwarePolicy,
-                 max_model_len: int, decode: DecodeClients, metrics: RouterMetrics,
+    def __init__(self, model_id: str, tokenizer: PromptTokenizer, policy: RoutingPolicy,
+                 max_model_len: int, decode: DecodeBackend, metrics: RouterMetrics,
                  health: DecodeHealth | None = None) -> None:
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -101,7 +107,6 @@ class Generator:
         self.metrics = metrics
         self.health = health
         self.draining = False
-        self._tokenizing = 0
         self._flights: dict[str, _Flight] = {}
         metrics.watch(lambda: self.running - self.waiting, lambda: self.waiting)
 
@@ -113,7 +118,11 @@ class Generator:
     @property
     def waiting(self) -> int:
         """Requests not yet dispatched to a decode worker."""
-        return self._tokenizing + sum(f.call is None for f in self._flights.values())
+        return sum(f.stage is Stage.ROUTING for f in self._flights.values())
+
+    def stage(self, request_id: str) -> Stage | None:
+        f = self._flights.get(request_id)
+        return None if f is None else f.stage
 
     def abort(self, request_id: str) -> bool:
         f = self._flights.get(request_id)
@@ -123,147 +132,140 @@ class Generator:
         f.call.cancel()
         return True
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
+    async def generate(self, req: GenerateRequest) -> AsyncGenerator[Delta]:
         t0 = time.perf_counter()
         rid = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
-        self._tokenizing += 1
-        try:
-            prompt, params = self._admit(rid, req)
-            req = dataclasses.replace(req, params=params)
-            flight = _Flight(rid, len(prompt), t0)
-            self._flights[rid] = flight
-        finally:
-            self._tokenizing -= 1
-        try:
-            async for delta in self._route(flight, prompt, req):
-                yield delta
-        finally:
-            del self._flights[rid]
+        with _bound_request_id(rid):
+            f = self._receive(rid, req, t0)
+            try:
+                while f.stage is Stage.ROUTING:
+                    stream = self._dispatch(f, self._route(f))
+                    try:
+                        async for msg in stream:
+                            yield self._relay(f, msg)
+                    except WorkerError as e:
+                        if (last := self._worker_failed(f, e)) is not None:
+                            yield last
+                    finally:
+                        self._hang_up(f)
+            finally:
+                self._end(f)
 
-    def _admit(self, rid: str, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
+    # RECEIVED → ROUTING
+
+    def _receive(self, rid: str, req: GenerateRequest, t0: float) -> _Flight:
+        """Admitted, tokenized and validated, else ``GenerationError``."""
         if self.draining:
             raise GenerationError("UNAVAILABLE", "the router is draining; retry elsewhere")
         if self.health is not None and not self.health.usable:
             raise GenerationError("UNAVAILABLE", "no decode worker is reachable")
         if rid in self._flights:
             raise GenerationError("ALREADY_EXISTS", f"request_id {rid!r} is in use", "request_id")
-        return self._validate(req)
+        prompt, params = validate_request(req, self.model_id, self.tokenizer, self.max_model_len)
+        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0)
+        self._flights[rid] = f
+        return f
 
-    def _validate(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
-        if req.model and req.model != self.model_id:
-            raise GenerationError("NOT_FOUND", f"The model `{req.model}` does not exist "
-                                  f"(this server serves `{self.model_id}`).", "model")
-        param = "messages" if req.messages is not None else "prompt"
-        try:
-            prompt = self._tokenize(req)
-        except ValueError as e:
-            raise GenerationError("INVALID_ARGUMENT", str(e), param) from e
-        if not prompt:
-            raise GenerationError("INVALID_ARGUMENT", "prompt must contain at least 1 token, "
-                                  "got an empty prompt", param)
-        bad = next((t for t in prompt if not 0 <= t < self.tokenizer.vocab_size), None)
-        if bad is not None:
-            raise GenerationError("INVALID_ARGUMENT", f"prompt token ids must be in "
-                                  f"[0, {self.tokenizer.vocab_size}), got {bad}", param)
-        n, p, params = self.max_model_len, len(prompt), req.params
-        if req.fill_context and p < n:
-            params = dataclasses.replace(params, max_tokens=max(n - p, params.min_tokens))
-        c = params.max_tokens
-        if req.check_context and p + c > n:
-            raise GenerationError(
-                "INVALID_ARGUMENT", f"This model's maximum context length is {n} tokens. "
-                f"However, you requested {p + c} tokens ({p} in the messages, {c} in the "
-                "completion). Please reduce the length of the messages or completion.", param)
-        if p >= n:
-            raise GenerationError("INVALID_ARGUMENT", f"prompt has {p} tokens; it must be "
-                                  f"shorter than the context (max_model_len={n})", param)
-        return prompt, params
+    # ROUTING → DISPATCHED (or FAILED)
 
-    def _tokenize(self, req: GenerateRequest) -> list[int]:
-        if req.text is not None:
-            return self.tokenizer.encode(req.text)
-        if req.messages is not None:
-            return self.tokenizer.apply_chat_template(req.messages)
-        if req.token_ids is not None:
-            return list(req.token_ids)
-        raise ValueError("prompt: give text, chat messages or token_ids")
+    def _route(self, f: _Flight) -> Choice:
+        down = self.health.down() if self.health is not None else set()
+        choice = self.policy.choose(len(f.prompt), f.tried | down)
+        if choice is None:
+            f.stage = Stage.FAILED
+            raise GenerationError("RESOURCE_EXHAUSTED" if f.tried else "UNAVAILABLE",
+                                  "every decode worker is full; retry later" if f.tried
+                                  else "no decode worker is reachable")
+        return choice
 
-    async def _route(self, f: _Flight, prompt: list[int], req: GenerateRequest,
-                     ) -> AsyncIterator[Delta]:
-        tried: set[str] = set()
-        while True:
-            down = self.health.down() if self.health is not None else set()
-            choice = self.policy.choose(len(prompt), tried | down)
-            if choice is None:
-                code = "RESOURCE_EXHAUSTED" if tried else "UNAVAILABLE"
-                raise GenerationError(code, "every decode worker is full; retry later" if tried
-                                      else "no decode worker is reachable")
-            tried.add(choice.decode.address)
-            try:
-                async for delta in self._relay(f, prompt, req, choice):
-                    yield delta
-                return
-            except _Retry:
-                continue
+    def _dispatch(self, f: _Flight, choice: Choice) -> DecodeStream:
+        prefill = choice.prefill.address if choice.prefill is not None else None
+        job = DecodeJob(f.request_id, f.prompt, f.request.params, prefill,
+                        f.request.kv_encoding, f.request.timeout)
+        f.call = self.decode.generate(choice.decode.address, job)
+        self.policy.dispatched(f.request_id, choice, len(f.prompt))
+        f.tried.add(choice.decode.address)
+        f.stage, f.decode_address = Stage.DISPATCHED, choice.decode.address
+        f.t_dispatch = time.perf_counter()
+        f.timings = Timings(plan=choice.plan)
+        log.info("request routed", extra={
+            "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
+            "prompt_tokens": len(f.prompt)})
+        return f.call
 
-    async def _relay(self, f: _Flight, prompt: list[int], req: GenerateRequest,
-                     choice: Choice) -> AsyncIterator[Delta]:
-        plan = "remote" if choice.prefill else "local"
-        f.call = self.decode.generate(choice.decode.address, f.request_id, prompt, req.params,
-                                      choice.prefill.address if choice.prefill else None,
-                                      req.kv_encoding, req.timeout)
-        LoadAwarePolicy.begin(choice, len(prompt))
-        t_dispatch = time.perf_counter()
-        timings, n_out, last = Timings(plan=plan), 0, 0.0
-        ended = False  # finished, or handed to the next worker: not an abort
-        try:
-            async for msg in f.call:
-                now = time.perf_counter()
-                if last == 0.0:
-                    self._first(f, choice, timings, msg, t_dispatch, now)
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                n_out += len(msg.token_ids)
-                self.metrics.generation_tokens.inc(len(msg.token_ids))
-                out = Delta(f.request_id, msg.token_ids, msg.text, msg.logprobs,
-                            msg.finish_reason)
-                if msg.finish_reason:
-                    ended = True
-                    self._last(f, out, timings, n_out, now)
-                yield out
-        except WorkerError as e:
-            if e.code == "RESOURCE_EXHAUSTED" and last == 0.0:
-                ended = True
-                raise _Retry() from e
-            if e.code == "CANCELLED" and f.aborted:
-                yield Delta(f.request_id, [], "", finish_reason="abort",
-                            prompt_tokens=f.prompt_len, completion_tokens=n_out)
-                return
-            raise GenerationError(e.code, f"decode worker {choice.decode.address}: "
-                                  f"{e.details}") from e
-        finally:
-            LoadAwarePolicy.end(choice, len(prompt))
-            f.call.cancel()
-            if not ended:
-                self.metrics.aborted.inc()
-                log.info("request ended early", extra={"request_id": f.request_id})
+    # DISPATCHED → STREAMING → DONE
 
-    def _first(self, f: _Flight, choice: Choice, timings: Timings, msg: DecodeDelta,
-               t_dispatch: float, now: float) -> None:
-        LoadAwarePolicy.prefill_done(choice)
-        self.metrics.queue.observe(t_dispatch - f.t0)
+    def _relay(self, f: _Flight, msg: DecodeDelta) -> Delta:
+        now = time.perf_counter()
+        if f.stage is Stage.DISPATCHED:
+            self._first_token(f, msg, now)
+        else:
+            self.metrics.itl.observe(now - f.t_last)
+        f.t_last = now
+        f.completion_tokens += len(msg.token_ids)
+        self.metrics.generation_tokens.inc(len(msg.token_ids))
+        out = Delta(f.request_id, msg.token_ids, msg.text, msg.logprobs, msg.finish_reason)
+        if msg.finish_reason:
+            self._finish(f, out, now)
+        return out
+
+    def _first_token(self, f: _Flight, msg: DecodeDelta, now: float) -> None:
+        f.stage = Stage.STREAMING
+        self.policy.prefill_finished(f.request_id)
+        self.metrics.queue.observe(f.t_dispatch - f.t0)
         self.metrics.ttft.observe(now - f.t0)
-        self.metrics.prompt_tokens.inc(f.prompt_len)
-        timings.ttft_s = now - f.t0
-        timings.prefill_compute_s = msg.prefill_compute_s
-        timings.kv_transfer_s, timings.kv_bytes = msg.kv_transfer_s, msg.kv_bytes
+        self.metrics.prompt_tokens.inc(len(f.prompt))
+        f.timings.ttft_s = now - f.t0
+        f.timings.prefill_compute_s = msg.prefill_compute_s
+        f.timings.kv_transfer_s, f.timings.kv_bytes = msg.kv_transfer_s, msg.kv_bytes
 
-    def _last(self, f: _Flight, out: Delta, timings: Timings, n_out: int, now: float) -> None:
-        timings.e2e_s = now - f.t0
-        self.metrics.e2e.observe(timings.e2e_s)
-        out.prompt_tokens, out.completion_tokens, out.timings = f.prompt_len, n_out, timings
+    def _finish(self, f: _Flight, out: Delta, now: float) -> None:
+        f.stage, f.finish_reason = Stage.DONE, out.finish_reason
+        f.timings.e2e_s = now - f.t0
+        self.metrics.e2e.observe(f.timings.e2e_s)
+        out.prompt_tokens, out.completion_tokens = len(f.prompt), f.completion_tokens
+        out.timings = f.timings
 
+    # DISPATCHED/STREAMING → ROUTING, ABORTED or FAILED
 
-class _Retry(Exception):
-    """The decode worker was full before sending anything: try the next one."""
+    def _worker_failed(self, f: _Flight, e: WorkerError) -> Delta | None:
+        """The call ended with an error: retry, the abort's last delta, or raise."""
+        if e.code == "RESOURCE_EXHAUSTED" and f.stage is Stage.DISPATCHED:
+            self._retry(f)
+            return None
+        if e.code == "CANCELLED" and f.aborted:
+            return self._aborted(f)
+        raise self._fail(f, e) from e
+
+    def _retry(self, f: _Flight) -> None:
+        """The decode worker was full before sending anything: try the next one."""
+        f.stage = Stage.ROUTING
+
+    def _aborted(self, f: _Flight) -> Delta:
+        f.stage, f.finish_reason = Stage.ABORTED, "abort"
+        return Delta(f.request_id, [], "", finish_reason="abort", prompt_tokens=len(f.prompt),
+                     completion_tokens=f.completion_tokens)
+
+    def _fail(self, f: _Flight, e: WorkerError) -> GenerationError:
+        f.stage = Stage.FAILED
+        return GenerationError(e.code, f"decode worker {f.decode_address}: {e.details}")
+
+    # the end of each call, and of the request
+
+    def _hang_up(self, f: _Flight) -> None:
+        """One call on a decode worker is over, whatever ended it."""
+        self.policy.ended(f.request_id)
+        if f.call is not None:
+            f.call.cancel()  # a no-op on a finished call
+            f.call = None
+        if f.stage in _ON_WORKER:  # no finish reason: the client went away or the stream stopped
+            f.stage = Stage.CANCELLED
+        if f.stage not in (Stage.DONE, Stage.ROUTING):
+            self.metrics.aborted.inc()
+
+    def _end(self, f: _Flight) -> None:
+        del self._flights[f.request_id]
+        log.info("request ended", extra={
+            "stage": f.stage.value, "finish_reason": f.finish_reason,
+            "prompt_tokens": len(f.prompt), "completion_tokens": f.completion_tokens,
+            "ttft_s": round(f.timings.ttft_s, 6), "e2e_s": round(time.perf_counter() - f.t0, 6)})

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 
-from router.policy import LoadAwarePolicy
+from router.policy import RoutingPolicy
 
 log = logging.getLogger("pdserve.router.membership")
 
@@ -35,7 +35,7 @@ def parse_members(line: str) -> tuple[list[str], list[str]]:
     return decode, prefill
 
 
-async def follow(policy: LoadAwarePolicy, readline: Callable[[], str],
+async def follow(policy: RoutingPolicy, readline: Callable[[], str],
                  on_decode: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
     """Apply every update line until EOF; ``on_decode`` hears each new decode list.
     ``readline`` blocks, so a daemon thread calls it: a thread from asyncio's pool

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router.auth import ApiKey
-from router.generation import Delta, GenerationError, Generator
+from router.generation import Generator
 from router.openai_protocol import (
     BadRequest,
     ParsedRequest,
@@ -33,6 +33,7 @@ from router.openai_protocol import (
     parse_completion,
     usage,
 )
+from router.request import Delta, GenerationError
 
 _STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404,
            "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 503, "UNAVAILABLE": 503,
@@ -124,7 +125,7 @@ class OpenAIServer:
         base = request.headers.get("X-Request-Id") or f"{prefix}-{uuid.uuid4().hex}"
         streams = [self.generator.generate(r) for r in parsed.requests(base)]
         answer = _Answer(parsed, base, self.generator.model_id, self.generator.tokenizer.token_text)
-        async with aclosing(_merge(streams)) as merged:  # type: ignore[type-var]
+        async with aclosing(_merge(streams)) as merged:
             try:
                 first = await merged.__anext__()
             except GenerationError as e:
@@ -170,18 +171,18 @@ async def _json_body(request: web.Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {e}") from e
 
 
-async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncGenerator[tuple[int, Delta]]:
+async def _merge(streams: list[AsyncGenerator[Delta]]) -> AsyncGenerator[tuple[int, Delta]]:
     """Deltas of every stream as they come, tagged with the stream's index."""
     if len(streams) == 1:
-        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
+        async with aclosing(streams[0]) as only:
             async for d in only:
                 yield 0, d
         return
     queue: asyncio.Queue[tuple[int, Delta | None, Exception | None]] = asyncio.Queue()
 
-    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+    async def pump(i: int, s: AsyncGenerator[Delta]) -> None:
         try:
-            async with aclosing(s):  # type: ignore[type-var]
+            async with aclosing(s):
                 async for d in s:
                     await queue.put((i, d, None))
         except Exception as e:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
-from router.generation import GenerateRequest
+from router.request import GenerateRequest
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20

@@ -1,69 +1,142 @@
 """Which decode worker, which prefill worker, and whether to disaggregate at all.
 
-The router keeps its own count of what it sent each worker and is still running
-(tokens for decode workers, requests for prefill workers): the least loaded
-wins. Prompts shorter than ``local_prefill_below`` are prefilled on the decode
-worker itself (plan LOCAL): for them a remote prefill plus a transfer costs more
-than it saves.
+``RoutingPolicy`` is the seam: ``choose`` picks a decode worker and a plan (LOCAL:
+the decode worker prefills the prompt itself; REMOTE: on the prefill worker named)
+for a prompt, skipping excluded addresses; the router then tells the policy the
+request's life, ``dispatched`` → ``prefill_finished`` (first token) → ``ended``
+(also after a retry, an error or an abort), and every membership change.
+``make_policy`` builds the one ``RouterConfig.policy`` names.
+
+``LoadAwarePolicy``: the router keeps its own count of what it sent each worker
+and is still running (tokens for decode workers, requests for prefill workers):
+the least loaded wins, ties rotate. Prompts shorter than ``local_prefill_below``
+are prefilled on the decode worker itself: for them a remote prefill plus a
+transfer costs more than it saves.
+
+Per request, in the policy's accounting: DISPATCHED (decode tokens and prefill
+request counted) → PREFILLED (prefill request released at the first token) →
+ENDED (decode tokens released; forgotten).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.config import RouterConfig
 
 
 @dataclass
 class Member:
+    """One worker and what the router has in flight on it."""
+
     address: str
     in_flight_tokens: int = 0
     in_flight_requests: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Choice:
     decode: Member
     prefill: Member | None  # None = plan LOCAL
 
+    @property
+    def plan(self) -> str:
+        return "local" if self.prefill is None else "remote"
+
+
+class RoutingPolicy(Protocol):
+    def choose(self, num_prompt_tokens: int, exclude: Set[str] = frozenset()) -> Choice | None:
+        """A decode worker not in ``exclude`` and a plan; None when there is none."""
+
+    def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
+        """The request was sent to ``choice.decode``."""
+
+    def prefill_finished(self, request_id: str) -> None:
+        """Its first token arrived: the prompt is prefilled."""
+
+    def ended(self, request_id: str) -> None:
+        """Its call on the decode worker is over (finished, failed, retried or aborted)."""
+
+    def set_members(self, decode: Sequence[str], prefill: Sequence[str]) -> None:
+        """Replace the membership (router/membership.py)."""
+
 
 @dataclass
-class LoadAwarePolicy:
-    decode: list[Member]
-    prefill: list[Member]
-    local_prefill_below: int = 16
-    _rr: int = field(default=0)
+class _Load:
+    """What one dispatched request counts on its workers."""
 
-    def choose(self, num_prompt_tokens: int, exclude: set[str] = frozenset()) -> Choice | None:  # type: ignore[assignment]
+    decode: Member
+    prefill: Member | None
+    tokens: int
+
+
+class LoadAwarePolicy:
+    def __init__(self, decode: Sequence[str], prefill: Sequence[str],
+                 local_prefill_below: int) -> None:
+        self.decode = [Member(a) for a in decode]
+        self.prefill = [Member(a) for a in prefill]
+        self.local_prefill_below = local_prefill_below
+        self._rotation = 0
+        self._loads: dict[str, _Load] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests dispatched and not yet ended."""
+        return len(self._loads)
+
+    def choose(self, num_prompt_tokens: int, exclude: Set[str] = frozenset()) -> Choice | None:
         candidates = [m for m in self.decode if m.address not in exclude]
         if not candidates:
             return None
-        self._rr += 1  # tie-break by rotation so equal members share the load
-        d = min(candidates, key=lambda m: (m.in_flight_tokens,
-                                           (self.decode.index(m) - self._rr) % len(self.decode)))
-        remote = self.prefill and num_prompt_tokens >= self.local_prefill_below
-        p = min(self.prefill, key=lambda m: m.in_flight_requests) if remote else None
-        return Choice(d, p)
+        self._rotation += 1  # tie-break by rotation so equal members share the load
+        n = len(self.decode)
+        decode = min(candidates, key=lambda m: (
+            m.in_flight_tokens, (self.decode.index(m) - self._rotation) % n))
+        return Choice(decode, self._prefill_for(num_prompt_tokens))
 
-    def set_members(self, decode: list[str], prefill: list[str]) -> None:
-        """Replace the membership; members kept keep their in-flight counts."""
+    def _prefill_for(self, num_prompt_tokens: int) -> Member | None:
+        if not self.prefill or num_prompt_tokens < self.local_prefill_below:
+            return None
+        return min(self.prefill, key=lambda m: m.in_flight_requests)
+
+    def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
+        load = _Load(choice.decode, choice.prefill, num_prompt_tokens)
+        self._loads[request_id] = load
+        load.decode.in_flight_tokens += load.tokens
+        load.decode.in_flight_requests += 1
+        if load.prefill is not None:
+            load.prefill.in_flight_requests += 1
+
+    def prefill_finished(self, request_id: str) -> None:
+        load = self._loads.get(request_id)
+        if load is not None and load.prefill is not None:
+            load.prefill.in_flight_requests -= 1
+            load.prefill = None
+
+    def ended(self, request_id: str) -> None:
+        self.prefill_finished(request_id)
+        load = self._loads.pop(request_id, None)
+        if load is not None:
+            load.decode.in_flight_tokens -= load.tokens
+            load.decode.in_flight_requests -= 1
+
+    def set_members(self, decode: Sequence[str], prefill: Sequence[str]) -> None:
+        """Members kept keep their in-flight counts (requests in flight count on the
+        Member they were dispatched to, so a member removed and re-added starts at 0)."""
         known = {m.address: m for m in [*self.decode, *self.prefill]}
         self.decode = [known.get(a) or Member(a) for a in decode]
         self.prefill = [known.get(a) or Member(a) for a in prefill]
 
-    @staticmethod
-    def begin(c: Choice, tokens: int) -> None:
-        c.decode.in_flight_tokens += tokens
-        c.decode.in_flight_requests += 1
-        if c.prefill is not None:
-            c.prefill.in_flight_requests += 1
 
-    @staticmethod
-    def prefill_done(c: Choice) -> None:
-        if c.prefill is not None:
-            c.prefill.in_flight_requests -= 1
-            c.prefill = None
+def _load_aware(config: RouterConfig) -> RoutingPolicy:
+    return LoadAwarePolicy(config.decode, config.prefill, config.local_prefill_below)
 
-    @staticmethod
-    def end(c: Choice, tokens: int) -> None:
-        c.decode.in_flight_tokens -= tokens
-        c.decode.in_flight_requests -= 1
-        LoadAwarePolicy.prefill_done(c)
+
+# One entry per name in pdserve.config.ROUTING_POLICIES.
+POLICIES: dict[str, Callable[[RouterConfig], RoutingPolicy]] = {"load_aware": _load_aware}
+
+
+def make_policy(config: RouterConfig) -> RoutingPolicy:
+    return POLICIES[config.policy](config)

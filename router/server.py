@@ -1,6 +1,7 @@
 """The router process: ``python -m router --decode ADDR --prefill ADDR`` (static
 membership) or ``python -m router --members-stdin`` (updates from its owner, see
-router/membership.py).
+router/membership.py). The command line is parsed into a ``RouterConfig``
+(pdserve/config.py), which holds every default; ``start_router`` takes that.
 
 STARTING (gRPC and HTTP bound; health NOT_SERVING) → SERVING (at least one decode
 worker answers its health probe) ⇄ NOT_SERVING (none does; requests get
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
+from pdserve.config import ROUTING_POLICIES, RouterConfig
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.metrics import RouterMetrics
 from pdserve.model_files import resolve_model
@@ -29,41 +31,52 @@ from router.generation import Generator
 from router.health import DecodeHealth
 from router.membership import follow
 from router.openai_http import OpenAIServer
-from router.policy import LoadAwarePolicy, Member
+from router.policy import make_policy
 from router.servicer import RouterServicer
 from router.tokenizer import RouterTokenizer
 
 log = logging.getLogger("pdserve.router")
+_DEFAULT = RouterConfig  # every CLI default is the config's own, written once there
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p = argparse.ArgumentParser(prog="python -m router")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port")
-    p.add_argument("--http-port", type=int, default=8000,
+    p.add_argument("--host", default=_DEFAULT.host)
+    p.add_argument("--port", type=int, default=_DEFAULT.port, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=_DEFAULT.http_port,
                    help="OpenAI-compatible HTTP port, also /health and /metrics (0 = off)")
-    p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
-    p.add_argument("--served-model-name", default=None,
+    p.add_argument("--model", default=_DEFAULT.model,
+                   help="HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--served-model-name", default=_DEFAULT.served_model_name,
                    help="the model's name in the API (default: its directory's name)")
-    p.add_argument("--decode", action="append", default=[], help="decode worker host:port")
-    p.add_argument("--prefill", action="append", default=[], help="prefill worker host:port")
-    p.add_argument("--local-prefill-below", type=int, default=16,
+    p.add_argument("--decode", action="append", default=list(_DEFAULT.decode),
+                   help="decode worker host:port")
+    p.add_argument("--prefill", action="append", default=list(_DEFAULT.prefill),
+                   help="prefill worker host:port")
+    p.add_argument("--policy", choices=ROUTING_POLICIES, default=_DEFAULT.policy,
+                   help="routing policy")
+    p.add_argument("--local-prefill-below", type=int, default=_DEFAULT.local_prefill_below,
                    help="prompts shorter than this are prefilled on the decode worker")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or None,
+    p.add_argument("--max-model-len", type=int, default=_DEFAULT.max_model_len)
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or _DEFAULT.api_key,
                    help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
-    p.add_argument("--health-interval", type=float, default=1.0,
+    p.add_argument("--health-interval", type=float, default=_DEFAULT.health_interval_s,
                    help="seconds between decode worker health probes")
-    p.add_argument("--drain-grace", type=float, default=10.0,
+    p.add_argument("--drain-grace", type=float, default=_DEFAULT.drain_grace_s,
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--members-stdin", action="store_true",
                    help="read membership updates (JSON lines) from stdin, see router/membership.py")
     a = p.parse_args(argv)
-    if not a.decode and not a.members_stdin:
-        p.error("--decode: at least one decode worker address is required")
-    if not 0 <= a.http_port < 65536:
-        p.error(f"--http-port must be in [0, 65535], got {a.http_port}")
-    return a
+    try:
+        return RouterConfig(
+            host=a.host, port=a.port, http_port=a.http_port, model=a.model,
+            served_model_name=a.served_model_name, decode=tuple(a.decode),
+            prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
+            local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
+            api_key=a.api_key, health_interval_s=a.health_interval,
+            drain_grace_s=a.drain_grace)
+    except ValueError as e:
+        p.error(str(e))
 
 
 @dataclass
@@ -92,15 +105,13 @@ class Router:
         await self.generator.decode.close()
 
 
-async def start_router(a: argparse.Namespace) -> Router:
-    model_dir = resolve_model(a.model, convert=False)
-    config = json.loads((model_dir / "config.json").read_text())
-    max_len = a.max_model_len or int(config.get("max_position_embeddings", 2048))
-    model_id = a.served_model_name or model_dir.name
-    policy = LoadAwarePolicy([Member(x) for x in a.decode], [Member(x) for x in a.prefill],
-                             a.local_prefill_below)
-    key = ApiKey(a.api_key) if a.api_key else None
-    server = Server(a.host, a.port, ["pdserve.v1.Generation"],
+async def start_router(config: RouterConfig) -> Router:
+    model_dir = resolve_model(config.model, convert=False)
+    model_config = json.loads((model_dir / "config.json").read_text())
+    max_len = config.max_model_len or int(model_config.get("max_position_embeddings", 2048))
+    model_id = config.served_model_name or model_dir.name
+    key = ApiKey(config.api_key) if config.api_key else None
+    server = Server(config.host, config.port, ["pdserve.v1.Generation"],
                     [ApiKeyInterceptor(key)] if key else [])
     metrics = RouterMetrics(model_id)
     decode = DecodeClients()
@@ -109,33 +120,33 @@ async def start_router(a: argparse.Namespace) -> Router:
         if not generator.draining:
             await server.set_serving(usable)
 
-    health = DecodeHealth(a.decode, decode, on_change, a.health_interval)
-    generator = Generator(model_id, RouterTokenizer(model_dir), policy, max_len, decode,
-                          metrics, health)
+    health = DecodeHealth(config.decode, decode, on_change, config.health_interval_s)
+    generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config), max_len,
+                          decode, metrics, health)
     api_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(generator), server.server)
     await server.start()
     await server.set_serving(False)
     router = Router(server, None, generator, health)
-    if a.http_port:
+    if config.http_port:
         router.http = OpenAIServer(generator, metrics.registry, key, lambda: router.serving)
-        await router.http.start(a.host, a.http_port, a.drain_grace)
+        await router.http.start(config.host, config.http_port, config.drain_grace_s)
     await health.probe_all()
     health.start()
     return router
 
 
-async def serve(a: argparse.Namespace) -> None:
-    router = await start_router(a)
+async def serve(config: RouterConfig) -> None:
+    router = await start_router(config)
     follower = None
-    if a.members_stdin:
+    if config.members_stdin:
         follower = asyncio.create_task(follow(router.generator.policy, sys.stdin.readline,
                                               router.health.set_addresses))
-    http = f", HTTP on http://{a.host}:{router.http.port}" if router.http else ""
-    print(f"router serving gRPC on {a.host}:{router.grpc.port}{http}", flush=True)
+    http = f", HTTP on http://{config.host}:{router.http.port}" if router.http else ""
+    print(f"router serving gRPC on {config.host}:{router.grpc.port}{http}", flush=True)
     await until_stop_signal()
     if follower is not None:
         follower.cancel()
-    await router.drain(a.drain_grace)
+    await router.drain(config.drain_grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

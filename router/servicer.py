@@ -9,12 +9,14 @@ decode worker's call.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from pdserve._proto.pdserve.v1 import api_pb2, api_pb2_grpc
 from pdserve.params_pb import logprob_to_pb, params_from_pb
-from router.generation import Delta, GenerateRequest, GenerationError, Generator
+from router.generation import Generator
+from router.request import Delta, GenerateRequest, GenerationError
 
 
 class RouterServicer(api_pb2_grpc.GenerationServicer):
@@ -36,8 +38,10 @@ class RouterServicer(api_pb2_grpc.GenerationServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            async for delta in self.generator.generate(req):
-                yield _delta_to_pb(delta)
+            # aclosing: the stream ends (and its call is cancelled) when this call ends.
+            async with aclosing(self.generator.generate(req)) as deltas:
+                async for delta in deltas:
+                    yield _delta_to_pb(delta)
         except GenerationError as e:
             await context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN),
                                 e.message)

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+
+class PromptTokenizer(Protocol):
+    """What the router needs of a tokenizer (RouterTokenizer; a fake in tests)."""
+
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
 
 
 class RouterTokenizer:

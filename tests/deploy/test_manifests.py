@@ -144,7 +144,7 @@ def test_roles_start_with_their_real_flags(overlay: str) -> None:
         if role == "router":
             a = router_args(_args(objs, role))
             assert (a.host, a.port) == ("0.0.0.0", port)
-            assert a.decode == ["pdserve-decode:50071"] and a.prefill == ["pdserve-prefill:50061"]
+            assert a.decode == ("pdserve-decode:50071",) and a.prefill == ("pdserve-prefill:50061",)
             assert _port(c, "http") == 8000
         else:
             w = worker_args(role, _args(objs, role))

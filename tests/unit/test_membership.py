@@ -9,7 +9,8 @@ import time
 import pytest
 
 from router.membership import follow, parse_members
-from router.policy import LoadAwarePolicy, Member
+from router.policy import Member
+from tests.router_fakes import load_aware
 
 
 def test_parse_members_validates() -> None:
@@ -21,7 +22,7 @@ def test_parse_members_validates() -> None:
 
 
 def test_follow_applies_updates_and_keeps_in_flight_counts() -> None:
-    policy = LoadAwarePolicy([], [])
+    policy = load_aware([])
     lines = iter([json.dumps({"decode": ["d:1"], "prefill": ["p:1"]}), "not json {\n",  # logged and skipped
                   json.dumps({"decode": ["d:1", "d:2"], "prefill": []}), ""])
     seen: list[Member] = []
