@@ -165,7 +165,7 @@ def test_services_route_to_named_container_ports() -> None:
 
 
 def test_cluster_configmap_agrees_with_the_deployments(tmp_path: Path) -> None:
-    from pdserve.cluster import ClusterConfig
+    from pdserve.cluster_config import ClusterConfig
 
     objs = render(K8S / "overlays" / "cpu")
     data = _config(objs)
