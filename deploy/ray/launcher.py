@@ -1,4 +1,6 @@
-"""``pdserve up`` on Ray: router, prefill and decode workers as actors.
+"""``pdserve up`` on Ray (``launcher: ray``, the ``ray`` entry point in the
+``pdserve.launchers`` group, see pdserve/launchers.py): router, prefill and decode
+workers as actors.
 
 CONNECTING (start a local Ray instance, or join ``ray.address``) → PLACING (one
 placement group per worker, on a node with the role's resource: by default
