@@ -19,7 +19,8 @@ from typing import Any
 from bench.wire_bench import wire_throughput
 from bench.workloads import random_prompts
 from pdserve.client import Client
-from pdserve.cluster import ClusterConfig, Member, start, stop
+from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.process_launcher import start, stop
 
 SIZES = (256, 1024, 2048)
 ENCODINGS = {"model": 0, "bf16": 2, "fp16": 3, "int8": 4}

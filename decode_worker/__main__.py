@@ -1,5 +1,6 @@
 import sys
 
-from pdserve.worker_process import main
+from decode_worker.servicer import DecodeServicer
+from pdserve.worker_host import main
 
-sys.exit(main("decode"))
+sys.exit(main("decode", DecodeServicer))

@@ -18,22 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
 
     u = sub.add_parser("up", help="start router, prefill and decode workers (Ray actors by default)")
-    u.add_argument("--config", default=None, help="cluster config YAML (see README)")
-    u.add_argument("--model", default=None)
-    u.add_argument("--dtype", default=None)
-    u.add_argument("--http-port", type=int, default=None,
-                   help="router's OpenAI-compatible HTTP port (default 8000; 0 = off)")
-    u.add_argument("--api-key", default=None,
-                   help="require this bearer token on the public API (or $PDSERVE_API_KEY)")
-    u.add_argument("--launcher", choices=["ray", "process"], default=None,
-                   help="ray (default): actors on a local or existing Ray cluster; "
-                        "process: plain processes on this machine")
-    u.add_argument("--address", default=None,
-                   help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
-    u.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
-    u.add_argument("--decode", type=int, default=None, help="number of decode workers")
-    u.add_argument("--pin", choices=["auto", "off"], default=None,
-                   help="CPU pinning of the workers (default auto)")
+    _up_args(u)
 
     g = sub.add_parser("generate", help="stream one answer from the router")
     g.add_argument("prompt")
@@ -127,11 +112,44 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
               f"TPOT {1e3 * tpot:.1f} ms]", file=sys.stderr)
 
 
+def _up_args(u: argparse.ArgumentParser) -> None:
+    from pdserve.config import RouterConfig
+    from pdserve.launchers import names
+    from pdserve.logs import LOG_FORMATS
+    from pdserve.placement import PIN_MODES
+
+    u.add_argument("--config", default=None, help="cluster config YAML (see README)")
+    u.add_argument("--model", default=None)
+    u.add_argument("--dtype", default=None)
+    u.add_argument("--http-port", type=int, default=None,
+                   help=f"router's OpenAI-compatible HTTP port (default {RouterConfig.http_port}; "
+                        "0 = off)")
+    u.add_argument("--api-key", default=None,
+                   help="require this bearer token on the public API (or $PDSERVE_API_KEY)")
+    u.add_argument("--launcher", choices=names(), default=None,
+                   help="ray (default): actors on a local or existing Ray cluster; "
+                        "process: plain processes on this machine")
+    u.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
+    u.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
+    u.add_argument("--decode", type=int, default=None, help="number of decode workers")
+    u.add_argument("--pin", choices=PIN_MODES, default=None,
+                   help="CPU pinning of the workers (default auto)")
+    u.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="every role's log lines: auto (text on a terminal, else JSON), json "
+                        "or text (default: $PDSERVE_LOG_FORMAT or auto)")
+
+
 def _up(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
-    from pdserve.cluster import ClusterConfig, scaled, up
+    from pdserve import launchers, logs
+    from pdserve.cluster_config import ClusterConfig, default_member, scaled
 
+    if args.log_format:  # the roles read it from their environment
+        os.environ[logs.FORMAT_ENV] = args.log_format
+    logs.configure("launcher")
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     overrides: dict[str, Any] = {k: v for k, v in (
         ("model", args.model), ("dtype", args.dtype), ("launcher", args.launcher),
@@ -141,11 +159,11 @@ def _up(args: argparse.Namespace) -> int:
     if args.address:
         overrides["ray"] = dataclasses.replace(config.ray, address=args.address)
         overrides.setdefault("launcher", "ray")
-    defaults = ClusterConfig()
     for role, n in (("prefill", args.prefill), ("decode", args.decode)):
         if n is not None:
-            overrides[role] = scaled(getattr(config, role), n, getattr(defaults, role)[0])
-    return up(dataclasses.replace(config, **overrides))
+            overrides[role] = scaled(getattr(config, role), n, default_member(role))
+    config = dataclasses.replace(config, **overrides)
+    return launchers.find(config.launcher)(config)
 
 
 def _generate_remote(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ child processes inherit the environment variable.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import json
@@ -115,6 +116,14 @@ def configure(role: str, model: str = "", fmt: str | None = None,
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def split_format_flag(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    """``--log-format FMT`` taken out of a role's argv (None when absent), and the rest."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None)
+    known, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.log_format, rest
 
 
 def set_model(model: str) -> None:

@@ -1,5 +1,6 @@
 import sys
 
-from pdserve.worker_process import main
+from pdserve.worker_host import main
+from prefill_worker.servicer import PrefillServicer
 
-sys.exit(main("prefill"))
+sys.exit(main("prefill", PrefillServicer))

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pdserve import logs
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
 from pdserve.config import ROUTING_POLICIES, RouterConfig
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
@@ -150,8 +151,8 @@ async def serve(config: RouterConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    log_format, argv = logs.split_format_flag(argv)  # --log-format {auto,json,text}
+    logs.configure("router", fmt=log_format)
     exit_with_parent()
     try:
         asyncio.run(serve(parse_args(argv)))

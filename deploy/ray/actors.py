@@ -27,10 +27,19 @@ from typing import Any
 
 import ray
 
-from pdserve.cluster import wait_serving
 from pdserve.grpc_server import PARENT_ENV
+from pdserve.launch import wait_serving
 
 log = logging.getLogger("pdserve.ray")
+
+
+def _stderr_path() -> str:
+    """Where this actor's stderr goes, and so its child's log lines: Ray points it at
+    the worker's ``.err`` file in the node's Ray log directory."""
+    try:
+        return os.readlink("/proc/self/fd/2")
+    except OSError:
+        return "the actor's stderr"
 
 
 class Registry:
@@ -86,7 +95,8 @@ class RoleProcess:
     def info(self) -> dict[str, Any]:
         return {"name": self.spec["name"], "role": self.spec["role"], "address": self.address,
                 "pid": self.proc.pid, "node_id": self.node_id, "ip": self.ip,
-                "state": self.state}
+                "state": self.state, "log": _stderr_path(),
+                "actor_id": ray.get_runtime_context().get_actor_id()}
 
     def stop(self, grace: float = 15.0) -> None:
         self.state = "STOPPING"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from deploy.ray.launcher import up
-from pdserve.cluster import ClusterConfig
+from pdserve import logs
+from pdserve.cluster_config import ClusterConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="cluster config YAML (see README)")
     p.add_argument("--address", default=None, help="Ray address (default: this job's cluster)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s job %(levelname)s %(name)s: %(message)s")
+    logs.configure("job")
     try:
         config = ClusterConfig.from_yaml(a.config)
         ray = dataclasses.replace(config.ray, address=a.address or config.ray.address or "auto")

@@ -1,4 +1,6 @@
-"""``pdserve up`` on Ray: router, prefill and decode workers as actors.
+"""``pdserve up`` on Ray (``launcher: ray``, the ``ray`` entry point in the
+``pdserve.launchers`` group, see pdserve/launchers.py): router, prefill and decode
+workers as actors.
 
 CONNECTING (start a local Ray instance, or join ``ray.address``) → PLACING (one
 placement group per worker, on a node with the role's resource: by default
@@ -31,15 +33,9 @@ from ray.util.scheduling_strategies import (
 )
 
 from deploy.ray.actors import Registry, RoleProcess
-from pdserve.cluster import (
-    ClusterConfig,
-    Member,
-    interrupt_on_stop_signals,
-    router_command,
-    router_env,
-    watch,
-    worker_command,
-)
+from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.launch import interrupt_on_stop_signals, role_env, router_command, watch
+from pdserve.worker_args import worker_command
 
 REGISTRY = "pdserve-registry"
 
@@ -132,8 +128,8 @@ class RayLauncher:
         role_actor = ray.remote(RoleProcess)
         for w in self.workers:
             spec = {"role": w.role, "name": w.name, "host": c.host, "port": w.member.port,
-                    "timeout": timeout, "registry": REGISTRY,
-                    "argv": worker_command(w.role, w.member, c, *slots[w.name])}
+                    "timeout": timeout, "registry": REGISTRY, "env": role_env(),
+                    "argv": worker_command(c.worker(w.role, w.member, *slots[w.name]))}
             bundle = self._bundle(w.role)
             w.actor = role_actor.options(
                 name=f"pdserve-{w.name}", num_cpus=0, num_gpus=bundle.pop("GPU", 0),
@@ -144,7 +140,8 @@ class RayLauncher:
             self.infos[w.name] = ray.get(w.actor.info.remote(), timeout=timeout)
         spec = {"role": "router", "name": "router", "host": c.host, "port": c.router_port,
                 "timeout": 120, "registry": REGISTRY,
-                "argv": router_command(c, [], [], members_stdin=True), "env": router_env(c)}
+                "argv": router_command(c.router([], [], members_stdin=True)),
+                "env": role_env(c.api_key)}
         placement: dict[str, Any] = (
             {"resources": {r.router_resource: 1}} if r.router_resource else
             {"scheduling_strategy": NodeAffinitySchedulingStrategy(
@@ -179,9 +176,11 @@ class RayLauncher:
 
     def banner(self) -> str:
         rows = [f"  {i['role']:<10} {i['address']:<22} pid {i['pid']:<8} node {i['node_id'][:12]}"
+                f"\n  {'':<10} log {i['log']} (ray logs actor --id {i['actor_id']} --err)"
                 for i in self.infos.values()]
         where = "local Ray instance" if self.started_ray else f"Ray at {self.config.ray.address}"
-        return (f"\npdserve cluster up on {where}:\n" + "\n".join(rows) +
+        return (f"\npdserve cluster up on {where} (each role logs to its actor's stderr, "
+                "a file on its node, which Ray also streams here):\n" + "\n".join(rows) +
                 '\n\nTry:  .venv/bin/pdserve generate "What is the capital of France?" '
                 f"--chat --address {self.infos['router']['address']}\nCtrl-C stops the cluster.")
 

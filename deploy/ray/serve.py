@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deploy.ray.launcher import RayLauncher
-from pdserve.cluster import ClusterConfig
+from pdserve.cluster_config import ClusterConfig
 from router.openai_protocol import BadRequest
 
 log = logging.getLogger("ray.serve")

@@ -130,7 +130,7 @@ def _port(container: dict[str, Any], name: str) -> int:
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/cpu", "overlays/gpu"])
 def test_roles_start_with_their_real_flags(overlay: str) -> None:
-    from pdserve.worker_process import parse_args as worker_args
+    from pdserve.worker_args import parse_args as worker_args
     from router.server import parse_args as router_args
 
     objs = render(K8S / overlay)
@@ -165,7 +165,7 @@ def test_services_route_to_named_container_ports() -> None:
 
 
 def test_cluster_configmap_agrees_with_the_deployments(tmp_path: Path) -> None:
-    from pdserve.cluster import ClusterConfig
+    from pdserve.cluster_config import ClusterConfig
 
     objs = render(K8S / "overlays" / "cpu")
     data = _config(objs)

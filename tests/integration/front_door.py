@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster import ClusterConfig
+from pdserve.cluster_config import ClusterConfig
 
 
 def free_port() -> int:

@@ -15,7 +15,8 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from pdserve.client import AsyncClient
-from pdserve.cluster import ClusterConfig, Member, start, stop
+from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.process_launcher import start, stop
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?",
              "Who wrote Hamlet?", "Say hello in Spanish.", "What is a KV cache?",

@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.client import AsyncClient, Client
-from pdserve.cluster import ClusterConfig, Member, start, stop
+from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.process_launcher import start, stop
 from tests.integration.front_door import (
     free_port,
     health,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pdserve.cluster import ClusterConfig
+from pdserve.cluster_config import ClusterConfig
 from tests.integration.ray_helpers import ask, blocks_free, cluster_yaml
 
 ray = pytest.importorskip("ray")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pdserve.cluster import ClusterConfig
+from pdserve.cluster_config import ClusterConfig
 from pdserve.gpu_metrics import register_gpu_metrics
 from pdserve.metrics import WorkerMetrics
 from router.auth import ApiKey

@@ -9,16 +9,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from decode_worker.servicer import DecodeServicer
 from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.config import EngineConfig, WorkerConfig
-from pdserve.worker_process import RunningWorker, start_worker
+from pdserve.worker_host import RunningWorker, start_worker
 
 
 def test_stop_drains_in_flight_requests(tiny_llama: Path) -> None:
     engine = EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=64)
 
     async def scenario() -> None:
-        d = await start_worker(WorkerConfig(role="decode", engine=engine, port=0))
+        d = await start_worker(WorkerConfig(role="decode", engine=engine, port=0), DecodeServicer)
         params = common_pb2.SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
         req = worker_pb2.DecodeRequest(request_id="r", prompt_token_ids=list(range(5, 25)),
                                        params=params)

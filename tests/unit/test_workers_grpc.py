@@ -13,11 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from decode_worker.servicer import DecodeServicer
 from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.sampling_params import SamplingParams
-from pdserve.worker_process import RunningWorker, start_worker
+from pdserve.worker_host import RunningWorker, start_worker
+from prefill_worker.servicer import PrefillServicer
 from tests.engine_helpers import assert_engine_empty, run_all
 
 PROMPT = list(range(5, 75))
@@ -67,8 +69,8 @@ def test_remote_and_local_plans_match_the_offline_engine(tiny_llama: Path) -> No
     expected = _offline(tiny_llama)
 
     async def scenario() -> None:
-        p = await start_worker(_config(tiny_llama, "prefill"))
-        d = await start_worker(_config(tiny_llama, "decode"))
+        p = await start_worker(_config(tiny_llama, "prefill"), PrefillServicer)
+        d = await start_worker(_config(tiny_llama, "decode"), DecodeServicer)
         try:
             remote, first = await _generate(d, p.address, "a")
             assert remote == expected
@@ -126,8 +128,8 @@ def test_broken_prefill_peer_fails_one_request_and_frees_blocks(
     expected = _offline(tiny_llama)
 
     async def scenario() -> None:
-        p = await start_worker(_config(tiny_llama, "prefill"))
-        d = await start_worker(_config(tiny_llama, "decode"))
+        p = await start_worker(_config(tiny_llama, "prefill"), PrefillServicer)
+        d = await start_worker(_config(tiny_llama, "decode"), DecodeServicer)
         hostile = grpc.aio.server()
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(HostilePrefill(p.address, mode), hostile)
         port = hostile.add_insecure_port("127.0.0.1:0")
@@ -153,8 +155,9 @@ def test_unreachable_prefill_fails_or_falls_back_and_deadline(tiny_llama: Path) 
     expected = _offline(tiny_llama)
 
     async def scenario() -> None:
-        strict = await start_worker(replace(_config(tiny_llama, "decode"), prefill_fallback="fail"))
-        d = await start_worker(_config(tiny_llama, "decode"))  # prefill_fallback="local"
+        strict = await start_worker(replace(_config(tiny_llama, "decode"), prefill_fallback="fail"),
+                                    DecodeServicer)
+        d = await start_worker(_config(tiny_llama, "decode"), DecodeServicer)  # prefill_fallback="local"
         try:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await _generate(strict, "127.0.0.1:1", "x")
@@ -177,8 +180,8 @@ def test_prefill_process_killed_mid_transfer_decode_prefills_locally(tiny_llama:
     expected = _offline(tiny_llama)
 
     async def scenario() -> None:
-        p = await start_worker(_config(tiny_llama, "prefill"))
-        d = await start_worker(_config(tiny_llama, "decode"))
+        p = await start_worker(_config(tiny_llama, "prefill"), PrefillServicer)
+        d = await start_worker(_config(tiny_llama, "decode"), DecodeServicer)
         dying = subprocess.Popen([sys.executable, "-m", "tests.dying_prefill",
                                   "--upstream", p.address, "--chunks", "3"],
                                  stdout=subprocess.PIPE, text=True)

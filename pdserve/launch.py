@@ -1,0 +1,81 @@
+"""What every launcher shares: each role's command line and environment, waiting
+for a role to answer SERVING, and holding the cluster up until Ctrl-C or SIGTERM.
+
+Workers get their argv from pdserve/worker_args.py (the inverse of their own
+parser); the router's comes from its RouterConfig here. Children inherit
+``$PDSERVE_LOG_FORMAT`` (``pdserve up --log-format``) through ``role_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.config import RouterConfig
+from pdserve.logs import FORMAT_ENV
+
+
+def router_command(r: RouterConfig) -> list[str]:
+    """``python -m router`` for ``r``; the API key goes by ``role_env``, not argv."""
+    cmd = [sys.executable, "-m", "router", "--host", r.host, "--port", str(r.port),
+           "--http-port", str(r.http_port), "--local-prefill-below", str(r.local_prefill_below)]
+    cmd += [a for d in r.decode for a in ("--decode", d)]
+    cmd += [a for p in r.prefill for a in ("--prefill", p)]
+    if r.members_stdin:
+        cmd.append("--members-stdin")
+    if r.model:
+        cmd += ["--model", r.model]
+    return cmd
+
+
+def role_env(api_key: str | None = None) -> dict[str, str]:
+    """What a role's process gets beyond the launcher's environment. The key goes by
+    environment, not argv: argv is visible to every user in `ps`."""
+    env = {FORMAT_ENV: os.environ[FORMAT_ENV]} if os.environ.get(FORMAT_ENV) else {}
+    return {**env, "PDSERVE_API_KEY": api_key} if api_key else env
+
+
+def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]]) -> None:
+    """Poll ``address``'s grpc.health.v1 until SERVING; RuntimeError when one of
+    ``procs`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a cluster process exited while waiting for {address}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f} s")
+
+
+def interrupt_on_stop_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt (a background shell ignores
+    SIGINT unless we ask for it)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def watch(alive: Callable[[], bool], interval_s: float, died: str) -> int:
+    """Block while ``alive()``: 0 on Ctrl-C or SIGTERM, 1 (after printing ``died``)
+    when the cluster broke on its own."""
+    try:
+        while alive():
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+    print(died, file=sys.stderr)
+    return 1

@@ -1,0 +1,60 @@
+"""Which launchers ``pdserve up`` can use: the ``pdserve.launchers`` entry points.
+
+A launcher is ``up(config: ClusterConfig) -> int`` (the exit status once the
+cluster is stopped). pyproject.toml registers them::
+
+    [project.entry-points."pdserve.launchers"]
+    process = "pdserve.process_launcher:up"
+    ray = "deploy.ray.launcher:up"
+
+so pdserve finds the Ray launcher by name, never by importing deploy/. A source
+checkout whose install predates an entry point still finds it: the checkout's own
+pyproject.toml is read as well (the installed metadata wins on a name in both).
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.cluster_config import ClusterConfig
+
+GROUP = "pdserve.launchers"
+Launcher = Callable[["ClusterConfig"], int]
+
+
+@functools.cache
+def registered() -> tuple[metadata.EntryPoint, ...]:
+    """The source checkout's launchers, then the installed ones (later names win)."""
+    return (*_source_tree(), *metadata.entry_points(group=GROUP))
+
+
+def _source_tree() -> tuple[metadata.EntryPoint, ...]:
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():  # an installed wheel: its metadata says it all
+        return ()
+    project = tomllib.loads(pyproject.read_text()).get("project", {})
+    table = project.get("entry-points", {}).get(GROUP, {})
+    return tuple(metadata.EntryPoint(name, value, GROUP) for name, value in table.items())
+
+
+def _by_name(entry_points: Iterable[metadata.EntryPoint] | None) -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in (registered() if entry_points is None else entry_points)}
+
+
+def names(entry_points: Iterable[metadata.EntryPoint] | None = None) -> tuple[str, ...]:
+    return tuple(sorted(_by_name(entry_points)))
+
+
+def find(name: str, entry_points: Iterable[metadata.EntryPoint] | None = None) -> Launcher:
+    """The launcher called ``name``; ValueError naming the known ones otherwise."""
+    found = _by_name(entry_points)
+    if name not in found:
+        raise ValueError(f"launcher must be one of {tuple(sorted(found))}, got {name!r}")
+    launcher: Launcher = found[name].load()
+    return launcher

@@ -1,0 +1,113 @@
+"""A worker's command line, both ways: ``parse_args`` (argv → WorkerConfig) and its
+inverse ``worker_argv`` (WorkerConfig → argv), so a launcher builds the config and
+hands the worker exactly that config, nothing parsed twice by hand.
+
+Torch-free on purpose: launchers (the process launcher, Ray's) import it.
+Every default lives in ``worker_config``'s signature, taken from pdserve/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pdserve.config import PREFILL_FALLBACKS, ROLE_DEFAULTS, EngineConfig, WorkerConfig
+from pdserve.logs import LOG_FORMATS
+from pdserve.placement import PIN_MODES, PlacementRequest
+
+
+def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None = None,
+                  metrics_port: int = WorkerConfig.metrics_port, model: str | None = None,
+                  dtype: str = EngineConfig.dtype, threads: int | None = None,
+                  cpus: tuple[int, ...] | None = None, pin: str = PlacementRequest.mode,
+                  slot: int = PlacementRequest.slot, slots: int = PlacementRequest.slots,
+                  device: str = EngineConfig.device, kv_cache_gb: float = EngineConfig.kv_cache_gb,
+                  max_num_batched_tokens: int | None = None,
+                  kv_encoding: str = WorkerConfig.kv_encoding,
+                  prefill_fallback: str = WorkerConfig.prefill_fallback) -> WorkerConfig:
+    """The config of a worker with these options (the ones its command line has);
+    ``port`` and ``max_num_batched_tokens`` default per role (ROLE_DEFAULTS)."""
+    if role not in ROLE_DEFAULTS:
+        raise ValueError(f"role must be one of {sorted(ROLE_DEFAULTS)}, got {role!r}")
+    defaults = ROLE_DEFAULTS[role]
+    engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
+                          kv_cache_gb=kv_cache_gb,
+                          max_num_batched_tokens=(defaults.max_num_batched_tokens
+                                                  if max_num_batched_tokens is None
+                                                  else max_num_batched_tokens))
+    placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
+                                 threads=threads, gpu=device != "cpu")
+    return WorkerConfig(role=role, engine=engine, host=host,
+                        port=defaults.port if port is None else port, metrics_port=metrics_port,
+                        placement=placement, kv_encoding=kv_encoding,
+                        prefill_fallback=prefill_fallback)
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(","))
+
+
+def parser(role: str) -> argparse.ArgumentParser:
+    # SUPPRESS: an option not given stays out of the namespace, so worker_config's
+    # default applies (written there once).
+    p = argparse.ArgumentParser(prog=f"python -m {role}_worker",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {ROLE_DEFAULTS[role].port})")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 0 = none)")
+    p.add_argument("--model", help="HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--dtype")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cpus", type=_cpu_list, help="comma-separated CPU ids to pin to")
+    p.add_argument("--pin", choices=PIN_MODES, help="auto (see pdserve/placement.py) or off")
+    p.add_argument("--slot", type=int,
+                   help="this worker's index among --slots workers on this machine")
+    p.add_argument("--slots", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--kv-cache-gb", type=float)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help=f"default {ROLE_DEFAULTS[role].max_num_batched_tokens}")
+    p.add_argument("--kv-encoding")
+    p.add_argument("--prefill-fallback", choices=list(PREFILL_FALLBACKS),
+                   help="decode: what to do when the prefill worker is unreachable or dies")
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="auto (text on a terminal, else JSON lines), json or text")
+    return p
+
+
+def parse_invocation(role: str, argv: list[str] | None = None) -> tuple[WorkerConfig, str | None]:
+    """The worker's config and its ``--log-format`` (None: $PDSERVE_LOG_FORMAT or auto)."""
+    options: dict[str, Any] = vars(parser(role).parse_args(argv))
+    log_format = options.pop("log_format", None)
+    return worker_config(role, **options), log_format
+
+
+def parse_args(role: str, argv: list[str] | None = None) -> WorkerConfig:
+    return parse_invocation(role, argv)[0]
+
+
+def worker_argv(config: WorkerConfig) -> list[str]:
+    """The arguments that make ``parse_args`` return ``config``; ValueError when the
+    config holds something the command line cannot say (e.g. num_kv_blocks)."""
+    e, p = config.engine, config.placement
+    argv = ["--host", config.host, "--port", str(config.port),
+            "--metrics-port", str(config.metrics_port), "--dtype", e.dtype,
+            "--device", e.device, "--kv-cache-gb", repr(e.kv_cache_gb),
+            "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--kv-encoding", config.kv_encoding, "--prefill-fallback", config.prefill_fallback,
+            "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
+    if e.model is not None:
+        argv += ["--model", e.model]
+    if e.num_threads is not None:
+        argv += ["--threads", str(e.num_threads)]
+    if p.cpus is not None:
+        argv += ["--cpus", ",".join(map(str, p.cpus))]
+    if parse_args(config.role, argv) != config:
+        raise ValueError(f"a {config.role} worker's command line cannot express {config}")
+    return argv
+
+
+def worker_command(config: WorkerConfig) -> list[str]:
+    """``python -m prefill_worker`` / ``decode_worker`` with ``config``'s arguments."""
+    return [sys.executable, "-m", f"{config.role}_worker", *worker_argv(config)]
