@@ -111,6 +111,7 @@ async def start_router(config: RouterConfig) -> Router:
     model_config = json.loads((model_dir / "config.json").read_text())
     max_len = config.max_model_len or int(model_config.get("max_position_embeddings", 2048))
     model_id = config.served_model_name or model_dir.name
+    logs.set_model(model_id)
     key = ApiKey(config.api_key) if config.api_key else None
     server = Server(config.host, config.port, ["pdserve.v1.Generation"],
                     [ApiKeyInterceptor(key)] if key else [])

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from decode_worker.fake_kv_sources import LoopbackKVSource, ScriptedKVSource
+from decode_worker.servicer import DecodeServicer
 from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
@@ -32,7 +33,7 @@ from pdserve.kvwire.stream import (
 )
 from pdserve.logs import current_request_id
 from pdserve.sampling_params import SamplingParams
-from pdserve.worker_process import start_worker
+from pdserve.worker_host import start_worker
 from tests.engine_helpers import assert_engine_empty, run_all
 
 PROMPT = list(range(5, 75))  # 70 tokens: 3 prefill chunks of at most 32
@@ -234,7 +235,7 @@ def test_decode_worker_with_the_loopback_source_logs_each_step_under_the_id(
     params = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
     async def scenario() -> None:
-        d = await start_worker(config)
+        d = await start_worker(config, DecodeServicer)
         try:
             async with grpc.aio.insecure_channel(d.address) as ch:
                 req = worker_pb2.DecodeRequest(request_id="loop-1", prompt_token_ids=PROMPT,
