@@ -44,7 +44,7 @@ VLLM_CPU_OMP_THREADS_BIND=0,1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SP
   --max-model-len 4096 --no-enable-prefix-caching --port 8100
 
 $PY - <<'EOF'
-from pdserve.cluster import wait_serving
+from pdserve.launch import wait_serving
 for port in (50051, 50052, 50053, 50054):
     wait_serving(f"127.0.0.1:{port}", 900, [])
 EOF

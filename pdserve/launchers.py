@@ -7,18 +7,15 @@ cluster is stopped). pyproject.toml registers them::
     process = "pdserve.process_launcher:up"
     ray = "deploy.ray.launcher:up"
 
-so pdserve finds the Ray launcher by name, never by importing deploy/. A source
-checkout whose install predates an entry point still finds it: the checkout's own
-pyproject.toml is read as well (the installed metadata wins on a name in both).
+so pdserve finds the Ray launcher by name, never by importing deploy/ (``make
+install`` reinstalls whenever pyproject.toml changes, so the metadata is current).
 """
 
 from __future__ import annotations
 
 import functools
-import tomllib
 from collections.abc import Callable, Iterable
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,17 +27,7 @@ Launcher = Callable[["ClusterConfig"], int]
 
 @functools.cache
 def registered() -> tuple[metadata.EntryPoint, ...]:
-    """The source checkout's launchers, then the installed ones (later names win)."""
-    return (*_source_tree(), *metadata.entry_points(group=GROUP))
-
-
-def _source_tree() -> tuple[metadata.EntryPoint, ...]:
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    if not pyproject.is_file():  # an installed wheel: its metadata says it all
-        return ()
-    project = tomllib.loads(pyproject.read_text()).get("project", {})
-    table = project.get("entry-points", {}).get(GROUP, {})
-    return tuple(metadata.EntryPoint(name, value, GROUP) for name, value in table.items())
+    return tuple(metadata.entry_points(group=GROUP))
 
 
 def _by_name(entry_points: Iterable[metadata.EntryPoint] | None) -> dict[str, metadata.EntryPoint]:
