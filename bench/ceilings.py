@@ -18,10 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# (M, K, N) like the model's prefill GEMMs: 512-2048 token chunks, hidden 576,
-# gate|up 3072 and down-sized 1536 outputs.
-MODEL_GEMM_SHAPES: tuple[tuple[int, int, int], ...] = (
-    (512, 576, 1536), (512, 576, 3072), (2048, 576, 3072))
+Shape = tuple[int, int, int]  # (M, K, N) of an (M, K) x (K, N) GEMM
 READ_BYTES = 256 * 2**20  # far above any L3, so reads come from DRAM
 ROUNDS = 5
 BUDGET_S = 0.25
@@ -80,8 +77,7 @@ def read_gbps(nbytes: int = READ_BYTES, rounds: int = ROUNDS) -> dict[str, float
     return {name: work / best_seconds(fn, rounds) / 1e9 for name, (fn, work) in ways.items()}
 
 
-def gemm_gflops(dtype: str, shapes: Sequence[tuple[int, int, int]] = MODEL_GEMM_SHAPES,
-                rounds: int = ROUNDS) -> float:
+def gemm_gflops(dtype: str, shapes: Sequence[Shape], rounds: int = ROUNDS) -> float:
     """Best GFLOP/s of (M, K) x (K, N) over ``shapes`` and both weight layouts."""
     best = 0.0
     for m, k, n in shapes:
@@ -102,7 +98,7 @@ def _gemm_ways(dtype: str, m: int, k: int, n: int) -> list[Callable[[], object]]
     return [lambda: F.linear(a, w), lambda: torch.matmul(a, wt)]
 
 
-def measure(threads: int, gemm_shapes: dict[str, Sequence[tuple[int, int, int]]],
+def measure(threads: int, gemm_shapes: dict[str, Sequence[Shape]],
             read_bytes: int = READ_BYTES, rounds: int = ROUNDS) -> Rates:
     """Read bandwidth and, per dtype in ``gemm_shapes``, GEMM GFLOP/s on ``threads``."""
     with torch_threads(threads):
@@ -110,3 +106,12 @@ def measure(threads: int, gemm_shapes: dict[str, Sequence[tuple[int, int, int]]]
         gemm = {dt: gemm_gflops(dt, shapes, rounds) for dt, shapes in gemm_shapes.items()}
     return Rates(threads=threads, read_GBps=max(by_method.values()),
                  read_by_method=by_method, gemm_GFLOPs=gemm)
+
+
+def best_of(measured: Sequence[Rates]) -> Rates:
+    """Each rate's best over several measurements (before and after a run: on a shared
+    machine one window can be a busy one, and a ceiling must not be low)."""
+    reads = {k: max(r.read_by_method[k] for r in measured) for k in measured[0].read_by_method}
+    gemm = {k: max(r.gemm_GFLOPs[k] for r in measured) for k in measured[0].gemm_GFLOPs}
+    return Rates(threads=measured[0].threads, read_GBps=max(reads.values()),
+                 read_by_method=reads, gemm_GFLOPs=gemm)

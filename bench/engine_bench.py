@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.roofline import engine_ceilings
+from bench.roofline import engine_ceilings, measure_rates
 from bench.workloads import Run
 
 PEER_SCRIPT = Path(__file__).with_name("peer_offline.py")
@@ -26,9 +26,9 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
 
     llm = LLM(model=model, dtype=dtype, num_threads=threads)
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    rates = [measure_rates(llm.engine, threads)]
     out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
-                           "dtype": dtype, "ceilings": engine_ceilings(llm.engine, threads, runs),
-                           "runs": []}
+                           "dtype": dtype, "runs": []}
     for run in runs:
         params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
         times, tokens = [], []
@@ -38,6 +38,8 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(r.token_ids) for r in res))
         out["runs"].append({"name": run.name, "times_s": times, "output_tokens": tokens})
+    rates.append(measure_rates(llm.engine, threads))  # before and after the runs
+    out["ceilings"] = engine_ceilings(llm.engine, rates, runs)
     return out
 
 

@@ -34,7 +34,8 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
 
 
 def describe(threads: int | None = None) -> dict[str, Any]:
-    """CPU model, the flags that matter, cores, the threads the benchmark used, torch."""
+    """CPU model, the flags that matter, cores, the threads the benchmark used (None
+    where they are a served target's, not this process's), torch."""
     import torch
 
     model, flags = _cpuinfo()
@@ -44,7 +45,7 @@ def describe(threads: int | None = None) -> dict[str, Any]:
         "torch_native_bf16": bool(torch.cpu._is_avx512_bf16_supported()
                                   or torch.cpu._is_amx_tile_supported()),
         "cpus": os.cpu_count(),
-        "threads": threads if threads is not None else torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -54,5 +55,5 @@ def describe(threads: int | None = None) -> dict[str, Any]:
 def line(m: dict[str, Any]) -> str:
     """One line for tables and plot titles."""
     flags = " ".join(("+" if on else "-") + f for f, on in m["flags"].items())
-    return (f"{m['cpu_model']} [{flags}] "
-            f"{m['threads']} of {m['cpus']} cpus, torch {m['torch']}")
+    used = f"{m['threads']} of " if m.get("threads") else ""
+    return f"{m['cpu_model']} [{flags}] {used}{m['cpus']} cpus, torch {m['torch']}"

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
-from bench.ceilings import MODEL_GEMM_SHAPES, Rates, measure
+from bench.ceilings import Rates, Shape, best_of, measure
 from bench.workloads import Run
 from pdserve.engine.linear import SMALL_BATCH
+
+PREFILL_ROWS = (512, 2048)  # GEMM rows of a prefill chunk: the decode role's and the default
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -83,12 +85,14 @@ class EngineCosts:
         flops = tokens * self.flops_per_token + n * self.lm_head_flops
         return flops + self.attn_flops_per_pair * pairs, self.weight_bytes(tokens, n)
 
-    def gemm_shapes(self) -> dict[str, Sequence[tuple[int, int, int]]]:
-        """Which GEMM dtypes to measure: the compute dtype at the model's shapes; the
-        stored dtype and int8 (paths the engine could take) at the smallest, since
-        they are slow where the CPU lacks them."""
-        out: dict[str, Sequence[tuple[int, int, int]]] = {self.compute_dtype: MODEL_GEMM_SHAPES}
-        small = MODEL_GEMM_SHAPES[:1]
+    def gemm_shapes(self) -> dict[str, Sequence[Shape]]:
+        """Which GEMMs to measure: the compute dtype at every distinct layer shape for
+        prefill chunks of 512 and 2048 tokens; the stored dtype and int8 (paths the
+        engine could take) at the smallest, since they are slow where the CPU lacks them."""
+        nk = dict.fromkeys(tuple(_weight(lin).shape) for lin in self.layer_linears)
+        shapes = [(m, k, n) for m in PREFILL_ROWS for n, k in nk]
+        out: dict[str, Sequence[Shape]] = {self.compute_dtype: shapes}
+        small = [min(shapes, key=lambda s: s[0] * s[1] * s[2])]
         if self.stored_dtype != self.compute_dtype:
             out[self.stored_dtype] = small
         if self.quantized:
@@ -96,9 +100,14 @@ class EngineCosts:
         return out
 
 
-def _numel(lin: Any) -> int:
+def _weight(lin: Any) -> torch.Tensor:
+    """The (N, K) weight as quantized, or as computed with."""
     w = getattr(lin, "qweight", None)
-    return int((w if w is not None else lin.weight).numel())
+    return w if w is not None else lin.weight
+
+
+def _numel(lin: Any) -> int:
+    return int(_weight(lin).numel())
 
 
 def _kv_bytes_per_token(kv: Any) -> int:
@@ -132,14 +141,18 @@ def workload_ceilings(costs: EngineCosts, rates: Rates,
     return out
 
 
-def engine_ceilings(engine: Any, threads: int, runs: Sequence[Run]) -> dict[str, Any]:
-    """Rates measured now on ``threads`` and the ceiling of each workload in ``runs``."""
-    costs = EngineCosts(engine)
-    rates = measure(threads, costs.gemm_shapes())
+def measure_rates(engine: Any, threads: int) -> Rates:
+    """This machine's rates now, for the GEMMs this engine could run."""
+    return measure(threads, EngineCosts(engine).gemm_shapes())
+
+
+def engine_ceilings(engine: Any, measured: Sequence[Rates], runs: Sequence[Run]) -> dict[str, Any]:
+    """The best of the ``measured`` rates and the ceiling of each workload in ``runs``."""
+    costs, rates = EngineCosts(engine), best_of(measured)
     named = {r.name: r for r in runs if r.name in ("W1", "W2", "W3")}
-    return {"threads": threads, "read_GBps": rates.read_GBps,
-            "read_by_method": rates.read_by_method, "gemm_GFLOPs": rates.gemm_GFLOPs,
-            "kv_bytes_per_token": costs.kv_bytes_per_token,
+    return {"threads": rates.threads, "measurements": len(measured),
+            "read_GBps": rates.read_GBps, "read_by_method": rates.read_by_method,
+            "gemm_GFLOPs": rates.gemm_GFLOPs, "kv_bytes_per_token": costs.kv_bytes_per_token,
             "workloads": workload_ceilings(costs, rates, named)}
 
 
@@ -147,7 +160,8 @@ def ceilings_line(c: dict[str, Any]) -> str:
     """The measured rates behind every share, for the report."""
     reads = ", ".join(f"{k} {v:.1f}" for k, v in c["read_by_method"].items())
     gemm = ", ".join(f"{k} {v:.0f}" for k, v in c["gemm_GFLOPs"].items())
-    text = (f"ceilings (measured now, {c['threads']} threads): read {c['read_GBps']:.1f} GB/s "
+    text = (f"ceilings (measured now, {c['threads']} threads, best of {c['measurements']} "
+            f"measurements around the runs): read {c['read_GBps']:.1f} GB/s "
             f"(best of {reads}); GEMM GFLOP/s {gemm} (the engine's best counts)")
     w2 = c["workloads"].get("W2")
     if w2:

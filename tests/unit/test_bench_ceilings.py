@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.ceilings import Rates, best_seconds, measure, torch_threads
+from bench.ceilings import Rates, best_of, best_seconds, measure, torch_threads
 from bench.machine import FLAGS, describe, line
 from bench.roofline import EngineCosts, read_bytes, stored_tensors, workload_ceilings
 from bench.workloads import runs_for
@@ -114,3 +114,13 @@ def test_the_machine_is_named() -> None:
     assert set(m["flags"]) == set(FLAGS) and all(isinstance(v, bool) for v in m["flags"].values())
     text = line(m)
     assert m["cpu_model"] in text and "avx512_bf16" in text and torch.__version__ in text
+
+
+def test_the_best_of_measurements_takes_each_rate_at_its_best() -> None:
+    before = Rates(threads=2, read_GBps=5.0, read_by_method={"sum": 5.0, "copy": 2.0},
+                   gemm_GFLOPs={"float32": 10.0})
+    after = Rates(threads=2, read_GBps=4.0, read_by_method={"sum": 1.0, "copy": 4.0},
+                  gemm_GFLOPs={"float32": 20.0})
+    best = best_of([before, after])
+    assert best.read_by_method == {"sum": 5.0, "copy": 4.0} and best.read_GBps == 5.0
+    assert best.gemm_GFLOPs == {"float32": 20.0} and best.threads == 2
