@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Any
 
+from bench.machine import describe as describe_machine
+from bench.machine import line as machine_line
 from bench.serving_cli import add_serving_arguments, run_served
 from bench.workloads import HEADLINE, figures, runs_for
 
@@ -56,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
         python = args.vllm_python if peer == "vllm" else sys.executable
         results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, dtype,
                                   args.threads)
-    report = _report(workloads, results, results["pdserve"]["ceilings"])
-    _print(report, args)
+    ceilings = results["pdserve"]["ceilings"]
+    report = _report(workloads, results, ceilings)
+    machine = describe_machine(args.threads)
+    _print(report, ceilings, machine, args)
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": _machine(args), "report": report, "raw": results}, f, indent=2)
+            json.dump({"machine": machine, "ceilings": ceilings, "report": report,
+                       "raw": results}, f, indent=2)
     return 0
 
 
@@ -86,12 +90,12 @@ def _run_w5(args: argparse.Namespace) -> int:
               f"{e['effective_GBps']:.2f} GB/s ({100 * e['effective_share_of_raw']:.0f}% of raw)")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": _machine(args), "W5": res}, f, indent=2)
+            json.dump({"machine": describe_machine(args.threads), "W5": res}, f, indent=2)
     return 0
 
 
 def _report(workloads: list[str], results: dict[str, Any],
-            ceilings: dict[str, float]) -> dict[str, Any]:
+            ceilings: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for w in workloads:
         row: dict[str, Any] = {}
@@ -101,16 +105,21 @@ def _report(workloads: list[str], results: dict[str, Any],
         key = HEADLINE[w]
         ours = row["pdserve"][key]
         row["ratios"] = {b: ours / row[b][key] for b in row if b != "pdserve"}
-        if w in ceilings:
-            row["ceiling"] = ceilings[w]
-            row["share_of_ceiling"] = ours / ceilings[w]
+        if w in ceilings["workloads"]:
+            row["ceiling"] = ceilings["workloads"][w][key]
+            row["share_of_ceiling"] = ours / row["ceiling"]
         out[w] = row
     return out
 
 
-def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
+def _print(report: dict[str, Any], ceilings: dict[str, Any], machine: dict[str, Any],
+           args: argparse.Namespace) -> None:
+    from bench.roofline import ceilings_line
+
     print(f"pdserve bench --engine  dtype={args.dtype} threads={args.threads} "
           f"repeats={args.repeats} (medians; ratios are pdserve / peer, same run)")
+    print(f"machine: {machine_line(machine)}")
+    print(ceilings_line(ceilings))
     for w, row in report.items():
         key = HEADLINE[w]
         skip = ("ratios", "share_of_ceiling", "ceiling")
@@ -125,6 +134,9 @@ def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
         if w == "W2":
             print("   TTFT ms: " + ", ".join(f"{b} {row[b]['ttft_ms']:.0f}" for b in row
                                              if b not in skip))
+        if row.get("share_of_ceiling", 0.0) > 1.0:
+            print(f"WARNING: {w} pdserve is above 100% of the ceiling: the instrument is wrong "
+                  "(the ceiling is not this machine's limit); do not quote this share")
 
 
 def vocab_of(model: str | None) -> int:
@@ -136,8 +148,3 @@ def _vocab(model: str) -> int:
     from pdserve.model_files import resolve_model
 
     return int(load_hf_config(resolve_model(model)).vocab_size)  # type: ignore[attr-defined]
-
-
-def _machine(args: argparse.Namespace) -> dict[str, Any]:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-            "python": sys.version.split()[0]}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.roofline import engine_ceilings, measure_rates
 from bench.workloads import Run
 
 PEER_SCRIPT = Path(__file__).with_name("peer_offline.py")
@@ -25,8 +26,9 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
 
     llm = LLM(model=model, dtype=dtype, num_threads=threads)
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    rates = [measure_rates(llm.engine, threads)]
     out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
-                           "dtype": dtype, "ceilings": ceilings(llm, threads), "runs": []}
+                           "dtype": dtype, "runs": []}
     for run in runs:
         params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
         times, tokens = [], []
@@ -36,37 +38,9 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(r.token_ids) for r in res))
         out["runs"].append({"name": run.name, "times_s": times, "output_tokens": tokens})
+    rates.append(measure_rates(llm.engine, threads))  # before and after the runs
+    out["ceilings"] = engine_ceilings(llm.engine, rates, runs)
     return out
-
-
-def ceilings(llm: Any, threads: int) -> dict[str, float]:
-    """This machine's limits, measured now: memory reads and fp32 GEMM, turned into
-    the best possible W2 decode rate (read every weight once per token) and W3
-    prefill rate (every layer matmul once per token)."""
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(threads)
-    x = torch.ones(64 * 2**20)  # 256 MiB
-    x.sum()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        x.sum()
-    read_gbps = 5 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
-    a, w = torch.randn(512, 576), torch.randn(3072, 576)
-    F.linear(a, w)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        F.linear(a, w)
-    gflops = 10 * 2 * 512 * 576 * 3072 / (time.perf_counter() - t0) / 1e9
-    model = llm.engine.model
-    linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up,
-                                                          layer.down)]
-    stored = llm.engine.weight_dtype.itemsize
-    layer_params = sum(lin.weight.numel() for lin in linears)
-    step_bytes = (layer_params + model.lm_head.weight.numel()) * stored
-    return {"read_GBps": read_gbps, "fp32_gemm_GFLOPs": gflops,
-            "W2": read_gbps * 1e9 / step_bytes, "W3": gflops * 1e9 / (2 * layer_params)}
 
 
 def time_peer(backend: str, python: str, model_dir: str, runs: list[Run], repeats: int,

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.machine import line
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -26,6 +28,12 @@ def _pyplot() -> Any:
 def _requests(res: dict[str, Any], w: str) -> list[dict[str, Any]]:
     reqs = [r for run in res["runs"] for r in run["requests"] if r["success"]]
     return [r for r in reqs if r["cls"] == "short"] if w == "W4" else reqs
+
+
+def _titled(title: str, doc: dict[str, Any]) -> str:
+    """Every plot names the machine it was measured on."""
+    m = doc.get("machine")
+    return f"{title}\n{line(m)}" if m and "flags" in m else title
 
 
 def _cdf(ax: Any, values_ms: list[float], label: str) -> None:
@@ -51,7 +59,7 @@ def latency_cdfs(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                 _cdf(ax, vals, e["label"])
             who = " (short requests)" if w == "W4" else ""
             ax.set(xlabel=f"{title} (ms)", ylabel="fraction of samples",
-                   title=f"{w} {title} CDF{who}", ylim=(0, 1.02))
+                   title=_titled(f"{w} {title} CDF{who}", doc), ylim=(0, 1.02))
             ax.set_xscale("log")  # queued TTFTs and prefill stalls span orders of magnitude
             ax.grid(alpha=0.3, which="both")
             ax.legend()
@@ -83,7 +91,7 @@ def w4_itl_timeline(doc: dict[str, Any], out_dir: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("time since the start of the run (s)")
-    fig.suptitle("W4: short requests' inter-token latency over time")
+    fig.suptitle(_titled("W4: short requests' inter-token latency over time", doc))
     path = out_dir / "W4_itl_timeline.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

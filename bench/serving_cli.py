@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Any
+
+from bench.machine import describe as describe_machine
+from bench.machine import line as machine_line
 
 SERVED_DEFAULT = ["W1", "W2", "W3", "W4", "W6"]
 
@@ -73,8 +75,9 @@ def run_served(args: argparse.Namespace) -> int:
         rate_long=args.rate_long, long_share=args.long_share,
         prefill_capacity=args.prefill_capacity, slo=SLO(args.slo_ttft, args.slo_tpot))
     doc = run(targets, cfg)
-    doc["machine"] = _machine()
+    doc["machine"] = describe_machine()  # the client's; the targets' threads are their own
     print(render(doc))
+    print(f"machine (client): {machine_line(doc['machine'])}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(doc, f, indent=1)
@@ -99,8 +102,3 @@ def _check_failures(doc: dict[str, Any]) -> int:
             if reqs and len(bad) == len(reqs):
                 rc = 1
     return rc
-
-
-def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(),
-            "python": sys.version.split()[0]}

@@ -29,6 +29,13 @@ def test_bench_engine_writes_json(tiny_llama: Path, tmp_path: Path,
     rc = main(["bench", "--engine", "--workload", "W2", "--repeats", "1", "--threads", "1",
                "--model", str(tiny_llama), "--dtype", "float32", "--json", str(out)])
     assert rc == 0
-    report = json.loads(out.read_text())["report"]
+    doc = json.loads(out.read_text())
+    report = doc["report"]
     assert report["W2"]["pdserve"]["decode_tok_s"] > 0
-    assert "W2 decode_tok_s: pdserve" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "W2 decode_tok_s: pdserve" in printed
+    # the machine and the ceilings measured in this run are named in the table and the JSON
+    assert doc["machine"]["threads"] == 1 and "avx512_bf16" in doc["machine"]["flags"]
+    assert doc["ceilings"]["read_GBps"] > 0 and "float32" in doc["ceilings"]["gemm_GFLOPs"]
+    assert report["W2"]["ceiling"] == doc["ceilings"]["workloads"]["W2"]["decode_tok_s"]
+    assert "machine: " in printed and "ceilings (measured now, 1 threads, best of 2" in printed
