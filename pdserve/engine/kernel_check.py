@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine import cpu_kernels
+from pdserve.engine.cpu_features import detect
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.rope import RotaryEmbedding
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("linear_bf16w_packed", "linear_bf16w", "rms_norm", "rope_store_kv",
                 "paged_decode_attention", "silu_mul")
-_TOL = {"rtol": 1e-4, "atol": 1e-4}  # fp32 with another summation order, nothing more
+_RTOL = _ATOL = 1e-4  # fp32 with another summation order, nothing more
 _H, _KVH, _HD, _BS, _BLOCKS = 4, 2, 20, 4, 32  # hd 20: the non-multiple-of-8 tails too
 
 
@@ -53,6 +54,10 @@ def verified() -> Kernels | None:
         module = cpu_kernels.load()
         _verified = None if module is None else check(module)
         _done = True
+        if _verified is not None:
+            log.info("CPU kernels built for %s on %s: %d of %d passed their self-check",
+                     module.compiled_isa(), detect().describe(), len(_verified.ok),
+                     len(KERNEL_NAMES))
     return _verified
 
 
@@ -77,7 +82,7 @@ def check(module: Any) -> Kernels:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, **_TOL)
+    torch.testing.assert_close(actual, expected, rtol=_RTOL, atol=_ATOL)
 
 
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -77,7 +77,7 @@ def use_cache(replacement: ChoiceCache | None) -> None:
     _logged.clear()
 
 
-def prefer_ours(op: str, ours: list[Work], theirs: list[Work]) -> bool:
+def prefer_ours(op: str, ours: Sequence[Work], theirs: Sequence[Work]) -> bool:
     """Whether our kernel runs ``op`` (its name and shapes): ``ours`` and ``theirs``
     do the same work items (e.g. batch 1 and batch 4) through each implementation."""
     key = f"{op} threads={torch.get_num_threads()}"

@@ -11,6 +11,7 @@ bf16-rounded values, so both paths multiply by identical weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -77,8 +78,9 @@ class Linear:
     def _faster(self, op: str, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 w: torch.Tensor) -> bool:
         xs = [torch.randn(rows, self.weight.shape[1]) for rows in (1, 4)]
-        return kernel_choice.prefer_ours(op, [lambda x=x: kernel(x, w) for x in xs],
-                                         [lambda x=x: F.linear(x, self.weight) for x in xs])
+        ours = [functools.partial(kernel, x, w) for x in xs]
+        theirs = [functools.partial(F.linear, x, self.weight) for x in xs]
+        return kernel_choice.prefer_ours(op, ours, theirs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.shape[0] <= SMALL_BATCH:
