@@ -6,6 +6,11 @@ A kernel that disagrees beyond fp32 summation-order error, or raises, is dropped
 with one warning naming it; the engine then uses torch for that op. This is the
 guard for ISA paths no test machine of ours ran (AVX-512 on an AVX2 box, or the
 reverse): a wrong kernel costs speed, never tokens.
+
+Lifecycle of one kernel in a process::
+
+    unchecked --check passes--> ok       (kernels=cpu runs it; kernels=auto times it)
+    unchecked --check fails---> dropped  (one warning; TorchOps / F.linear run the op)
 """
 
 from __future__ import annotations

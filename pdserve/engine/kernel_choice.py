@@ -6,6 +6,12 @@ batch, a few ms in all) and the choice is cached as JSON next to the built kerne
 model and flags. A later process on the same CPU reads the choice back without
 timing. Each choice is logged once per process. The key includes torch's thread
 count: what wins on one thread need not win on sixteen.
+
+Lifecycle of one op key (kernel name + shapes + threads)::
+
+    unknown --in the JSON file--> chosen (read back, no timing)
+    unknown --timed once--------> chosen (written to the JSON file)
+    chosen: "cpu" (our kernel) or "torch"; logged once per process
 """
 
 from __future__ import annotations

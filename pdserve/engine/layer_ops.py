@@ -171,8 +171,11 @@ class _Shapes:
         self.kv = KVCache(1, blocks, 16, kv_heads, head_dim, torch.float32, torch.device("cpu"))
 
     def key(self, kernel: str) -> str:
-        return (f"{kernel} d={self.d} i={self.inter} h={self.heads} kvh={self.kv_heads} "
-                f"hd={self.hd} ctx={self.CONTEXT}")
+        """The kernel's name and the shapes its time depends on."""
+        heads = f"h={self.heads} kvh={self.kv_heads} hd={self.hd}"
+        return kernel + " " + {"rms_norm": f"d={self.d}", "silu_mul": f"i={self.inter}",
+                               "rope_store_kv": heads,
+                               "paged_decode_attention": f"{heads} ctx={self.CONTEXT}"}[kernel]
 
     def batch(self, rows: int) -> Any:
         tables = torch.arange(rows * self.CONTEXT // 16).view(rows, -1)
