@@ -9,13 +9,16 @@ with VNNI, and BF16 where present) with exactly that level's flags (never
 ``-march=native``, which would let the compiler use instructions the level's record
 does not name). The build directory is named by torch's version, the ISA level and
 the sources' content, and records the level in a file: a module whose recorded level
-this CPU lacks (a cache or image copied from a newer CPU) is never imported; the
-engine uses torch instead. The directory holds a copy of the sources, so every
-checkout of the same code (a Ray job's working-dir copy, a container) shares one
-build instead of rebuilding over another's. A module built before is imported
-directly: torch's loader would run ninja under a lock file on every start, and a
-process killed meanwhile leaves that lock behind for every later one to wait on
-forever (such a lock is removed once older than any real build).
+this CPU lacks (a cache or image copied from a newer CPU) is never imported. Where
+this CPU's level cannot be built (no compiler in an image), a build of the same
+sources for a lower level this CPU has is used; failing that, torch.
+
+The directory holds a copy of the sources, so every checkout of the same code (a Ray
+job's working-dir copy, a container) shares one build instead of rebuilding over
+another's. A module built before is imported directly: torch's loader would run
+ninja under a lock file on every start, and a process killed meanwhile leaves that
+lock behind for every later one to wait on forever (such a lock is removed once
+older than any real build).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pdserve.engine.cpu_features import CpuFeatures, IsaLevel, detect, isa_level
+from pdserve.engine.cpu_features import ISA_LEVELS, CpuFeatures, IsaLevel, detect, isa_level
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"
 _STALE_LOCK_S = 600.0
 _module: Any = None
+_module_dir: Path | None = None
 _tried = False
 
 
@@ -52,7 +56,7 @@ def load() -> Any:
     """The kernel module (``linear_bf16w[_packed]``, ``rms_norm``, ``rope_store_kv``,
     ``paged_decode_attention``, ``silu_mul``, ``compiled_isa``), or None where it
     cannot be built or imported on this CPU. Unchecked: see kernel_check.verified()."""
-    global _module, _tried
+    global _module, _module_dir, _tried
     if _tried:
         return _module
     _tried = True
@@ -62,12 +66,31 @@ def load() -> Any:
         log.info("CPU kernels need AVX2+FMA; %s has neither: using torch ops", features.model)
         return None
     try:
-        _module = _load_for(level, features)
-    except IsaMismatch as e:
-        log.warning("CPU kernels not imported (%s); using torch ops", e)
-    except Exception as e:  # no compiler / ninja
-        log.warning("CPU kernels unavailable (%s); using torch ops", e)
+        _module, _module_dir = _load_for(level, features), build_dir(level)[0]
+    except Exception as e:  # no compiler / ninja, or a record this CPU lacks
+        lower = _built_for_lower_level(level, features)
+        if lower is None:
+            log.warning("CPU kernels unavailable (%s); using torch ops", e)
+        else:
+            log.warning("CPU kernels for %s unavailable (%s); using the %s build",
+                        level.name, e, lower[1].name)
+            _module, _module_dir = lower
     return _module
+
+
+def _built_for_lower_level(level: IsaLevel, features: CpuFeatures) -> tuple[Any, Path] | None:
+    """A module of these sources built before for a lower level this CPU has (an
+    image baked on an AVX2 machine, run on an AVX-512 one without a compiler)."""
+    from pdserve.model_files import cache_root
+
+    for lower in reversed(ISA_LEVELS[: ISA_LEVELS.index(level)]):
+        build = cache_root() / "ext" / build_key(lower)
+        if (build / f"{_NAME}.so").exists():
+            try:
+                return import_built(build, features), build
+            except ImportError:
+                continue
+    return None
 
 
 def _load_for(level: IsaLevel, features: CpuFeatures) -> Any:
@@ -146,7 +169,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def loaded_build_dir() -> Path | None:
     """Where the loaded module lives (per-CPU caches go next to it), if one is loaded."""
-    level = detect().best_level()
-    if load() is None or level is None:
-        return None
-    return build_dir(level)[0]
+    load()
+    return _module_dir

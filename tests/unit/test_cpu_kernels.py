@@ -76,6 +76,30 @@ def test_a_module_recorded_for_a_higher_isa_is_never_imported(tmp_path: Path) ->
     assert not isinstance(err.value, cpu_kernels.IsaMismatch)
 
 
+def test_without_a_compiler_a_lower_level_build_of_the_same_sources_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An image baked on an AVX2 machine, run on an AVX-512 BF16 one with no compiler.
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    baked = tmp_path / "ext" / cpu_kernels.build_key(isa_level("avx2"))
+    baked.mkdir(parents=True)
+    (baked / "pdserve_cpu_kernels.so").write_bytes(b"")
+    (baked / "isa").write_text("avx2")
+    spr = parse_cpuinfo(_cpuinfo("Intel(R) Xeon(R) Platinum 8480+", _SAPPHIRE_RAPIDS))
+    imported: list[Path] = []
+    monkeypatch.setattr(cpu_kernels, "detect", lambda: spr)
+    monkeypatch.setattr(cpu_kernels, "_load_for", _no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_import", lambda path: imported.append(path) or "avx2 module")
+    for name, value in (("_tried", False), ("_module", None), ("_module_dir", None)):
+        monkeypatch.setattr(cpu_kernels, name, value)
+    assert cpu_kernels.load() == "avx2 module"
+    assert imported == [baked / "pdserve_cpu_kernels.so"]
+    assert cpu_kernels.loaded_build_dir() == baked  # auto choices are cached next to it
+
+
+def _no_compiler(*args: Any) -> Any:
+    raise RuntimeError("no C++ compiler")
+
+
 def test_this_machine_runs_the_module_built_for_its_own_level() -> None:
     module, level = cpu_kernels.load(), detect().best_level()
     if module is None or level is None:
