@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ class ChoiceCache:
         if self.path is None:
             return
         merged = {**self._read(), key: choice}  # keep what another process added meanwhile
-        tmp = self.path.with_name(f".{self.path.name}.{id(self)}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # one per process
         tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
         tmp.replace(self.path)
 
