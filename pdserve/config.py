@@ -51,8 +51,9 @@ class EngineConfig:
     seed: int = 0
     """Seed for requests that give none (sampling stays random across requests)."""
     kernels: str = "auto"
-    """Per-token layer ops: auto (pdserve's fused CPU kernels where they apply: CPU,
-    float32 compute), torch (plain torch ops everywhere) or cpu (kernels, required)."""
+    """CPU kernels per op: auto (per op, the faster of pdserve's kernels and torch's on
+    this machine, timed once and cached; kernels apply on CPU with float32 compute),
+    torch (plain torch ops everywhere) or cpu (every self-checked kernel, required)."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)

@@ -3,17 +3,21 @@
 ``dtype`` is what weights are stored as. Where the hardware has no native bf16
 (CPUs without AVX512-BF16/AMX) a bf16 matmul is emulated and runs several times
 slower than fp32, so there we *compute* in fp32: small batches (decode) read the
-bf16 weights through a small AVX2 kernel, which halves the bytes a memory-bound
+bf16 weights through our kernel (kernel_check.py; its AVX-512 BF16 build serves fp32
+compute over bf16 weights wherever it is chosen), which halves the bytes a memory-bound
 step reads; big batches (prefill) run fp32 GEMM on an fp32 copy of the same
 bf16-rounded values, so both paths multiply by identical weights.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine import cpu_kernels
+from pdserve.engine import kernel_check, kernel_choice
 
 # Rows up to which the bf16 kernel beats fp32 GEMM on the upcast copy (it widens each
 # weight vector once for up to 4 rows; measured on this project's 2-core AVX2 box).
@@ -33,26 +37,50 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class Linear:
-    """y = x · wᵀ (+ b) with weights stored in ``dtype`` and computed in ``compute``."""
+    """y = x · wᵀ (+ b) with weights stored in ``dtype`` and computed in ``compute``.
+
+    ``kernels`` as in layer_ops: ``torch``, ``cpu`` (our bf16 kernel where it applies
+    and passed its self-check) or ``auto`` (ours only where it is faster at this shape).
+    """
 
     __slots__ = ("weight", "bias", "_bf16", "_kernel")
-    # _bf16 is the stored weight in the kernel's packed layout where K % 16 == 0.
+    # _bf16 is the stored weight our kernel reads (packed where K % 16 == 0), or None.
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 dtype: torch.dtype, compute: torch.dtype) -> None:
+                 dtype: torch.dtype, compute: torch.dtype, kernels: str = "auto") -> None:
         stored = weight.to(dtype)
         # (N, K) in the compute dtype; for emulated bf16, the bf16-rounded values.
         self.weight = stored.to(compute).contiguous()
         self.bias = None if bias is None else bias.to(dtype).to(compute)
-        self._bf16 = stored.contiguous() if stored.dtype != compute else None
-        kernels = cpu_kernels.load() if self._bf16 is not None and stored.is_cpu else None
-        self._kernel = None
-        if kernels is not None and stored.shape[1] % 16 == 0:
-            n = stored.shape[0]
-            self._bf16 = kernels.pack_bf16_weight(stored.contiguous())
-            self._kernel = lambda x, w: kernels.linear_bf16w_packed(x, w, n)
-        elif kernels is not None:
-            self._kernel = kernels.linear_bf16w
+        self._bf16: torch.Tensor | None = None
+        self._kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        if stored.dtype == torch.bfloat16 and compute == torch.float32 and stored.is_cpu \
+                and kernels != "torch":
+            self._choose_kernel(stored.contiguous(), auto=kernels == "auto")
+
+    def _choose_kernel(self, stored: torch.Tensor, auto: bool) -> None:
+        checked = kernel_check.verified()
+        if checked is None:
+            return
+        k = checked.module
+        n, K = stored.shape
+        if K % 16 == 0 and checked.has("linear_bf16w_packed"):
+            name, w = "linear_bf16w_packed", k.pack_bf16_weight(stored)
+            kernel = lambda x, w: k.linear_bf16w_packed(x, w, n)  # noqa: E731
+        elif checked.has("linear_bf16w"):
+            name, w, kernel = "linear_bf16w", stored, k.linear_bf16w
+        else:
+            return
+        if auto and not self._faster(f"{name} n={n} k={K}", kernel, w):
+            return
+        self._bf16, self._kernel = w, kernel
+
+    def _faster(self, op: str, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                w: torch.Tensor) -> bool:
+        xs = [torch.randn(rows, self.weight.shape[1]) for rows in (1, 4)]
+        ours = [functools.partial(kernel, x, w) for x in xs]
+        theirs = [functools.partial(F.linear, x, self.weight) for x in xs]
+        return kernel_choice.prefer_ours(op, ours, theirs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.shape[0] <= SMALL_BATCH:

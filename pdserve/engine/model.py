@@ -141,14 +141,15 @@ class LlamaModel:
             return tensors[name].to(device=device, dtype=dtype).to(compute)
 
         def lin(w: torch.Tensor, b: torch.Tensor | None = None) -> Linear:
-            return Linear(w, b, dtype, compute)
+            return Linear(w, b, dtype, compute, kernels)
 
         tied = s.tie_word_embeddings or "lm_head.weight" not in tensors
         self.lm_head = lin(t("model.embed_tokens.weight" if tied else "lm_head.weight"))
         self.embed = self.lm_head.weight if tied else t("model.embed_tokens.weight")  # (V, d)
         self.norm = t("model.norm.weight")
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
-        self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device)
+        self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
+                             s.hidden_size, s.intermediate_size)
 
     def forward(
         self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None,

@@ -32,7 +32,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [done[str(i)].token_ids for i in range(len(prompts))]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("kernels", ["auto", "torch", "cpu"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
 def test_mixed_batch_matches_transformers(fixture: str, kernels: str,
                                           request: pytest.FixtureRequest) -> None:

@@ -16,6 +16,18 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& seq_lens, double scale);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 
+// The instruction set this module was compiled for (cpu_kernels.py records it too,
+// and refuses to import a module the running CPU cannot execute).
+std::string compiled_isa() {
+#if defined(__AVX512BF16__)
+  return "avx512bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#else
+  return "avx2";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
   m.def("pack_bf16_weight", &pack_bf16_weight, "bf16 (N, K) -> the packed layout");
@@ -25,4 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query token per request against its paged K/V");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
+  m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
 }

@@ -1,0 +1,178 @@
+"""Every compiled kernel, checked against its torch reference once per process.
+
+``verified()`` loads the module (cpu_kernels.load) and runs each kernel on small
+random inputs against TorchOps / F.linear on the fp32 copy of the same bf16 weights.
+A kernel that disagrees beyond fp32 summation-order error, or raises, is dropped
+with one warning naming it; the engine then uses torch for that op. This is the
+guard for ISA paths no test machine of ours ran (AVX-512 on an AVX2 box, or the
+reverse): a wrong kernel costs speed, never tokens.
+
+Lifecycle of one kernel in a process::
+
+    unchecked --check passes--> ok       (kernels=cpu runs it; kernels=auto times it)
+    unchecked --check fails---> dropped  (one warning; TorchOps / F.linear run the op)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine import cpu_kernels
+from pdserve.engine.cpu_features import detect
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAMES = ("linear_bf16w_packed", "linear_bf16w", "rms_norm", "rope_store_kv",
+                "paged_decode_attention", "silu_mul")
+_RTOL = _ATOL = 1e-4  # fp32 with another summation order, nothing more
+_H, _KVH, _HD, _BS, _BLOCKS = 4, 2, 20, 4, 32  # hd 20: the non-multiple-of-8 tails too
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel module and the names of the kernels that passed their self-check."""
+
+    module: Any
+    ok: frozenset[str]
+
+    def has(self, name: str) -> bool:
+        return name in self.ok
+
+
+_verified: Kernels | None = None
+_done = False
+
+
+def verified() -> Kernels | None:
+    """This process's checked kernels; None where the module is unavailable."""
+    global _verified, _done
+    if not _done:
+        module = cpu_kernels.load()
+        _verified = None if module is None else check(module)
+        _done = True
+        if _verified is not None:
+            log.info("CPU kernels built for %s on %s: %d of %d passed their self-check",
+                     module.compiled_isa(), detect().describe(), len(_verified.ok),
+                     len(KERNEL_NAMES))
+    return _verified
+
+
+def forget() -> None:
+    """Check again on the next verified() (tests that swap the module)."""
+    global _verified, _done
+    _verified, _done = None, False
+
+
+def check(module: Any) -> Kernels:
+    ok = set()
+    for name in KERNEL_NAMES:
+        try:
+            _CHECKS[name](module, torch.Generator().manual_seed(0))
+            ok.add(name)
+        except Exception as e:  # AssertionError from assert_close, or the kernel raised
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("CPU kernel %s dropped: failed its check against torch (%s); "
+                        "torch runs that op",
+                        name, reason)
+    return Kernels(module, frozenset(ok))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=_RTOL, atol=_ATOL)
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def _check_linear_packed(m: Any, gen: torch.Generator) -> None:
+    w = _randn(gen, 13, 64).to(torch.bfloat16)  # 13: a partly padded last block
+    packed = m.pack_bf16_weight(w)
+    for rows in (1, 2, 3, 4, 7):  # each batch-row path and a mix of them
+        x = _randn(gen, rows, 64)
+        _close(m.linear_bf16w_packed(x, packed, 13), F.linear(x, w.float()))
+
+
+def _check_linear(m: Any, gen: torch.Generator) -> None:
+    w = _randn(gen, 7, 40).to(torch.bfloat16)
+    for rows in (1, 3):
+        x = _randn(gen, rows, 40)
+        _close(m.linear_bf16w(x, w), F.linear(x, w.float()))
+
+
+def _torch_ops() -> Any:
+    from pdserve.engine.layer_ops import TorchOps  # layer_ops imports this module
+
+    config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rope = RotaryEmbedding(config, _HD, 64, torch.float32, torch.device("cpu"))
+    return TorchOps(rope, _H, _KVH)
+
+
+def _check_rms_norm(m: Any, gen: torch.Generator) -> None:
+    x, delta, w = _randn(gen, 3, 48), _randn(gen, 3, 48), _randn(gen, 48)
+    x_ref, h_ref = _torch_ops().rms_norm(x.clone(), w, 1e-5, delta)
+    x_ker = x.clone()
+    _close(m.rms_norm(x_ker, delta, w, 1e-5), h_ref)
+    _close(x_ker, x_ref)
+
+
+def _decode_batch(gen: torch.Generator, lens: list[int]) -> Any:
+    nb = -(-max(lens) // _BS)
+    tables = torch.randperm(_BLOCKS, generator=gen)[: nb * len(lens)].view(len(lens), nb)
+    seq_lens = torch.tensor(lens)
+    positions = seq_lens - 1
+    slots = tables.gather(1, (positions // _BS)[:, None])[:, 0] * _BS + positions % _BS
+    return SimpleNamespace(positions=positions, slot_mapping=slots,
+                           decode_block_tables=tables, decode_seq_lens=seq_lens)
+
+
+def _pool(gen: torch.Generator) -> KVCache:
+    kv = KVCache(1, _BLOCKS, _BS, _KVH, _HD, torch.float32, torch.device("cpu"))
+    kv.data.copy_(torch.randn(kv.data.shape, generator=gen))
+    return kv
+
+
+def _check_rope_store(m: Any, gen: torch.Generator) -> None:
+    ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
+    kv_ref, qkv = _pool(gen), _randn(gen, 3, (_H + 2 * _KVH) * _HD)
+    kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, torch.float32, torch.device("cpu"))
+    kv_ker.data.copy_(kv_ref.data)
+    q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
+    qkv_ker = qkv.clone()
+    m.rope_store_kv(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
+                    kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
+    _close(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
+    _close(kv_ker.data, kv_ref.data)
+
+
+def _check_attention(m: Any, gen: torch.Generator) -> None:
+    ref, fb, kv = _torch_ops(), _decode_batch(gen, [1, 6, 19]), _pool(gen)
+    q = _randn(gen, 3, _H, _HD)
+    expected = ref.decode_attention(q, kv, 0, fb, _HD**-0.5)
+    got = m.paged_decode_attention(q, kv.k[0], kv.v[0], fb.decode_block_tables,
+                                   fb.decode_seq_lens, _HD**-0.5)
+    _close(got.view(3, -1), expected)
+
+
+def _check_silu_mul(m: Any, gen: torch.Generator) -> None:
+    gate_up = _randn(gen, 3, 2 * 37)
+    _close(m.silu_mul(gate_up), _torch_ops().silu_mul(gate_up))
+
+
+_CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
+    "linear_bf16w_packed": _check_linear_packed,
+    "linear_bf16w": _check_linear,
+    "rms_norm": _check_rms_norm,
+    "rope_store_kv": _check_rope_store,
+    "paged_decode_attention": _check_attention,
+    "silu_mul": _check_silu_mul,
+}
