@@ -34,14 +34,20 @@ if TYPE_CHECKING:
 
 
 class LayerWeights(Protocol):
-    """What a decoder layer holds (model.py's ``_Layer``)."""
+    """What a decoder layer holds (model.py's ``_Layer``); the linears of any type."""
 
-    in_norm: torch.Tensor
-    qkv: object
-    o: object
-    post_norm: torch.Tensor
-    gate_up: object
-    down: object
+    @property
+    def in_norm(self) -> torch.Tensor: ...
+    @property
+    def qkv(self) -> object: ...
+    @property
+    def o(self) -> object: ...
+    @property
+    def post_norm(self) -> torch.Tensor: ...
+    @property
+    def gate_up(self) -> object: ...
+    @property
+    def down(self) -> object: ...
 
 
 @dataclass(frozen=True)
