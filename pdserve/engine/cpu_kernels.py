@@ -39,6 +39,7 @@ _SOURCES = (  # one entry per line
     "bindings.cpp",
     "bf16_gemv.cpp",
     "decode_ops.cpp",
+    "decode_layer.cpp",
 )
 _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"

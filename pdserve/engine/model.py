@@ -3,7 +3,10 @@
 Covers Llama, SmolLM, Mistral (without sliding window) and Qwen2 (qkv bias):
 GQA, RoPE with every scaling variant transformers configs carry, tied
 embeddings. Projections are fused at load time (q|k|v and gate|up) so a layer is
-a handful of large ops; the LM head runs only on the rows that sample.
+a handful of large ops; the LM head runs only on the rows that sample. A decode-only
+step runs each layer as one native call where the weights allow
+(``decode_layer.py``), else the per-op path (``layer_ops.py``); the choice of path is
+made here, once at load and per step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from pdserve.engine.attention import prefill_attention
+from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_ops import layer_ops
 from pdserve.engine.linear import Linear, compute_dtype_for
@@ -150,6 +154,9 @@ class LlamaModel:
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
                              s.hidden_size, s.intermediate_size)
+        # None: every step takes the per-op path.
+        self.decode_kernel = DecodeLayerKernel.for_model(self.ops, self.layers, s, self.rope,
+                                                         self.scale)
 
     def forward(
         self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None,
@@ -157,21 +164,34 @@ class LlamaModel:
     ) -> torch.Tensor:  # (R, V) float32 logits
         eps, ops = self.spec.rms_norm_eps, self.ops
         x = F.embedding(fb.input_ids, self.embed)  # (N, d)
+        native = self.decode_kernel
+        step = native.begin(fb) if native is not None and native.applies(fb) else None
         delta: torch.Tensor | None = None  # the last MLP output, added by the next norm
         for i, w in enumerate(self.layers):
             if interrupted is not None and interrupted():
                 raise StepInterrupted(f"at layer {i}")
-            x, h = ops.rms_norm(x, w.in_norm, eps, delta)
-            q, k, v = ops.rope_store(w.qkv(h), fb, kv, i)  # (N, H, hd), (N, kvh, hd) x2
-            if on_layer_kv is not None:
-                on_layer_kv(i, k, v)
-            attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
-            x, h = ops.rms_norm(x, w.post_norm, eps, w.o(attn))
-            delta = w.down(ops.silu_mul(w.gate_up(h)))  # (N, 2I) -> (N, I) -> (N, d)
+            if step is not None:
+                step.layer(i, x, kv, on_layer_kv)  # updates x in place
+            else:
+                x, delta = self._layer(i, w, x, delta, fb, kv, on_layer_kv)
         if delta is not None:
             x = x + delta
         _, h = ops.rms_norm(x.index_select(0, fb.logits_indices), self.norm, eps)  # (R, d)
         return self.lm_head(h).float()  # (R, V)
+
+    def _layer(
+        self, i: int, w: _Layer, x: torch.Tensor, delta: torch.Tensor | None, fb: ForwardBatch,
+        kv: KVCache, on_layer_kv: LayerKVHook | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` by the per-op path: (residual x, the MLP output not yet added)."""
+        eps, ops = self.spec.rms_norm_eps, self.ops
+        x, h = ops.rms_norm(x, w.in_norm, eps, delta)
+        q, k, v = ops.rope_store(w.qkv(h), fb, kv, i)  # (N, H, hd), (N, kvh, hd) x2
+        if on_layer_kv is not None:
+            on_layer_kv(i, k, v)
+        attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
+        x, h = ops.rms_norm(x, w.post_norm, eps, w.o(attn))
+        return x, w.down(ops.silu_mul(w.gate_up(h)))  # (N, 2I) -> (N, I) -> (N, d)
 
     def _attention(
         self, fb: ForwardBatch, kv: KVCache, layer: int,

@@ -252,25 +252,18 @@ void linear_packed_bf16dp(const float* xp, int64_t M, int64_t K, const uint16_t*
 }  // namespace
 #endif  // __AVX512BF16__
 
-torch::Tensor linear_bf16w_packed(const torch::Tensor& x, const torch::Tensor& packed,
-                                  int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x (M, K) float32 expected");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 16,
-              "packed weight expected (see pack_bf16_weight)");
-  auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), chunks = packed.size(1);
-  TORCH_CHECK(chunks * 16 == K, "K mismatch");
-  auto y = torch::empty({M, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+// y (M, N) = x (M, K) · wᵀ for a packed bf16 weight of ``blocks`` blocks; raw pointers
+// so that fused C++ callers (decode_layer.cpp) run the very same loops.
+void linear_bf16w_packed_into(const float* xp, int64_t M, int64_t K, const uint16_t* wp,
+                              int64_t blocks, int64_t N, float* yp) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-  linear_packed_bf16dp(xp, M, K, wp, packed.size(0), yp, N);
-  return y;
+  linear_packed_bf16dp(xp, M, K, wp, blocks, yp, N);
+  return;
 #endif
+  const int64_t chunks = K / 16;
   // Blocks outermost: a block (6 x K bf16, at most a few KB) is read from memory
   // once and stays in L1 while every activation row passes over it.
-  at::parallel_for(0, packed.size(0), 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint16_t* wb = wp + b * chunks * kRows * 16;
       const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
@@ -284,5 +277,19 @@ torch::Tensor linear_bf16w_packed(const torch::Tensor& x, const torch::Tensor& p
       if (m == 1) packed_block_row(x, wb, y, chunks, rows);
     }
   });
+}
+
+torch::Tensor linear_bf16w_packed(const torch::Tensor& x, const torch::Tensor& packed,
+                                  int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x (M, K) float32 expected");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 16,
+              "packed weight expected (see pack_bf16_weight)");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), chunks = packed.size(1);
+  TORCH_CHECK(chunks * 16 == K, "K mismatch");
+  auto y = torch::empty({M, N}, xc.options());
+  linear_bf16w_packed_into(xc.data_ptr<float>(), M, K,
+                           reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                           packed.size(0), N, y.data_ptr<float>());
   return y;
 }

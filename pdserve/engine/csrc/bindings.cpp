@@ -15,6 +15,17 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& block_tables,
                                      const torch::Tensor& seq_lens, double scale);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& qkv,
+                  const torch::Tensor& attn, const torch::Tensor& gate_up,
+                  const torch::Tensor& act, const torch::Tensor& tmp,
+                  const torch::Tensor& in_norm, const torch::Tensor& qkv_w,
+                  const torch::Tensor& o_w, const torch::Tensor& post_norm,
+                  const torch::Tensor& gate_up_w, const torch::Tensor& down_w,
+                  const torch::Tensor& positions, const torch::Tensor& cos,
+                  const torch::Tensor& sin, const torch::Tensor& k_cache,
+                  const torch::Tensor& v_cache, const torch::Tensor& slot_mapping,
+                  const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                  int64_t num_heads, double eps, double scale);
 
 // The instruction set this module was compiled for (cpu_kernels.py records it too,
 // and refuses to import a module the running CPU cannot execute).
@@ -38,4 +49,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one query token per request against its paged K/V");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
   m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
+  m.def("decode_layer", &decode_layer, "one decoder layer for the decode rows of a step");
 }

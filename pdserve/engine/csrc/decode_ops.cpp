@@ -45,22 +45,12 @@ void check_f32(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
-                       const torch::Tensor& w, double eps) {
-  check_f32(x, "x");
-  check_f32(w, "w");
-  const int64_t n = x.size(0), d = x.size(1);
-  TORCH_CHECK(w.numel() == d, "w must have x.size(1) elements");
-  float* xp = x.data_ptr<float>();
-  const float* dp = nullptr;
-  if (delta.has_value()) {
-    check_f32(*delta, "delta");
-    TORCH_CHECK(delta->sizes() == x.sizes(), "delta must have x's shape");
-    dp = delta->data_ptr<float>();
-  }
-  auto out = torch::empty_like(x);
-  float* op = out.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+// The *_into functions take raw pointers so that fused C++ callers (decode_layer.cpp)
+// run the very same loops as these ops; the torch wrappers below check and call them.
+
+// x (n, d) += delta (if not null), in place; out (n, d) = rms_norm(x) * w.
+void rms_norm_into(float* xp, const float* dp, const float* wp, float* op, int64_t n,
+                   int64_t d, double eps) {
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* xr = xp + r * d;
@@ -71,34 +61,22 @@ torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor
       for (int64_t i = 0; i < d; ++i) op[r * d + i] = wp[i] * (xr[i] * inv);
     }
   });
-  return out;
 }
 
-void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
-                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t num_heads,
-                   int64_t num_kv_heads, const torch::Tensor& k_slots,
-                   const torch::Tensor& v_slots, const torch::Tensor& slot_mapping) {
-  // qkv (N, (H + 2 kvh) hd); cos/sin (P, hd/2); k_slots/v_slots (slots, kvh, hd).
-  check_f32(qkv, "qkv");
-  check_f32(cos, "cos");
-  check_f32(sin, "sin");
-  check_f32(k_slots, "k_slots");
-  check_f32(v_slots, "v_slots");
-  const int64_t n = qkv.size(0), hd = k_slots.size(2), half = hd / 2;
-  const int64_t rotated = num_heads + num_kv_heads, width = qkv.size(1);
-  TORCH_CHECK(width == (num_heads + 2 * num_kv_heads) * hd, "qkv width mismatch");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  float* base = qkv.data_ptr<float>();
-  float* kp = k_slots.data_ptr<float>();
-  float* vp = v_slots.data_ptr<float>();
-  const int64_t kv_row = num_kv_heads * hd, max_pos = cos.size(0);
+// qkv (n, (H + 2 kvh) hd): rotate q|k in place, copy k and v to their slots of
+// kp/vp (slots, kvh, hd); cos/sin (max_pos, hd/2).
+void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
+                        const float* sin, int64_t max_pos, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t hd, float* kp, float* vp,
+                        const int64_t* slot) {
+  const int64_t half = hd / 2, rotated = num_heads + num_kv_heads;
+  const int64_t width = (num_heads + 2 * num_kv_heads) * hd, kv_row = num_kv_heads * hd;
   for (int64_t r = 0; r < n; ++r)
     TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "position out of the RoPE table");
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* c = cos.data_ptr<float>() + pos[r] * half;
-      const float* s = sin.data_ptr<float>() + pos[r] * half;
+      const float* c = cos + pos[r] * half;
+      const float* s = sin + pos[r] * half;
       float* row = base + r * width;
       for (int64_t h = 0; h < rotated; ++h) {  // the "rotate_half" layout of HF Llama
         float* x = row + h * hd;
@@ -114,34 +92,19 @@ void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
   });
 }
 
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache,
-                                     const torch::Tensor& block_tables,
-                                     const torch::Tensor& seq_lens, double scale) {
-  // q (D, H, hd); caches (blocks, bs, kvh, hd); block_tables (D, nb); seq_lens (D,).
-  check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous(),
-              "block_tables must be contiguous int64");
-  const int64_t D = q.size(0), H = q.size(1), hd = q.size(2);
-  const int64_t bs = k_cache.size(1), kvh = k_cache.size(2), nb = block_tables.size(1);
-  TORCH_CHECK(H % kvh == 0 && k_cache.size(3) == hd, "head shapes mismatch");
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+// Query d's head h is at qp + d * q_row + h * hd (q_row: H * hd when packed, wider
+// when q is the head of each qkv row); out (D, H, hd); caches (blocks, bs, kvh, hd).
+void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
+                                 int64_t hd, const float* kc, const float* vc, int64_t bs,
+                                 int64_t kvh, const int64_t* tables, int64_t nb,
+                                 const int64_t* lens, float sc, float* op) {
   // One task per (request, query head): small enough to balance 2..N threads.
   at::parallel_for(0, D * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t d = t / H, h = t % H, g = h / (H / kvh), len = lens[d];
       TORCH_CHECK(len >= 1 && len <= nb * bs, "seq_len out of range for block table");
-      const float* qh = qp + t * hd;
+      const float* qh = qp + d * q_row + h * hd;
       p.resize(len);
       float mx = -INFINITY;
       for (int64_t i = 0; i < len; ++i) {
@@ -159,16 +122,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       }
     }
   });
-  return out;
 }
 
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
-  // gate_up (N, 2I) -> silu(gate) * up (N, I), the SwiGLU of a Llama MLP.
-  check_f32(gate_up, "gate_up");
-  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
-  auto out = torch::empty({n, inter}, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// gate_up (n, 2I) -> out (n, I) = silu(gate) * up, the SwiGLU of a Llama MLP.
+void silu_mul_into(const float* gp, int64_t n, int64_t inter, float* op) {
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* g = gp + r * 2 * inter;
@@ -176,5 +133,69 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
         op[r * inter + i] = g[i] / (1.f + std::exp(-g[i])) * g[inter + i];
     }
   });
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                       const torch::Tensor& w, double eps) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  const int64_t n = x.size(0), d = x.size(1);
+  TORCH_CHECK(w.numel() == d, "w must have x.size(1) elements");
+  const float* dp = nullptr;
+  if (delta.has_value()) {
+    check_f32(*delta, "delta");
+    TORCH_CHECK(delta->sizes() == x.sizes(), "delta must have x's shape");
+    dp = delta->data_ptr<float>();
+  }
+  auto out = torch::empty_like(x);
+  rms_norm_into(x.data_ptr<float>(), dp, w.data_ptr<float>(), out.data_ptr<float>(), n, d, eps);
+  return out;
+}
+
+void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
+                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t num_heads,
+                   int64_t num_kv_heads, const torch::Tensor& k_slots,
+                   const torch::Tensor& v_slots, const torch::Tensor& slot_mapping) {
+  // qkv (N, (H + 2 kvh) hd); cos/sin (P, hd/2); k_slots/v_slots (slots, kvh, hd).
+  check_f32(qkv, "qkv");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  check_f32(k_slots, "k_slots");
+  check_f32(v_slots, "v_slots");
+  const int64_t hd = k_slots.size(2);
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd, "qkv width mismatch");
+  rope_store_kv_into(qkv.data_ptr<float>(), qkv.size(0), positions.data_ptr<int64_t>(),
+                     cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), num_heads,
+                     num_kv_heads, hd, k_slots.data_ptr<float>(), v_slots.data_ptr<float>(),
+                     slot_mapping.data_ptr<int64_t>());
+}
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache,
+                                     const torch::Tensor& block_tables,
+                                     const torch::Tensor& seq_lens, double scale) {
+  // q (D, H, hd); caches (blocks, bs, kvh, hd); block_tables (D, nb); seq_lens (D,).
+  check_f32(q, "q");
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous(),
+              "block_tables must be contiguous int64");
+  const int64_t D = q.size(0), H = q.size(1), hd = q.size(2);
+  const int64_t bs = k_cache.size(1), kvh = k_cache.size(2), nb = block_tables.size(1);
+  TORCH_CHECK(H % kvh == 0 && k_cache.size(3) == hd, "head shapes mismatch");
+  auto out = torch::empty_like(q);
+  paged_decode_attention_into(q.data_ptr<float>(), H * hd, D, H, hd, k_cache.data_ptr<float>(),
+                              v_cache.data_ptr<float>(), bs, kvh,
+                              block_tables.data_ptr<int64_t>(), nb,
+                              seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
+                              out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = torch::empty({n, inter}, gate_up.options());
+  silu_mul_into(gate_up.data_ptr<float>(), n, inter, out.data_ptr<float>());
   return out;
 }
