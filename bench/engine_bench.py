@@ -20,13 +20,14 @@ PEER_SCRIPT = Path(__file__).with_name("peer_offline.py")
 
 
 def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
-                 model: str | None) -> dict[str, Any]:
+                 model: str | None, quantization: str | None = None) -> dict[str, Any]:
     from pdserve import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, num_threads=threads)
+    llm = LLM(model=model, dtype=dtype, num_threads=threads, quantization=quantization)
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
-                           "dtype": dtype, "ceilings": ceilings(llm, threads), "runs": []}
+                           "dtype": dtype, "quantization": quantization,
+                           "ceilings": ceilings(llm, threads), "runs": []}
     for run in runs:
         params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
         times, tokens = [], []
@@ -62,9 +63,8 @@ def ceilings(llm: Any, threads: int) -> dict[str, float]:
     model = llm.engine.model
     linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                           layer.down)]
-    stored = llm.engine.weight_dtype.itemsize
-    layer_params = sum(lin.weight.numel() for lin in linears)
-    step_bytes = (layer_params + model.lm_head.weight.numel()) * stored
+    layer_params = sum(lin.out_features * lin.in_features for lin in linears)
+    step_bytes = sum(lin.read_bytes for lin in [*linears, model.lm_head])  # int8 or dtype
     return {"read_GBps": read_gbps, "fp32_gemm_GFLOPs": gflops,
             "W2": read_gbps * 1e9 / step_bytes, "W3": gflops * 1e9 / (2 * layer_params)}
 

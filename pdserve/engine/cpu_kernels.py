@@ -25,7 +25,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "bf16_gemv.cpp", "decode_ops.cpp")
+_SOURCES = (
+    "bindings.cpp",
+    "bf16_gemv.cpp",
+    "decode_ops.cpp",
+    "int8_gemv.cpp",
+)
 _NAME = "pdserve_cpu_kernels"
 _STALE_LOCK_S = 600.0
 _module: Any = None

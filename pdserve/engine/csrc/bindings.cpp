@@ -15,6 +15,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& block_tables,
                                      const torch::Tensor& seq_lens, double scale);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
+                                  const torch::Tensor& scales, int64_t N);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
@@ -25,4 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query token per request against its paged K/V");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
+  m.def("linear_int8w_packed", &linear_int8w_packed,
+        "fp32 x times a packed int8 weight, times per-output-channel scales");
 }
