@@ -101,9 +101,11 @@ class LinearLayer(Protocol):
 
 
 # int8 weight-only quantization (EngineConfig.quantization = "int8").
-# Rows up to which the int8 kernel beats dequantize-then-GEMM (measured on this 2-core
-# AVX2 box by bench/quant_quality.py --crossover; see the report in the commit).
-INT8_SMALL_BATCH = 32
+# Rows up to which the int8 kernel runs instead of dequantize-then-GEMM. On this AVX2
+# box (bench/quant_quality.py --crossover, one thread, SmolLM2's gate|up) the kernel
+# is ahead of fp32 GEMM up to M = 128 and level at 512; 64 leaves a margin for CPUs
+# whose GEMM is faster (AVX-512, AMX), where the kernel still runs AVX2 code.
+INT8_SMALL_BATCH = 64
 # Whether the LM head is quantized too (chosen by measurement: bench/quant_quality.py).
 INT8_LM_HEAD = True
 # The large-batch path dequantizes at most this many weights at a time into the
