@@ -102,6 +102,8 @@ def quality(variant: str, llm: Any, prompts: list[list[int]], text_ids: list[int
                            "continuations": outs, **weight_bytes(llm.engine.model)}
     if ref is not None:
         same = sum(a == b for a, b in zip(outs, ref["continuations"], strict=True))
+        out["first_difference"] = [_first_difference(a, b)
+                                   for a, b in zip(outs, ref["continuations"], strict=True)]
         out["identical_first32"] = same
         out["identical_first32_share"] = same / len(outs)
         out["perplexity_change"] = out["perplexity"] / ref["perplexity"] - 1
@@ -112,6 +114,10 @@ def quality(variant: str, llm: Any, prompts: list[list[int]], text_ids: list[int
           + f", weights {out['resident_bytes'] / 2**20:.1f} MiB resident, "
           f"{out['decode_step_read_bytes'] / 2**20:.1f} MiB read per decode step", flush=True)
     return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
 def speed(variants: list[str], threads: int, repeats: int) -> dict[str, Any]:
