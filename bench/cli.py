@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="pdserve's dtype; peers run with the dtype it resolved to")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="pdserve's weight quantization (peers run unquantized)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write all results here")
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     workloads = args.workload or ["W1", "W2", "W3"]
     vocab = 49152 if args.model is None else _vocab(args.model)
     runs = [r for w in workloads for r in runs_for(w, vocab)]
-    results = {"pdserve": time_pdserve(runs, args.repeats, args.dtype, args.threads, args.model)}
+    results = {"pdserve": time_pdserve(runs, args.repeats, args.dtype, args.threads, args.model,
+                                        args.quantization)}
     model_dir = results["pdserve"]["model_dir"]
     dtype = results["pdserve"]["dtype"]
     for peer in args.peer:

@@ -21,14 +21,14 @@ PEER_SCRIPT = Path(__file__).with_name("peer_offline.py")
 
 
 def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
-                 model: str | None) -> dict[str, Any]:
+                 model: str | None, quantization: str | None = None) -> dict[str, Any]:
     from pdserve import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, num_threads=threads)
+    llm = LLM(model=model, dtype=dtype, num_threads=threads, quantization=quantization)
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     rates = [measure_rates(llm.engine, threads)]
     out: dict[str, Any] = {"backend": "pdserve", "model_dir": str(llm.engine.model_dir),
-                           "dtype": dtype, "runs": []}
+                           "dtype": dtype, "quantization": quantization, "runs": []}
     for run in runs:
         params = SamplingParams(temperature=0, max_tokens=run.max_tokens, ignore_eos=True)
         times, tokens = [], []

@@ -52,7 +52,7 @@ def main() -> None:
     for m, e in engines.items():
         ops = e.model.ops
         print(m, type(ops).__name__, sorted(getattr(ops, "use", [])),
-              "bf16 linear kernel:", e.model.layers[0].qkv._kernel is not None)
+              "bf16 linear kernel:", getattr(e.model.layers[0].qkv, "_kernel", None) is not None)
     samples: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         for b in args.batches:

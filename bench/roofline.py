@@ -89,7 +89,7 @@ class EngineCosts:
         """Which GEMMs to measure: the compute dtype at every distinct layer shape for
         prefill chunks of 512 and 2048 tokens; the stored dtype and int8 (paths the
         engine could take) at the smallest, since they are slow where the CPU lacks them."""
-        nk = dict.fromkeys(tuple(_weight(lin).shape) for lin in self.layer_linears)
+        nk = dict.fromkeys((lin.out_features, lin.in_features) for lin in self.layer_linears)
         shapes = [(m, k, n) for m in PREFILL_ROWS for n, k in nk]
         out: dict[str, Sequence[Shape]] = {self.compute_dtype: shapes}
         small = [min(shapes, key=lambda s: s[0] * s[1] * s[2])]
@@ -100,14 +100,9 @@ class EngineCosts:
         return out
 
 
-def _weight(lin: Any) -> torch.Tensor:
-    """The (N, K) weight as quantized, or as computed with."""
-    w = getattr(lin, "qweight", None)
-    return w if w is not None else lin.weight
-
-
 def _numel(lin: Any) -> int:
-    return int(_weight(lin).numel())
+    """Weights that take part in the maths (a packed int8 layout pads to its blocks)."""
+    return int(lin.out_features * lin.in_features)
 
 
 def _kv_bytes_per_token(kv: Any) -> int:

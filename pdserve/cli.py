@@ -67,9 +67,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    from pdserve.config import QUANTIZATIONS
+
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight quantization (default: none)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +87,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pdserve import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
+    return LLM(model=args.model, dtype=args.dtype, num_threads=args.threads,
+               quantization=args.quantization)
 
 
 def _params(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -113,7 +118,7 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
 
 
 def _up_args(u: argparse.ArgumentParser) -> None:
-    from pdserve.config import RouterConfig
+    from pdserve.config import QUANTIZATIONS, RouterConfig
     from pdserve.launchers import names
     from pdserve.logs import LOG_FORMATS
     from pdserve.placement import PIN_MODES
@@ -121,6 +126,8 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--config", default=None, help="cluster config YAML (see README)")
     u.add_argument("--model", default=None)
     u.add_argument("--dtype", default=None)
+    u.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="every worker's weight quantization (default: none)")
     u.add_argument("--http-port", type=int, default=None,
                    help=f"router's OpenAI-compatible HTTP port (default {RouterConfig.http_port}; "
                         "0 = off)")
@@ -152,7 +159,8 @@ def _up(args: argparse.Namespace) -> int:
     logs.configure("launcher")
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     overrides: dict[str, Any] = {k: v for k, v in (
-        ("model", args.model), ("dtype", args.dtype), ("launcher", args.launcher),
+        ("model", args.model), ("dtype", args.dtype), ("quantization", args.quantization),
+        ("launcher", args.launcher),
         ("pin", args.pin), ("api_key", args.api_key)) if v}
     if args.http_port is not None:
         overrides["http_port"] = args.http_port

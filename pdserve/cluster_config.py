@@ -1,6 +1,6 @@
 """The cluster config of ``pdserve up``: which roles, where, with what (YAML or code).
 
-A cluster config (YAML) names the model, dtype, KV encoding, the launcher, the
+A cluster config (YAML) names the model, dtype, quantization, KV encoding, the launcher, the
 router's ports and API key, and each member's ports (and optionally CPUs). Every
 default comes from the role configs of pdserve/config.py (RouterConfig,
 WorkerConfig, ROLE_DEFAULTS): router gRPC :50051 and OpenAI HTTP :8000, prefill
@@ -77,6 +77,8 @@ class RaySettings:
 class ClusterConfig:
     model: str | None = None
     dtype: str = EngineConfig.dtype
+    quantization: str | None = EngineConfig.quantization
+    """Every worker's weight quantization: None or int8 (see EngineConfig)."""
     kv_encoding: str = WorkerConfig.kv_encoding
     host: str = RouterConfig.host
     router_port: int = RouterConfig.port
@@ -113,7 +115,8 @@ class ClusterConfig:
     def worker(self, role: str, m: Member, slot: int, slots: int) -> WorkerConfig:
         """Member ``m``'s config; it is worker ``slot`` of ``slots`` on its machine."""
         return worker_config(role, host=self.host, port=m.port, metrics_port=m.metrics_port,
-                             model=self.model, dtype=self.dtype, threads=m.threads, cpus=m.cpus,
+                             model=self.model, dtype=self.dtype, quantization=self.quantization,
+                             threads=m.threads, cpus=m.cpus,
                              pin=self.pin, slot=slot, slots=slots, kv_encoding=self.kv_encoding,
                              prefill_fallback=self.prefill_fallback)
 

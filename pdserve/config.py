@@ -15,6 +15,8 @@ DType = Literal["bfloat16", "float32", "float16"]
 DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "cpu")
+QUANTIZATIONS: tuple[str, ...] = ("int8",)  # vLLM's names
+QUANTIZABLE_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 
 
 def _require(ok: bool, field: str, allowed: str, value: object) -> None:
@@ -54,6 +56,10 @@ class EngineConfig:
     """CPU kernels per op: auto (per op, the faster of pdserve's kernels and torch's on
     this machine, timed once and cached; kernels apply on CPU with float32 compute),
     torch (plain torch ops everywhere) or cpu (every self-checked kernel, required)."""
+    quantization: str | None = None
+    """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (symmetric
+    int8 per output channel, fp32 scales; activations stay in the compute dtype; see
+    pdserve/engine/linear.py). Needs dtype bfloat16 or float32."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
@@ -75,6 +81,12 @@ class EngineConfig:
             _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)
         _require(self.kernels in KERNEL_CHOICES, "kernels", f"one of {KERNEL_CHOICES}",
                  self.kernels)
+        _require(self.quantization is None or self.quantization in QUANTIZATIONS,
+                 "quantization", f"None or one of {QUANTIZATIONS}", self.quantization)
+        if self.quantization is not None:
+            _require(self.dtype in QUANTIZABLE_DTYPES, "quantization",
+                     f"used with dtype in {QUANTIZABLE_DTYPES} (dtype={self.dtype!r})",
+                     self.quantization)
 
 
 PREFILL_FALLBACKS = ("local", "fail")

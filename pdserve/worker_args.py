@@ -25,14 +25,15 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   device: str = EngineConfig.device, kv_cache_gb: float = EngineConfig.kv_cache_gb,
                   max_num_batched_tokens: int | None = None,
                   kv_encoding: str = WorkerConfig.kv_encoding,
-                  prefill_fallback: str = WorkerConfig.prefill_fallback) -> WorkerConfig:
+                  prefill_fallback: str = WorkerConfig.prefill_fallback,
+                  quantization: str | None = EngineConfig.quantization) -> WorkerConfig:
     """The config of a worker with these options (the ones its command line has);
     ``port`` and ``max_num_batched_tokens`` default per role (ROLE_DEFAULTS)."""
     if role not in ROLE_DEFAULTS:
         raise ValueError(f"role must be one of {sorted(ROLE_DEFAULTS)}, got {role!r}")
     defaults = ROLE_DEFAULTS[role]
     engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
-                          kv_cache_gb=kv_cache_gb,
+                          kv_cache_gb=kv_cache_gb, quantization=quantization,
                           max_num_batched_tokens=(defaults.max_num_batched_tokens
                                                   if max_num_batched_tokens is None
                                                   else max_num_batched_tokens))
@@ -58,6 +59,7 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 0 = none)")
     p.add_argument("--model", help="HF directory or .gguf (default: SmolLM2)")
     p.add_argument("--dtype")
+    p.add_argument("--quantization", help="weight quantization: int8 (default: none)")
     p.add_argument("--threads", type=int)
     p.add_argument("--cpus", type=_cpu_list, help="comma-separated CPU ids to pin to")
     p.add_argument("--pin", choices=PIN_MODES, help="auto (see pdserve/placement.py) or off")
@@ -101,6 +103,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--model", e.model]
     if e.num_threads is not None:
         argv += ["--threads", str(e.num_threads)]
+    if e.quantization is not None:
+        argv += ["--quantization", e.quantization]
     if p.cpus is not None:
         argv += ["--cpus", ",".join(map(str, p.cpus))]
     if parse_args(config.role, argv) != config:

@@ -40,6 +40,7 @@ _SOURCES = (  # one entry per line
     "bf16_gemv.cpp",
     "decode_ops.cpp",
     "decode_layer.cpp",
+    "int8_gemv.cpp",
 )
 _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"

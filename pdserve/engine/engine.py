@@ -63,7 +63,7 @@ class LLMEngine:
         hf_config = load_hf_config(self.model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.model = LlamaModel(self.model_dir, hf_config, self.weight_dtype, self.device,
-                                cfg.kernels)
+                                cfg.kernels, cfg.quantization)
         self.dtype = self.model.dtype  # activations and KV
         s = self.spec = self.model.spec
         self.max_model_len = _max_model_len(cfg, s.max_position_embeddings)

@@ -24,7 +24,7 @@ from pdserve.engine.attention import prefill_attention
 from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_ops import layer_ops
-from pdserve.engine.linear import Linear, compute_dtype_for
+from pdserve.engine.linear import Linear, LinearLayer, compute_dtype_for, linear_factory
 from pdserve.engine.rope import RotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -111,24 +111,25 @@ class ForwardBatch:
 class _Layer:
     __slots__ = ("in_norm", "qkv", "o", "post_norm", "gate_up", "down")
 
-    def __init__(self, t: Callable[[str], torch.Tensor], lin: Callable[..., Linear],
+    def __init__(self, t: Callable[[str], torch.Tensor], lin: Callable[..., LinearLayer],
                  i: int, bias: bool) -> None:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         self.in_norm = t(p + "input_layernorm.weight")
         qkv = torch.cat([t(a + f"{x}_proj.weight") for x in "qkv"])  # (q+2kv, d)
         qkv_bias = torch.cat([t(a + f"{x}_proj.bias") for x in "qkv"]) if bias else None
-        self.qkv = lin(qkv, qkv_bias)
-        self.o = lin(t(a + "o_proj.weight"))
+        self.qkv = lin(qkv, qkv_bias, a + "q|k|v_proj.weight")
+        self.o = lin(t(a + "o_proj.weight"), name=a + "o_proj.weight")
         self.post_norm = t(p + "post_attention_layernorm.weight")
         m = p + "mlp."
-        self.gate_up = lin(torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")]))
-        self.down = lin(t(m + "down_proj.weight"))
+        self.gate_up = lin(torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")]),
+                           name=m + "gate|up_proj.weight")
+        self.down = lin(t(m + "down_proj.weight"), name=m + "down_proj.weight")
 
 
 class LlamaModel:
     def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", quantization: str | None = None):
         self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
         # Weights are stored in ``dtype``; activations and KV use the compute dtype
         # (fp32 where the hardware has no native bf16, see linear.py).
@@ -144,12 +145,13 @@ class LlamaModel:
                 raise ValueError(f"model: weight {name!r} missing in {model_dir}")
             return tensors[name].to(device=device, dtype=dtype).to(compute)
 
-        def lin(w: torch.Tensor, b: torch.Tensor | None = None) -> Linear:
-            return Linear(w, b, dtype, compute, kernels)
-
+        lin = linear_factory(quantization, dtype, compute, kernels)
         tied = s.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head = lin(t("model.embed_tokens.weight" if tied else "lm_head.weight"))
-        self.embed = self.lm_head.weight if tied else t("model.embed_tokens.weight")  # (V, d)
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self.lm_head = lin(t(head), name=head, lm_head=True)
+        # Tied and not quantized: the embedding is the head's weight (one copy).
+        self.embed = (self.lm_head.weight if tied and isinstance(self.lm_head, Linear)
+                      else t("model.embed_tokens.weight"))  # (V, d)
         self.norm = t("model.norm.weight")
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,

@@ -33,7 +33,8 @@ def test_worker_defaults_are_the_role_defaults(role: str) -> None:
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
-    c = _cluster(model="/models/m", dtype="float32", kv_encoding="int8", host="0.0.0.0",
+    c = _cluster(model="/models/m", dtype="float32", quantization="int8", kv_encoding="int8",
+                 host="0.0.0.0",
                  prefill_fallback="fail", pin="off",
                  prefill=[Member(6001, 9001, (0, 2), 2)], decode=[Member(6002, 0, None, None)])
     m = (c.prefill if role == "prefill" else c.decode)[0]

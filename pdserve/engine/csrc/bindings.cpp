@@ -15,6 +15,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& block_tables,
                                      const torch::Tensor& seq_lens, double scale);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
+                                  const torch::Tensor& scales, int64_t N);
 void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& qkv,
                   const torch::Tensor& attn, const torch::Tensor& gate_up,
                   const torch::Tensor& act, const torch::Tensor& tmp,
@@ -50,4 +52,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
   m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
   m.def("decode_layer", &decode_layer, "one decoder layer for the decode rows of a step");
+  m.def("linear_int8w_packed", &linear_int8w_packed,
+        "fp32 x times a packed int8 weight, times per-output-channel scales");
 }
