@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int,
@@ -31,8 +32,8 @@ def assert_engine_empty(engine: LLMEngine) -> None:
     assert not engine.requests
 
 
-def run_all(engine: LLMEngine) -> dict[str, object]:
-    done = {}
+def run_all(engine: LLMEngine) -> dict[str, RequestOutput]:
+    done: dict[str, RequestOutput] = {}
     while engine.has_unfinished_requests:
         for out in engine.step():
             if out.finished:

@@ -91,9 +91,8 @@ def test_fp32_greedy_matches_transformers_and_bf16_share(default_model_dir: Path
     bf16 = LLMEngine(EngineConfig(model=str(default_model_dir), dtype="bfloat16"))
     ours16 = _generate(bf16, prompts, logprobs=None)
     same32 = sum(o.token_ids[:32] == r[:32] for o, r in zip(ours16, ref, strict=True))
-    flips = [_bf16_flip(i, o16.token_ids[:32], o) for i, (o16, o) in
-             enumerate(zip(ours16, ours, strict=True))]
-    flips = [f for f in flips if f is not None]
+    flips = [f for i, (o16, o) in enumerate(zip(ours16, ours, strict=True))
+             if (f := _bf16_flip(i, o16.token_ids[:32], o)) is not None]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "prompts": len(prompts), "new_tokens": N_NEW,
