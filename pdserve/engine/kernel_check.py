@@ -32,7 +32,7 @@ from pdserve.engine.rope import RotaryEmbedding
 log = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("linear_bf16w_packed", "linear_bf16w", "rms_norm", "rope_store_kv",
-                "paged_decode_attention", "silu_mul")
+                "paged_decode_attention", "silu_mul", "linear_int8w_packed")
 _RTOL = _ATOL = 1e-4  # fp32 with another summation order, nothing more
 _H, _KVH, _HD, _BS, _BLOCKS = 4, 2, 20, 4, 32  # hd 20: the non-multiple-of-8 tails too
 
@@ -109,6 +109,16 @@ def _check_linear(m: Any, gen: torch.Generator) -> None:
         _close(m.linear_bf16w(x, w), F.linear(x, w.float()))
 
 
+def _check_linear_int8(m: Any, gen: torch.Generator) -> None:
+    from pdserve.engine.linear import pack_int8, quantize_int8  # linear imports this module
+
+    q, scales = quantize_int8(_randn(gen, 13, 64), "self-check")
+    packed = pack_int8(q)
+    for rows in (1, 2, 3, 4, 7):
+        x = _randn(gen, rows, 64)
+        _close(m.linear_int8w_packed(x, packed, scales, 13), F.linear(x, q.float() * scales[:, None]))
+
+
 def _torch_ops() -> Any:
     from pdserve.engine.layer_ops import TorchOps  # layer_ops imports this module
 
@@ -175,4 +185,5 @@ _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
     "rope_store_kv": _check_rope_store,
     "paged_decode_attention": _check_attention,
     "silu_mul": _check_silu_mul,
+    "linear_int8w_packed": _check_linear_int8,
 }

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.config import QUANTIZATIONS
-from pdserve.engine import cpu_kernels, kernel_check, kernel_choice
+from pdserve.engine import kernel_check, kernel_choice
 
 # Rows up to which the bf16 kernel beats fp32 GEMM on the upcast copy (it widens each
 # weight vector once for up to 4 rows; measured on this project's 2-core AVX2 box).
@@ -212,8 +212,9 @@ class Int8Linear:
         self._compute = compute
         self._scales_c = self.scales.to(compute)
         self._scratch = scratch or DequantScratch()
-        module = cpu_kernels.load() if weight.is_cpu and kernels != "torch" else None
-        self._kernel = None if module is None else module.linear_int8w_packed
+        checked = kernel_check.verified() if weight.is_cpu and kernels != "torch" else None
+        self._kernel = (checked.module.linear_int8w_packed
+                        if checked is not None and checked.has("linear_int8w_packed") else None)
 
     @property
     def read_bytes(self) -> int:
