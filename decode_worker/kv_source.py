@@ -2,9 +2,11 @@
 
 A source turns a ``KVRequest`` sent to a prefill worker address into the stream's
 domain events (header, chunks, first token). A failure of the peer itself comes
-out as ``PeerFailed`` carrying its status (UNAVAILABLE: unreachable or died, which
-the import may answer by prefilling locally); what the events say is checked by
-the import, not here.
+out as ``PeerFailed`` carrying its status (UNAVAILABLE: unreachable or died;
+RESOURCE_EXHAUSTED: full, or a message over the size limit; ...), which the import
+may answer by asking the next prefill worker or prefilling locally
+(pdserve/engine/kv_import.py::PEER_FAULTS); what the events say is checked by the
+import, not here, and so is a peer that goes silent (``kv_idle_timeout_s``).
 
 Sources, chosen by ``WorkerConfig.kv_source``:
 
@@ -57,7 +59,7 @@ class GrpcKVSource:
             async for data in call:
                 yield parse_prefill_response(data)
         except grpc.aio.AioRpcError as e:
-            raise PeerFailed(e.code().name, f"prefill worker {address}: {e.details()}") from None
+            raise PeerFailed(e.code().name, e.details() or "") from None  # the caller names it
         finally:
             call.cancel()
 

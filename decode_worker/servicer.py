@@ -6,20 +6,29 @@ import's states are those of pdserve/engine/kv_import.py::
     PLANNED ──▶ ADMITTED ──(LOCAL: prefill here)──────────────────────────▶ DECODING ──▶ DONE
                    │                                                           ▲
                    └─(REMOTE: KV import) RESERVED ──▶ RECEIVING ──┬─ COMMITTED ─┤
-                                                                  ├─ FELL_BACK ─┘ (prefill here)
-                                                                  └─ ABORTED ──▶ call fails
+                                     ▲ next prefill worker  │     ├─ FELL_BACK ─┘ (prefill here)
+                                     └──────────────────────┘     └─ ABORTED ──▶ call fails
 
 - PLANNED: the protobuf request converted and checked (params, plan, prefill
-  address, encoding; else INVALID_ARGUMENT) into a ``DecodePlan``.
+  addresses, encoding; else INVALID_ARGUMENT) into a ``DecodePlan``. Its prefill
+  candidates are ``prefill_address`` then ``fallback_prefill_addresses`` (the
+  router's order), at most ``MAX_PREFILL_CANDIDATES``.
 - ADMITTED: the request has its seat in the engine (``RequestStream``). LOCAL: queued
   for a prefill here. REMOTE: blocks for the prompt's KV reserved (else
   RESOURCE_EXHAUSTED): the import is RESERVED.
-- RECEIVING: the KV comes from the prefill worker through the ``KVSource``
+- RECEIVING: the KV comes from a prefill worker through the ``KVSource``
   (decode_worker/kv_source.py), checked and written into the reserved blocks.
-  COMMITTED: the first token arrived, the request decodes. FELL_BACK: the prefill
-  worker was unreachable or died and ``prefill_fallback`` is ``local``: the prompt is
-  prefilled here. ABORTED: the call ends with the stream's status
-  (FAILED_PRECONDITION, DATA_LOSS, INVALID_ARGUMENT, or the peer's own).
+  A candidate that fails by its own fault (unreachable, died, silent for
+  ``kv_idle_timeout_s``, RESOURCE_EXHAUSTED, message too large) hands over to the
+  next (RECEIVING again, same blocks). COMMITTED: the first token arrived, the
+  request decodes. FELL_BACK: every candidate failed that way and
+  ``prefill_fallback`` is ``local``: the prompt is prefilled here. ABORTED: the call
+  ends with the stream's status: hostile data (FAILED_PRECONDITION, DATA_LOSS,
+  INVALID_ARGUMENT, never retried) or the peer's own; or UNAVAILABLE naming every
+  candidate when they all failed and ``prefill_fallback`` is ``fail``. Every
+  failure a prefill worker caused carries trailing metadata blaming the prefill
+  role (pdserve/worker_errors.py), so the router never reads it as this worker's
+  own RESOURCE_EXHAUSTED ("decode worker full") or death.
 - DECODING: in the continuous batch; tokens stream back, the first message says how
   the prompt's KV arrived. DONE: the final output (finish reason) was sent.
 
@@ -42,28 +51,37 @@ from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
 from pdserve.engine.block_manager import NoFreeBlocksError
-from pdserve.engine.kv_import import ImportState, KVImport
+from pdserve.engine.kv_import import PEER_FAULTS, ImportState, KVImport
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvwire.codec import Encoding
-from pdserve.kvwire.stream import KVRequest, KVStreamError
+from pdserve.kvwire.stream import KVRequest, KVStreamError, PeerFailed
 from pdserve.logs import request_scope
 from pdserve.metrics import WorkerMetrics
 from pdserve.params_pb import logprob_to_pb, params_from_pb
+from pdserve.worker_errors import failed_role_metadata
 
 log = logging.getLogger(__name__)
+
+MAX_PREFILL_CANDIDATES = 8  # a request names at most this many prefill workers
+_BLAME_PREFILL = failed_role_metadata("prefill")
 
 
 @dataclass(frozen=True)
 class DecodePlan:
     """The checked request, and where its prompt's KV comes from: computed here
-    (``prefill_address`` None) or imported from that prefill worker."""
+    (no prefill addresses) or imported from the first of these prefill workers
+    that delivers it."""
 
     kv: KVRequest
-    prefill_address: str | None
+    prefill_addresses: tuple[str, ...] = ()
+
+    @property
+    def prefill_address(self) -> str | None:
+        return self.prefill_addresses[0] if self.prefill_addresses else None
 
     @property
     def name(self) -> str:
-        return "remote" if self.prefill_address else "local"
+        return "remote" if self.prefill_addresses else "local"
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -119,7 +137,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id {request.request_id!r} is already in use")
         kv = KVRequest(request.request_id, list(request.prompt_token_ids), params, encoding)
-        return DecodePlan(kv, request.prefill_address if remote else None)
+        if not remote:
+            return DecodePlan(kv)
+        try:
+            return DecodePlan(kv, _prefill_candidates(request))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def _admit(self, stream: RequestStream, plan: DecodePlan,
                      context: grpc.aio.ServicerContext) -> KVImport | None:
@@ -144,25 +167,37 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def _import(self, kv_import: KVImport, plan: DecodePlan,
                       context: grpc.aio.ServicerContext) -> None:
-        address = plan.prefill_address
-        assert address is not None
+        """RECEIVING from each candidate in turn, to COMMITTED or FELL_BACK; else the
+        call ends with a status that names the prefill worker(s) and blames them."""
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None else self.config.prefill_timeout_s
-        events = self.kv_source.prefill(address, plan.kv, timeout)
+        first, *rest = (self.kv_source.prefill(a, plan.kv, timeout)
+                        for a in plan.prefill_addresses)
         try:
-            await kv_import.run(events, fall_back=self.config.prefill_fallback == "local")
+            await kv_import.run(first, fall_back=self.config.prefill_fallback == "local",
+                                retries=rest, idle_timeout_s=self.config.kv_idle_timeout_s)
         except KVStreamError as e:
-            self.metrics.kv_failures.inc()
-            log.warning("KV import failed", extra={"prefill": address, "code": e.code,
-                                                   "error": str(e)})
-            await context.abort(getattr(grpc.StatusCode, e.code), f"KV from {address}: {e}")
+            self._note_peer_failures(kv_import, plan)
+            if e not in kv_import.failures:  # hostile data, or a status not the peer's fault
+                self.metrics.kv_failures.inc()
+            code, message = _import_failure(e, plan.prefill_addresses, kv_import.failures)
+            log.warning("KV import failed", extra={"prefill": plan.prefill_addresses,
+                                                   "code": code, "error": message})
+            await context.abort(code, message, trailing_metadata=_BLAME_PREFILL)
+        self._note_peer_failures(kv_import, plan)
         if kv_import.state is ImportState.FELL_BACK:
-            self.metrics.kv_failures.inc()
-            log.warning("prefill worker unavailable, prefilling locally",
-                        extra={"prefill": address, "error": str(kv_import.error)})
+            log.warning("no prefill worker delivered, prefilling locally",
+                        extra={"prefill": plan.prefill_addresses, "error": str(kv_import.error)})
             return
         self.metrics.kv_bytes.inc(kv_import.stats.bytes)
         self.metrics.kv_seconds.observe(kv_import.stats.transfer_s)
+
+    def _note_peer_failures(self, kv_import: KVImport, plan: DecodePlan) -> None:
+        """One failure counted and logged per candidate given up on the way."""
+        for address, failure in zip(plan.prefill_addresses, kv_import.failures, strict=False):
+            self.metrics.kv_failures.inc()
+            log.warning("prefill worker failed the transfer",
+                        extra={"prefill": address, "code": failure.code, "error": str(failure)})
 
     def _response(self, out: RequestOutput, first: bool,
                   kv_import: KVImport | None) -> worker_pb2.DecodeResponse:
@@ -192,6 +227,36 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         tokens = len(last.token_ids) if last is not None else 0
         log.info("done", extra={"plan": plan.name, "finish_reason": reason,
                                 "output_tokens": tokens})
+
+
+def _prefill_candidates(request: worker_pb2.DecodeRequest) -> tuple[str, ...]:
+    """``prefill_address`` then the fallbacks, duplicates dropped; ValueError names
+    the field of a bad one."""
+    if not request.prefill_address:
+        raise ValueError("plan REMOTE needs prefill_address")
+    candidates = [request.prefill_address, *request.fallback_prefill_addresses]
+    if len(candidates) > MAX_PREFILL_CANDIDATES:
+        raise ValueError(f"fallback_prefill_addresses: at most {MAX_PREFILL_CANDIDATES - 1} "
+                         f"addresses, got {len(candidates) - 1}")
+    for a in candidates:
+        if not 0 < len(a) <= 255:
+            raise ValueError(f"fallback_prefill_addresses must be addresses of 1 to 255 "
+                             f"characters, got {a[:64]!r}")
+    return tuple(dict.fromkeys(candidates))
+
+
+def _import_failure(e: KVStreamError, addresses: tuple[str, ...],
+                    failures: list[PeerFailed]) -> tuple[grpc.StatusCode, str]:
+    """The status of a failed import. Every candidate failed by its own fault (and no
+    local fallback): UNAVAILABLE naming each, never the peer's RESOURCE_EXHAUSTED,
+    which would read as this decode worker being full. Else the stream's status,
+    naming the prefill worker it came from."""
+    if isinstance(e, PeerFailed) and e.code in PEER_FAULTS:
+        said = "; ".join(f"prefill worker {a}: {f.code}: {f}"
+                         for a, f in zip(addresses, failures, strict=False))
+        return grpc.StatusCode.UNAVAILABLE, f"no prefill worker delivered the KV ({said})"
+    address = addresses[min(len(failures), len(addresses) - 1)]
+    return getattr(grpc.StatusCode, e.code), f"prefill worker {address}: {e}"
 
 
 def _local_compute_s(out: RequestOutput) -> float:

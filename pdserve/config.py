@@ -112,9 +112,13 @@ class WorkerConfig:
     """Decode: encoding asked of prefill workers unless the request names one."""
     prefill_timeout_s: float = 120.0
     """Decode: longest wait for a remote prefill when the call has no deadline."""
+    kv_idle_timeout_s: float = 5.0
+    """Decode: a prefill worker that sends nothing (header, KV chunk, first token) for
+    this long has failed the transfer: the next candidate is asked, then the fallback."""
     prefill_fallback: str = "local"  # one of PREFILL_FALLBACKS
-    """Decode: when the prefill worker is unreachable or dies mid-transfer, ``local``
-    prefills here instead; ``fail`` ends the request with UNAVAILABLE."""
+    """Decode: when every prefill worker asked failed by its own fault (unreachable,
+    died, silent, full), ``local`` prefills here instead; ``fail`` ends the request
+    with UNAVAILABLE naming the prefill workers."""
     kv_source: str = "grpc"
     """Decode: where remote KV comes from: ``grpc`` (prefill workers) or ``loopback``
     (an in-process fake prefilling on this worker; tests)."""
@@ -126,6 +130,8 @@ class WorkerConfig:
                  self.metrics_port)
         _require(self.kv_encoding in KV_ENCODINGS, "kv_encoding", f"one of {KV_ENCODINGS}",
                  self.kv_encoding)
+        _require(self.kv_idle_timeout_s > 0, "kv_idle_timeout_s", "> 0",
+                 self.kv_idle_timeout_s)
         _require(self.prefill_fallback in PREFILL_FALLBACKS, "prefill_fallback",
                  f"one of {PREFILL_FALLBACKS}", self.prefill_fallback)
         _require(self.kv_source in KV_SOURCES, "kv_source", f"one of {KV_SOURCES}",
@@ -184,6 +190,14 @@ class RouterConfig:
     """Seconds between decode worker health probes."""
     drain_grace_s: float = 10.0
     """Seconds in-flight requests get to finish on SIGTERM."""
+    request_timeout_s: float = 600.0
+    """Deadline of a request that brings none (HTTP, gRPC without one), and the most a
+    client's deadline may be: past it the request ends with DEADLINE_EXCEEDED / 504."""
+    migration: bool = True
+    """A decode worker that dies mid-stream: resubmit the request (prompt plus the
+    tokens streamed so far) to another decode worker; the client sees one stream."""
+    migration_limit: int = 3
+    """The most times one request is moved to another decode worker."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
@@ -204,3 +218,6 @@ class RouterConfig:
                      "a non-empty string or None", self.api_key)
         _require(self.health_interval_s > 0, "health_interval_s", "> 0", self.health_interval_s)
         _require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
+        _require(self.request_timeout_s > 0, "request_timeout_s", "> 0",
+                 self.request_timeout_s)
+        _require(self.migration_limit >= 0, "migration_limit", ">= 0", self.migration_limit)

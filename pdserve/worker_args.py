@@ -26,6 +26,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   max_num_batched_tokens: int | None = None,
                   kv_encoding: str = WorkerConfig.kv_encoding,
                   prefill_fallback: str = WorkerConfig.prefill_fallback,
+                  kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s,
                   quantization: str | None = EngineConfig.quantization) -> WorkerConfig:
     """The config of a worker with these options (the ones its command line has);
     ``port`` and ``max_num_batched_tokens`` default per role (ROLE_DEFAULTS)."""
@@ -42,7 +43,8 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
     return WorkerConfig(role=role, engine=engine, host=host,
                         port=defaults.port if port is None else port, metrics_port=metrics_port,
                         placement=placement, kv_encoding=kv_encoding,
-                        prefill_fallback=prefill_fallback)
+                        prefill_fallback=prefill_fallback,
+                        kv_idle_timeout_s=kv_idle_timeout_s)
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -72,7 +74,10 @@ def parser(role: str) -> argparse.ArgumentParser:
                    help=f"default {ROLE_DEFAULTS[role].max_num_batched_tokens}")
     p.add_argument("--kv-encoding")
     p.add_argument("--prefill-fallback", choices=list(PREFILL_FALLBACKS),
-                   help="decode: what to do when the prefill worker is unreachable or dies")
+                   help="decode: what to do when every prefill worker asked failed")
+    p.add_argument("--kv-idle-timeout-s", type=float,
+                   help=f"decode: seconds a prefill worker may send nothing before it counts "
+                        f"as failed (default {WorkerConfig.kv_idle_timeout_s})")
     p.add_argument("--log-format", choices=LOG_FORMATS,
                    help="auto (text on a terminal, else JSON lines), json or text")
     return p
@@ -98,6 +103,7 @@ def worker_argv(config: WorkerConfig) -> list[str]:
             "--device", e.device, "--kv-cache-gb", repr(e.kv_cache_gb),
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--kv-encoding", config.kv_encoding, "--prefill-fallback", config.prefill_fallback,
+            "--kv-idle-timeout-s", repr(config.kv_idle_timeout_s),
             "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
     if e.model is not None:
         argv += ["--model", e.model]

@@ -1,33 +1,45 @@
-"""One request's KV import on the decode side: its prompt's KV comes from a peer.
+"""One request's KV import on the decode side: its prompt's KV comes from a peer,
+or from the next one when a peer fails it.
 
 States (each import is in exactly one)::
 
-    RESERVED ──run──▶ RECEIVING ──first token──────────────────▶ COMMITTED
-                          ├──peer unavailable, fallback allowed──▶ FELL_BACK
-                          └──anything else───────────────────────▶ ABORTED
+    RESERVED ──run──▶ RECEIVING ──first token──────────────────────────────▶ COMMITTED
+       ▲                  ├──peer's fault, another peer to ask─▶ (_retry) ─┘ back to RESERVED
+                          ├──peer's fault, none left, fallback allowed──────▶ FELL_BACK
+                          └──anything else──────────────────────────────────▶ ABORTED
 
 - RESERVED: the engine holds blocks for the prompt (and its first token) in an
-  IMPORTING request; nothing written yet.
+  IMPORTING request; nothing written yet (or, after ``_retry``, nothing that can
+  survive: see below).
 - RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded
   and written into those blocks on the engine thread.
 - COMMITTED: every layer complete, the first token known: the request joins the
   decode batch; its blocks are freed when it finishes.
-- FELL_BACK: the peer was unreachable or died (``PeerFailed`` UNAVAILABLE) and the
-  caller allowed it: the reserved blocks are freed, what arrived is dropped, the
-  prompt is prefilled here (the request waits like any other); blocks freed at finish.
-- ABORTED: a bad stream, another peer failure, or cancellation: the request is
-  aborted in the engine, which frees its blocks; the error propagates.
+- ``_retry``: the peer failed the stream and it was its own fault (``PEER_FAULTS``:
+  unreachable or died, silent for ``idle_timeout_s``, full, message too large,
+  its own deadline) and another peer is left to ask. The blocks stay reserved
+  (so no other request takes them meanwhile); the next stream gets a fresh
+  validator, which commits only once it has covered every token of every layer,
+  so every slot the failed stream wrote is written again before anything reads it
+  (writes run on the engine thread in the order they were queued).
+- FELL_BACK: the last peer failed that way too and the caller allowed it: the
+  reserved blocks are freed, what arrived is dropped, the prompt is prefilled
+  here (the request waits like any other); blocks freed at finish.
+- ABORTED: a bad stream (hostile data: FAILED_PRECONDITION, DATA_LOSS,
+  INVALID_ARGUMENT, never retried), another peer status, or cancellation: the
+  request is aborted in the engine, which frees its blocks; the error propagates.
 
 An import never run is freed with its request: closing the ``RequestStream`` of an
 unfinished request aborts it.
 
-``run`` drives the machine over a stream of ``KVEvent``; each arrow is one method.
+``run`` drives the machine over streams of ``KVEvent``; each arrow is one method.
+``failures`` lists the peer failures met on the way, one per stream given up.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +49,11 @@ from pdserve.kvwire.stream import FirstToken, KVEvent, KVHeader, KVStreamValidat
 
 if TYPE_CHECKING:
     from pdserve.engine.async_engine import AsyncEngine
+
+
+# A peer that fails a stream with one of these is at fault, not the data: ask another.
+PEER_FAULTS = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                         "ABORTED", "CANCELLED"})
 
 
 class ImportState(enum.Enum):
@@ -56,25 +73,53 @@ class KVImport:
         self.request_id = request_id
         self.state = ImportState.RESERVED
         self.stats = TransferStats()
-        self.error: PeerFailed | None = None  # why it fell back
-        self._validator = KVStreamValidator(expected)
+        self.failures: list[PeerFailed] = []  # one per stream given up, in order
+        self._expected = expected
         self._want_logprobs = want_logprobs
 
-    async def run(self, events: AsyncGenerator[KVEvent, None], fall_back: bool) -> None:
-        """Receive ``events`` into the reserved blocks and commit; or fall back to a
-        local prefill (peer unavailable and ``fall_back``); else abort and raise."""
+    @property
+    def error(self) -> PeerFailed | None:
+        """The last peer failure (why it fell back), if any."""
+        return self.failures[-1] if self.failures else None
+
+    async def run(self, events: AsyncGenerator[KVEvent, None], fall_back: bool,
+                  retries: Sequence[AsyncGenerator[KVEvent, None]] = (),
+                  idle_timeout_s: float | None = None) -> None:
+        """Receive ``events`` into the reserved blocks and commit. A stream the peer
+        fails by its own fault is followed by the next of ``retries``, then by a local
+        prefill when ``fall_back``; anything else aborts and raises. Streams not
+        started are closed."""
+        streams = [events, *retries]
         try:
-            try:
-                self._receiving()
-                first, self.stats = await receive_kv(events, self._validator, self._write)
-                await self._commit(first)
-            except PeerFailed as e:
-                if not (fall_back and e.unavailable):
-                    raise
-                await self._fall_back(e)
+            await self._receive_first_good(streams, fall_back, idle_timeout_s)
         except BaseException:  # bad stream, cancelled call: no block may stay reserved
             self._abort()
             raise
+        finally:
+            for unused in streams:
+                await unused.aclose()  # a no-op on one already run
+
+    async def _receive_first_good(self, streams: list[AsyncGenerator[KVEvent, None]],
+                                  fall_back: bool, idle_timeout_s: float | None) -> None:
+        for i, events in enumerate(streams):
+            self._receiving()
+            validator = KVStreamValidator(self._expected)
+            try:  # receive_kv closes the stream (cancels its call) whatever happens
+                first, self.stats = await receive_kv(events, validator, self._write,
+                                                     idle_timeout_s)
+            except PeerFailed as e:
+                if e.code not in PEER_FAULTS:
+                    raise
+                self.failures.append(e)
+                if i + 1 < len(streams):
+                    self._retry()
+                    continue
+                if not fall_back:
+                    raise
+                await self._fall_back()
+                return
+            await self._commit(first)
+            return
 
     # --- transitions ---------------------------------------------------------------
     def _receiving(self) -> None:
@@ -93,9 +138,12 @@ class KVImport:
                                first.token.token_id, lp)
         self.state = ImportState.COMMITTED
 
-    async def _fall_back(self, error: PeerFailed) -> None:
+    def _retry(self) -> None:
         assert self.state is ImportState.RECEIVING, self.state
-        self.error = error
+        self.state = ImportState.RESERVED
+
+    async def _fall_back(self) -> None:
+        assert self.state is ImportState.RECEIVING, self.state
         await self.engine.call(self.engine.engine.prefill_locally, self.request_id)
         self.state = ImportState.FELL_BACK
 

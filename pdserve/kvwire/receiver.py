@@ -1,12 +1,17 @@
 """Receiving one KV stream: the header, then chunks (checked, decoded, handed to a
 writer), then the first token once every layer is complete.
 
+A peer that goes silent for ``idle_timeout_s`` between two events (the call's
+start counts as one) fails the stream with ``PeerFailed`` DEADLINE_EXCEEDED: the
+peer's fault, which the import may answer by asking another peer.
+
 The decode worker's import (pdserve/engine/kv_import.py) writes into its KV blocks;
 the wire benchmark into a plain tensor. Both run this loop over the same events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -22,6 +27,7 @@ from pdserve.kvwire.stream import (
     KVHeader,
     KVStreamError,
     KVStreamValidator,
+    PeerFailed,
 )
 
 KVWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -39,13 +45,16 @@ class TransferStats:
 
 
 async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamValidator,
-                     write: KVWriter) -> tuple[FirstToken, TransferStats]:
+                     write: KVWriter, idle_timeout_s: float | None = None,
+                     ) -> tuple[FirstToken, TransferStats]:
     """Consume ``events`` up to the first token; raises ``KVStreamError`` on a bad or
-    short stream. The events are closed (their call cancelled) whatever happens."""
+    short stream, ``PeerFailed`` DEADLINE_EXCEEDED when no event comes for
+    ``idle_timeout_s`` (None: wait as long as the call lasts). The events are closed
+    (their call cancelled) whatever happens."""
     e = validator.expected
     t0: float | None = None
     async with aclosing(events):
-        async for event in events:
+        while (event := await _next(events, idle_timeout_s)) is not None:
             if isinstance(event, KVHeader):
                 validator.check_header(event)
             elif isinstance(event, KVChunk):
@@ -60,3 +69,20 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
                 return event, TransferStats(event.prefill_compute_s, elapsed,
                                             validator.bytes_received)
     raise KVStreamError("DATA_LOSS", "prefill stream ended without a first token")
+
+
+async def _next(events: AsyncGenerator[KVEvent, None],
+                idle_timeout_s: float | None) -> KVEvent | None:
+    """The next event, None at the end. The timeout cancels the peer's generator
+    where it waits (its call is cancelled with it)."""
+    timeout = asyncio.timeout(idle_timeout_s)
+    try:
+        async with timeout:
+            return await anext(events)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        if not timeout.expired():
+            raise  # the peer's own TimeoutError, not the idle timeout
+        raise PeerFailed("DEADLINE_EXCEEDED",
+                         f"sent nothing for {idle_timeout_s:g} s (kv_idle_timeout_s)") from None

@@ -213,14 +213,112 @@ def test_hostile_stream_aborts_with_its_status(tiny_llama: Path, mode: str) -> N
     _run(tiny_llama, scenario)
 
 
-def test_peer_error_other_than_unavailable_never_falls_back(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNKNOWN"])
+def test_peer_status_that_is_not_its_own_fault_never_retries_nor_falls_back(
+        tiny_llama: Path, code: str) -> None:
     async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
-        src = ScriptedKVSource([], fail=PeerFailed("RESOURCE_EXHAUSTED", "P full"), fail_after=0)
+        src = ScriptedKVSource([], fail=PeerFailed(code, "bad request"), fail_after=0)
+        spare = ScriptedKVSource(await _recorded(p))
         async with d.request("r") as stream:
             imp: KVImport = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
             with pytest.raises(PeerFailed) as e:
-                await imp.run(src.prefill("p", _ask(), 30), fall_back=True)
-            assert e.value.code == "RESOURCE_EXHAUSTED" and imp.state is ImportState.ABORTED
+                await imp.run(src.prefill("p", _ask(), 30), fall_back=True,
+                              retries=[spare.prefill("q", _ask(), 30)])
+            assert e.value.code == code and imp.state is ImportState.ABORTED
+            assert spare.sent == 0 and imp.failures == []
+
+    _run(tiny_llama, scenario)
+
+
+@pytest.mark.parametrize("code", ["RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"])
+def test_peer_fault_falls_back_to_a_local_prefill(tiny_llama: Path, reference: list[int],
+                                                  code: str) -> None:
+    """A full prefill worker (or one whose message was too large) is the peer's
+    fault, like a dead one: the prompt is prefilled here."""
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        full = PeerFailed(code, "prefill worker full")
+        src = ScriptedKVSource([], fail=full, fail_after=0)
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            await imp.run(src.prefill("p", _ask(), 30), fall_back=True)
+            assert imp.state is ImportState.FELL_BACK and imp.failures == [full]
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def _other_prompt() -> KVRequest:
+    """Same length as PROMPT, other tokens: KV that must not survive into PROMPT's."""
+    return KVRequest("other", list(range(100, 100 + len(PROMPT))), PARAMS, Encoding.MODEL)
+
+
+def test_peer_dies_midway_the_next_peer_delivers_and_nothing_half_written_survives(
+        tiny_llama: Path, reference: list[int]) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        wrong = await LoopbackKVSource(p).record(_other_prompt())
+        died = PeerFailed("UNAVAILABLE", "connection reset")
+        # Every chunk but the last of another prompt's KV lands in the blocks first.
+        first = ScriptedKVSource(wrong[:-2], fail=died, fail_after=len(wrong) - 2)
+        second = ScriptedKVSource(await _recorded(p))
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            blocks = _reserved_blocks(d)
+            await imp.run(first.prefill("p1", _ask(), 30), fall_back=False,
+                          retries=[second.prefill("p2", _ask(), 30)])
+            assert imp.state is ImportState.COMMITTED and imp.failures == [died]
+            assert first.closed and second.closed and _reserved_blocks(d) == blocks
+            assert imp.stats.bytes > 0
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_a_silent_peer_times_out_and_the_next_one_delivers(tiny_llama: Path,
+                                                          reference: list[int]) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        silent = ScriptedKVSource(await _recorded(p), fail_after=3, stall=asyncio.Event())
+        second = ScriptedKVSource(await _recorded(p))
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            t0 = asyncio.get_running_loop().time()
+            await imp.run(silent.prefill("p1", _ask(), 30), fall_back=False,
+                          retries=[second.prefill("p2", _ask(), 30)], idle_timeout_s=0.3)
+            assert asyncio.get_running_loop().time() - t0 < 10  # not the call's 30 s
+            assert imp.state is ImportState.COMMITTED and silent.closed
+            assert [f.code for f in imp.failures] == ["DEADLINE_EXCEEDED"]
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_every_peer_at_fault_without_fallback_aborts_with_the_last_failure(
+        tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        a = ScriptedKVSource([], fail=PeerFailed("UNAVAILABLE", "refused"), fail_after=0)
+        b = ScriptedKVSource(await _recorded(p), fail_after=2, stall=asyncio.Event())
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            with pytest.raises(PeerFailed) as e:
+                await imp.run(a.prefill("p1", _ask(), 30), fall_back=False,
+                              retries=[b.prefill("p2", _ask(), 30)], idle_timeout_s=0.3)
+            assert e.value.code == "DEADLINE_EXCEEDED" and imp.state is ImportState.ABORTED
+            assert [f.code for f in imp.failures] == ["UNAVAILABLE", "DEADLINE_EXCEEDED"]
+            assert a.closed and b.closed
+
+    _run(tiny_llama, scenario)
+
+
+def test_hostile_data_is_never_retried_on_the_next_peer(tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        bad = ScriptedKVSource(await _recorded(p), edit=_bad_crc)
+        spare = ScriptedKVSource(await _recorded(p))
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            with pytest.raises(KVStreamError) as e:
+                await imp.run(bad.prefill("p1", _ask(), 30), fall_back=True,
+                              retries=[spare.prefill("p2", _ask(), 30)])
+            assert e.value.code == "DATA_LOSS" and imp.state is ImportState.ABORTED
+            assert spare.sent == 0 and bad.closed
 
     _run(tiny_llama, scenario)
 

@@ -18,20 +18,22 @@ PLAN_LOCAL: Plan
 PLAN_REMOTE: Plan
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "plan", "prefill_address", "encoding")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "plan", "prefill_address", "encoding", "fallback_prefill_addresses")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_PREFILL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     plan: Plan
     prefill_address: str
     encoding: _common_pb2.KVEncoding
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., plan: _Optional[_Union[Plan, str]] = ..., prefill_address: _Optional[str] = ..., encoding: _Optional[_Union[_common_pb2.KVEncoding, str]] = ...) -> None: ...
+    fallback_prefill_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., plan: _Optional[_Union[Plan, str]] = ..., prefill_address: _Optional[str] = ..., encoding: _Optional[_Union[_common_pb2.KVEncoding, str]] = ..., fallback_prefill_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "logprobs", "stop_reason", "prefill_compute_s", "kv_transfer_s", "kv_bytes")
