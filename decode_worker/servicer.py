@@ -123,26 +123,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def _plan(self, request: worker_pb2.DecodeRequest,
                     context: grpc.aio.ServicerContext) -> DecodePlan:
         """PLANNED: the protobuf request as a checked plan."""
+        remote = request.plan == worker_pb2.PLAN_REMOTE or (
+            request.plan == worker_pb2.PLAN_UNSPECIFIED and bool(request.prefill_address))
         try:
             params = params_from_pb(request.params)
             encoding = Encoding(request.encoding) if request.encoding else self.default_encoding
+            candidates = _prefill_candidates(request) if remote else ()
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        remote = request.plan == worker_pb2.PLAN_REMOTE or (
-            request.plan == worker_pb2.PLAN_UNSPECIFIED and bool(request.prefill_address))
-        if remote and not request.prefill_address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "plan REMOTE needs prefill_address")
         if request.request_id in self.engine.open_requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id {request.request_id!r} is already in use")
         kv = KVRequest(request.request_id, list(request.prompt_token_ids), params, encoding)
-        if not remote:
-            return DecodePlan(kv)
-        try:
-            return DecodePlan(kv, _prefill_candidates(request))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return DecodePlan(kv, candidates)
 
     async def _admit(self, stream: RequestStream, plan: DecodePlan,
                      context: grpc.aio.ServicerContext) -> KVImport | None:

@@ -88,8 +88,12 @@ class ClusterConfig:
     """Bearer token the router requires (also $PDSERVE_API_KEY); None = open."""
     local_prefill_below: int = RouterConfig.local_prefill_below
     prefill_fallback: str = WorkerConfig.prefill_fallback
-    """Decode workers, when a prefill worker is unreachable or dies mid-transfer:
-    local (prefill the prompt themselves) or fail (UNAVAILABLE)."""
+    """Decode workers, when every prefill worker asked failed (unreachable, died,
+    silent, full): local (prefill the prompt themselves) or fail (UNAVAILABLE)."""
+    kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s
+    """Decode workers: seconds a prefill worker may send nothing before it counts as failed."""
+    migration: bool = RouterConfig.migration
+    """The router moves a request whose decode worker dies mid-stream to another one."""
     launcher: str = "ray"
     """A name in the ``pdserve.launchers`` registry (pdserve/launchers.py)."""
     pin: str = PlacementRequest.mode
@@ -118,7 +122,8 @@ class ClusterConfig:
                              model=self.model, dtype=self.dtype, quantization=self.quantization,
                              threads=m.threads, cpus=m.cpus,
                              pin=self.pin, slot=slot, slots=slots, kv_encoding=self.kv_encoding,
-                             prefill_fallback=self.prefill_fallback)
+                             prefill_fallback=self.prefill_fallback,
+                             kv_idle_timeout_s=self.kv_idle_timeout_s)
 
     def router(self, decode: list[str], prefill: list[str],
                members_stdin: bool = False) -> RouterConfig:
@@ -126,7 +131,8 @@ class ClusterConfig:
         return RouterConfig(host=self.host, port=self.router_port, http_port=self.http_port,
                             model=self.model, decode=tuple(decode), prefill=tuple(prefill),
                             members_stdin=members_stdin,
-                            local_prefill_below=self.local_prefill_below, api_key=self.api_key)
+                            local_prefill_below=self.local_prefill_below, api_key=self.api_key,
+                            migration=self.migration)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -27,6 +27,8 @@ def router_command(r: RouterConfig) -> list[str]:
     """``python -m router`` for ``r``; the API key goes by ``role_env``, not argv."""
     cmd = [sys.executable, "-m", "router", "--host", r.host, "--port", str(r.port),
            "--http-port", str(r.http_port), "--local-prefill-below", str(r.local_prefill_below)]
+    if not r.migration:
+        cmd.append("--no-migration")
     cmd += [a for d in r.decode for a in ("--decode", d)]
     cmd += [a for p in r.prefill for a in ("--prefill", p)]
     if r.members_stdin:

@@ -40,6 +40,7 @@ METRIC_NAMES: dict[str, str] = {
     "pdserve:kv_transfer_failures_total": "counter",
     "pdserve:requests_aborted_total": "counter",
     "pdserve:num_preemptions_total": "counter",
+    "pdserve:request_migrations_total": "counter",
 }
 # GPU gauges under the DCGM exporter's names (from dcgm-exporter, or from pdserve's
 # own nvidia-ml-py gauges that reuse those names).
@@ -122,6 +123,9 @@ class RouterMetrics(_RoleMetrics):
         self.queue = self._histogram("request_queue_time_seconds", "Arrival at the router to "
                                      "dispatch to the decode worker that serves it",
                                      _QUEUE_BUCKETS)
+        self.migrations = self._counter(
+            "request_migrations", "Requests moved to another decode worker after theirs died "
+            "(cf. Dynamo model_migration_total)")
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self._gauges["num_requests_running"].set_function(running)

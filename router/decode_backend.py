@@ -4,7 +4,9 @@
 back a ``DecodeStream``: an async iterator of ``DecodeDelta`` that can be
 cancelled from elsewhere (``Abort``). A call that ends with a status other than
 OK raises ``WorkerError`` carrying the gRPC status name (RESOURCE_EXHAUSTED: the
-worker has no room for the prompt; CANCELLED after ``cancel``). ``is_serving`` is
+worker has no room for the prompt; UNAVAILABLE: it is gone; CANCELLED after
+``cancel``) and the role it blames: ``prefill`` when the decode worker says a
+prefill worker failed the request (pdserve/worker_errors.py), else ``decode``. ``is_serving`` is
 the health probe. The real backend is gRPC (router/decode_client.py); tests use a
 scripted fake (tests/router_fakes.py).
 """
@@ -27,6 +29,7 @@ class DecodeJob:
     prompt: list[int]
     params: SamplingParams
     prefill_address: str | None = None  # None = plan LOCAL
+    fallback_prefill: tuple[str, ...] = ()  # asked in order when prefill_address fails
     kv_encoding: int = 0
     timeout: float | None = None
 
@@ -46,9 +49,9 @@ class DecodeDelta:
 class WorkerError(Exception):
     """A decode worker's call ended with a gRPC status other than OK."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, role: str = "decode") -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.role = code, details, role
 
 
 class DecodeStream(Protocol):

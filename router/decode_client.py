@@ -3,7 +3,8 @@ router's domain meets ``worker_pb2``.
 
 ``DecodeClients.generate`` opens one ``DecodeWorker.Generate`` call and wraps it
 in a ``DecodeCall``; gRPC failures surface as ``WorkerError`` with the status
-name, so the domain code never sees grpc types either.
+name and the role the call's trailing metadata blames, so the domain code never
+sees grpc types either.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.grpc_server import OPTIONS
 from pdserve.params_pb import logprob_from_pb, params_to_pb
+from pdserve.worker_errors import failed_role
 from router.decode_backend import DecodeDelta, DecodeJob, WorkerError
 
 
@@ -37,7 +39,8 @@ class DecodeCall:
                                   msg.finish_reason, msg.prefill_compute_s, msg.kv_transfer_s,
                                   msg.kv_bytes)
         except grpc.aio.AioRpcError as e:
-            raise WorkerError(e.code().name, e.details() or "") from e
+            raise WorkerError(e.code().name, e.details() or "",
+                              failed_role(e.trailing_metadata())) from e
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._cancelled or (task is not None and task.cancelling()):
@@ -50,6 +53,7 @@ def _job_to_pb(job: DecodeJob) -> worker_pb2.DecodeRequest:
         request_id=job.request_id, prompt_token_ids=job.prompt, params=params_to_pb(job.params),
         plan=worker_pb2.PLAN_REMOTE if job.prefill_address else worker_pb2.PLAN_LOCAL,
         prefill_address=job.prefill_address or "",
+        fallback_prefill_addresses=job.fallback_prefill if job.prefill_address else (),
         encoding=job.kv_encoding)  # type: ignore[arg-type]
 
 

@@ -7,19 +7,47 @@ point; nothing here knows protobuf or JSON). Seams: a ``RoutingPolicy``
 Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
 
     RECEIVED ─_receive─▶ ROUTING ─_dispatch─▶ DISPATCHED ─_first_token─▶ STREAMING ─_finish─▶ DONE
+                                                         ─_resumed─────▶ (after a migration)
 
     ROUTING                ─_route────▶ FAILED     no decode worker left to try
     DISPATCHED             ─_retry────▶ ROUTING    the worker was full (RESOURCE_EXHAUSTED)
+    DISPATCHED, STREAMING  ─_migrate──▶ ROUTING    the decode worker died (UNAVAILABLE)
     DISPATCHED, STREAMING  ─_aborted──▶ ABORTED    ``abort``: the call was cancelled
-    DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the worker's call failed
-    DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone, deadline)
+    DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the call failed (or the deadline passed)
+    DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone)
 
 ``_receive`` admits, tokenizes and validates (else ``GenerationError``:
 INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
-decode worker up, ALREADY_EXISTS). ``_route`` asks the policy for a decode worker
-neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one
-answered full, else UNAVAILABLE. DISPATCHED and STREAMING hold one call on a
-decode worker; ``_hang_up`` ends that call whatever ended it and tells the policy.
+decode worker up, ALREADY_EXISTS) and sets the request's deadline: the client's,
+at most ``request_timeout_s`` (HTTP brings none). ``_route`` asks the policy for a
+decode worker neither down nor tried yet (and plans REMOTE only on prefill
+workers up); none left is RESOURCE_EXHAUSTED when every one answered full, the
+failure that sent the request back to ROUTING if one did, else UNAVAILABLE.
+DISPATCHED and STREAMING hold one call on a decode worker, whose deadline is what
+is left of the request's; ``_hang_up`` ends that call whatever ended it and tells
+the policy. Past the deadline the call ends with DEADLINE_EXCEEDED (HTTP 504).
+
+Errors name the role that failed: a decode worker's own RESOURCE_EXHAUSTED is
+"full" (retried on the next one); a failure it blames on a prefill worker
+(``WorkerError.role``) is reported as the prefill's, never retried as "full" and
+never migrated.
+
+Migration (``migration_limit`` > 0, on by default): when the decode worker's call
+fails UNAVAILABLE (it died or cannot be reached; not a cancel, not a client's bad
+input, not a prefill failure), the request goes back to ROUTING and is resubmitted
+to another decode worker with the prompt plus every token already streamed as
+its prompt (plan LOCAL or REMOTE by the policy), ``max_tokens`` and
+``min_tokens`` reduced by what was streamed, the same request id. The client sees
+one stream: the next delta carries the next token; usage counts the original
+prompt and every completion token. What is preserved: greedy output is
+identical to an undisturbed run (the resumed worker recomputes the same KV);
+token ids are never duplicated or missed. What is not: a seeded sampled request
+draws its remaining tokens from a generator seeded afresh on the new worker (a
+valid sample, not the undisturbed run's tokens); text held back by the dead
+worker (an incomplete UTF-8 character) and a stop string spanning the migration
+point are not seen by the new worker. Each migration counts in
+``pdserve:request_migrations_total`` and is logged with the request id.
+
 Closing the stream (client gone), ``abort`` and the deadline all cancel the
 decode worker's call, which cancels the prefill call. The request id is bound to
 every log line of the request (``pdserve.logs.request_scope``) and is the one the
@@ -28,17 +56,20 @@ decode worker gets, so one ``grep`` follows a request through every role.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+from pdserve.config import RouterConfig
 from pdserve.logs import request_scope
 from pdserve.metrics import RouterMetrics
+from pdserve.sampling_params import SamplingParams
 from router.decode_backend import DecodeBackend, DecodeDelta, DecodeJob, DecodeStream, WorkerError
 from router.health import DecodeHealth
 from router.policy import Choice, RoutingPolicy
@@ -69,16 +100,31 @@ class _Flight:
     request: GenerateRequest
     prompt: list[int]
     t0: float
+    timeout_s: float  # the request's deadline is t0 + timeout_s
     stage: Stage = Stage.ROUTING
     tried: set[str] = field(default_factory=set)
+    full: set[str] = field(default_factory=set)  # decode workers that answered full
     decode_address: str = ""  # the decode worker of the latest call
     call: DecodeStream | None = None  # set while on a decode worker
     aborted: bool = False
     t_dispatch: float = 0.0
     t_last: float = 0.0
-    completion_tokens: int = 0
+    output: list[int] = field(default_factory=list)  # token ids streamed so far
+    migrations: int = 0
+    failure: GenerationError | None = None  # what sent it back to ROUTING, if it failed
     finish_reason: str = ""
     timings: Timings = field(default_factory=Timings)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output)
+
+    @property
+    def deadline(self) -> float:
+        return self.t0 + self.timeout_s
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
 
 
 @contextlib.contextmanager
@@ -98,7 +144,11 @@ def _bound_request_id(rid: str) -> Iterator[None]:
 class Generator:
     def __init__(self, model_id: str, tokenizer: PromptTokenizer, policy: RoutingPolicy,
                  max_model_len: int, decode: DecodeBackend, metrics: RouterMetrics,
-                 health: DecodeHealth | None = None) -> None:
+                 health: DecodeHealth | None = None, *,
+                 prefill_health: DecodeHealth | None = None,
+                 request_timeout_s: float = RouterConfig.request_timeout_s,
+                 migration_limit: int = RouterConfig.migration_limit) -> None:
+        """``migration_limit`` 0 turns migration off (``RouterConfig.migration``)."""
         self.model_id = model_id
         self.tokenizer = tokenizer
         self.policy = policy
@@ -106,6 +156,9 @@ class Generator:
         self.decode = decode
         self.metrics = metrics
         self.health = health
+        self.prefill_health = prefill_health
+        self.request_timeout_s = request_timeout_s
+        self.migration_limit = migration_limit
         self.draining = False
         self._flights: dict[str, _Flight] = {}
         metrics.watch(lambda: self.running - self.waiting, lambda: self.waiting)
@@ -139,9 +192,9 @@ class Generator:
             f = self._receive(rid, req, t0)
             try:
                 while f.stage is Stage.ROUTING:
-                    stream = self._dispatch(f, self._route(f))
+                    stream = aiter(self._dispatch(f, self._route(f)))
                     try:
-                        async for msg in stream:
+                        while (msg := await _next_before(stream, f)) is not None:
                             yield self._relay(f, msg)
                     except WorkerError as e:
                         if (last := self._worker_failed(f, e)) is not None:
@@ -162,7 +215,8 @@ class Generator:
         if rid in self._flights:
             raise GenerationError("ALREADY_EXISTS", f"request_id {rid!r} is in use", "request_id")
         prompt, params = validate_request(req, self.model_id, self.tokenizer, self.max_model_len)
-        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0)
+        timeout_s = min(req.timeout or self.request_timeout_s, self.request_timeout_s)
+        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0, timeout_s)
         self._flights[rid] = f
         return f
 
@@ -170,39 +224,57 @@ class Generator:
 
     def _route(self, f: _Flight) -> Choice:
         down = self.health.down() if self.health is not None else set()
-        choice = self.policy.choose(len(f.prompt), f.tried | down)
+        if self.prefill_health is not None:
+            down |= self.prefill_health.down()
+        choice = self.policy.choose(len(f.prompt) + len(f.output), f.tried | down)
         if choice is None:
             f.stage = Stage.FAILED
-            raise GenerationError("RESOURCE_EXHAUSTED" if f.tried else "UNAVAILABLE",
-                                  "every decode worker is full; retry later" if f.tried
+            if f.failure is not None:
+                raise f.failure
+            raise GenerationError("RESOURCE_EXHAUSTED" if f.full else "UNAVAILABLE",
+                                  "every decode worker is full; retry later" if f.full
                                   else "no decode worker is reachable")
         return choice
 
     def _dispatch(self, f: _Flight, choice: Choice) -> DecodeStream:
         prefill = choice.prefill.address if choice.prefill is not None else None
-        job = DecodeJob(f.request_id, f.prompt, f.request.params, prefill,
-                        f.request.kv_encoding, f.request.timeout)
+        prompt, params = self._job_prompt(f)
+        job = DecodeJob(f.request_id, prompt, params, prefill_address=prefill,
+                        fallback_prefill=choice.prefill_fallbacks,
+                        kv_encoding=f.request.kv_encoding, timeout=max(f.time_left(), 0.001))
         f.call = self.decode.generate(choice.decode.address, job)
-        self.policy.dispatched(f.request_id, choice, len(f.prompt))
+        self.policy.dispatched(f.request_id, choice, len(prompt))
         f.tried.add(choice.decode.address)
         f.stage, f.decode_address = Stage.DISPATCHED, choice.decode.address
         f.t_dispatch = time.perf_counter()
         f.timings = Timings(plan=choice.plan)
         log.info("request routed", extra={
             "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
-            "prompt_tokens": len(f.prompt)})
+            "prompt_tokens": len(prompt), "migrations": f.migrations})
         return f.call
+
+    def _job_prompt(self, f: _Flight) -> tuple[list[int], SamplingParams]:
+        """The prompt and params of the next call: after a migration, the tokens
+        streamed so far join the prompt and come off the token budgets."""
+        params, n = f.request.params, len(f.output)
+        if not n:
+            return f.prompt, params
+        return [*f.prompt, *f.output], dataclasses.replace(
+            params, max_tokens=params.max_tokens - n, min_tokens=max(params.min_tokens - n, 0))
 
     # DISPATCHED → STREAMING → DONE
 
     def _relay(self, f: _Flight, msg: DecodeDelta) -> Delta:
         now = time.perf_counter()
-        if f.stage is Stage.DISPATCHED:
+        if f.stage is Stage.DISPATCHED and f.output:
+            self._resumed(f)
+            self.metrics.itl.observe(now - f.t_last)
+        elif f.stage is Stage.DISPATCHED:
             self._first_token(f, msg, now)
         else:
             self.metrics.itl.observe(now - f.t_last)
         f.t_last = now
-        f.completion_tokens += len(msg.token_ids)
+        f.output += msg.token_ids
         self.metrics.generation_tokens.inc(len(msg.token_ids))
         out = Delta(f.request_id, msg.token_ids, msg.text, msg.logprobs, msg.finish_reason)
         if msg.finish_reason:
@@ -219,6 +291,13 @@ class Generator:
         f.timings.prefill_compute_s = msg.prefill_compute_s
         f.timings.kv_transfer_s, f.timings.kv_bytes = msg.kv_transfer_s, msg.kv_bytes
 
+    def _resumed(self, f: _Flight) -> None:
+        """The first token of a migrated request's new call: the stream goes on."""
+        f.stage = Stage.STREAMING
+        self.policy.prefill_finished(f.request_id)
+        log.info("migrated request resumed", extra={
+            "decode": f.decode_address, "completion_tokens": len(f.output)})
+
     def _finish(self, f: _Flight, out: Delta, now: float) -> None:
         f.stage, f.finish_reason = Stage.DONE, out.finish_reason
         f.timings.e2e_s = now - f.t0
@@ -229,17 +308,41 @@ class Generator:
     # DISPATCHED/STREAMING → ROUTING, ABORTED or FAILED
 
     def _worker_failed(self, f: _Flight, e: WorkerError) -> Delta | None:
-        """The call ended with an error: retry, the abort's last delta, or raise."""
-        if e.code == "RESOURCE_EXHAUSTED" and f.stage is Stage.DISPATCHED:
+        """The call ended with an error: retry, migrate, the abort's last delta, or raise."""
+        if e.code == "RESOURCE_EXHAUSTED" and e.role == "decode" and f.stage is Stage.DISPATCHED:
             self._retry(f)
             return None
         if e.code == "CANCELLED" and f.aborted:
             return self._aborted(f)
+        if self._may_migrate(f, e):
+            return self._migrate(f, e)
         raise self._fail(f, e) from e
 
     def _retry(self, f: _Flight) -> None:
         """The decode worker was full before sending anything: try the next one."""
+        f.full.add(f.decode_address)
         f.stage = Stage.ROUTING
+
+    def _may_migrate(self, f: _Flight, e: WorkerError) -> bool:
+        return (e.code == "UNAVAILABLE" and e.role == "decode" and not f.aborted
+                and f.migrations < self.migration_limit)
+
+    def _migrate(self, f: _Flight, e: WorkerError) -> Delta | None:
+        """The decode worker died: resubmit elsewhere with what was streamed so far
+        (``_job_prompt``); or, with no token left to make, end the stream here."""
+        f.migrations += 1
+        self.metrics.migrations.inc()
+        f.failure = GenerationError(e.code, f"decode worker {f.decode_address}: {e.details}")
+        log.warning("decode worker failed mid-request, migrating", extra={
+            "decode": f.decode_address, "code": e.code, "error": e.details,
+            "completion_tokens": len(f.output), "migration": f.migrations})
+        f.stage = Stage.ROUTING
+        if len(f.output) < f.request.params.max_tokens and \
+                len(f.prompt) + len(f.output) < self.max_model_len:
+            return None
+        out = Delta(f.request_id, [], "", finish_reason="length")
+        self._finish(f, out, time.perf_counter())
+        return out
 
     def _aborted(self, f: _Flight) -> Delta:
         f.stage, f.finish_reason = Stage.ABORTED, "abort"
@@ -248,6 +351,12 @@ class Generator:
 
     def _fail(self, f: _Flight, e: WorkerError) -> GenerationError:
         f.stage = Stage.FAILED
+        if e.code == "DEADLINE_EXCEEDED" and f.time_left() <= 0.05 * f.timeout_s:
+            return GenerationError("DEADLINE_EXCEEDED", f"the request did not finish within "
+                                   f"its deadline of {f.timeout_s:g} s")
+        if e.role == "prefill":
+            return GenerationError(e.code, f"prefill failed (reported by decode worker "
+                                   f"{f.decode_address}): {e.details}")
         return GenerationError(e.code, f"decode worker {f.decode_address}: {e.details}")
 
     # the end of each call, and of the request
@@ -268,4 +377,21 @@ class Generator:
         log.info("request ended", extra={
             "stage": f.stage.value, "finish_reason": f.finish_reason,
             "prompt_tokens": len(f.prompt), "completion_tokens": f.completion_tokens,
+            "migrations": f.migrations,
             "ttft_s": round(f.timings.ttft_s, 6), "e2e_s": round(time.perf_counter() - f.t0, 6)})
+
+
+async def _next_before(stream: AsyncIterator[DecodeDelta], f: _Flight) -> DecodeDelta | None:
+    """The call's next delta, None at its end; past the request's deadline the call
+    fails DEADLINE_EXCEEDED even if the backend does not enforce it. Only the wait
+    is under the timeout, never the consumer's handling of a yielded delta."""
+    timeout = asyncio.timeout(max(f.time_left(), 0.0))
+    try:
+        async with timeout:
+            return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise WorkerError("DEADLINE_EXCEEDED", "the request's deadline passed") from None

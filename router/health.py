@@ -1,7 +1,9 @@
-"""Which decode workers the router may use, from periodic health probes
-(``DecodeBackend.is_serving``: ``grpc.health.v1`` on the real backend).
+"""Which workers of one role the router may use, from periodic health probes
+(``DecodeBackend.is_serving``: ``grpc.health.v1`` on the real backend). The
+router keeps one for its decode workers and one (``role="prefill"``) for its
+prefill workers, whose REMOTE plans go only to prefill workers UP.
 
-Per decode worker (``WorkerState``)::
+Per worker (``WorkerState``)::
 
     UNKNOWN ─SERVING──────────────────────────────────────────▶ UP
     UNKNOWN ─NOT_SERVING, refused, or no answer in time───────▶ DOWN
@@ -36,7 +38,9 @@ class WorkerState(enum.Enum):
 class DecodeHealth:
     def __init__(self, addresses: Sequence[str], backend: DecodeBackend,
                  on_change: Callable[[bool], Awaitable[None]], interval_s: float = 1.0,
-                 probe_timeout_s: float = 2.0, misses_to_down: int = 3) -> None:
+                 probe_timeout_s: float = 2.0, misses_to_down: int = 3,
+                 role: str = "decode") -> None:
+        self.role = role  # only for what it logs: the probes are the same for every role
         self.backend = backend
         self.on_change = on_change
         self.interval_s, self.probe_timeout_s = interval_s, probe_timeout_s
@@ -89,8 +93,7 @@ class DecodeHealth:
     async def _tell_if_usability_flipped(self) -> None:
         if self.usable != self._usable:
             self._usable = self.usable
-            log.info("decode workers up: %s; router %s", sorted(self.up),
-                     "SERVING" if self.usable else "NOT_SERVING")
+            log.info("%s workers up: %s; usable: %s", self.role, sorted(self.up), self.usable)
             await self.on_change(self.usable)
 
     def _mark_up(self, address: str) -> None:
@@ -99,7 +102,7 @@ class DecodeHealth:
 
     def _mark_down(self, address: str) -> None:
         if self._states[address] is WorkerState.UP:
-            log.warning("decode worker %s is down", address)
+            log.warning("%s worker %s is down", self.role, address)
         self._states[address] = WorkerState.DOWN
 
     def _missed(self, address: str) -> None:
@@ -117,7 +120,7 @@ class DecodeHealth:
             try:
                 await self.probe_all()
             except Exception:  # a probe bug must not stop the probing
-                log.exception("decode health probe failed")
+                log.exception("%s health probe failed", self.role)
 
     async def stop(self) -> None:
         if self._task is not None:

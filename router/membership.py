@@ -36,8 +36,10 @@ def parse_members(line: str) -> tuple[list[str], list[str]]:
 
 
 async def follow(policy: RoutingPolicy, readline: Callable[[], str],
-                 on_decode: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
-    """Apply every update line until EOF; ``on_decode`` hears each new decode list.
+                 on_decode: Callable[[list[str]], Awaitable[None]] | None = None,
+                 on_prefill: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+    """Apply every update line until EOF; ``on_decode`` and ``on_prefill`` hear each
+    new decode and prefill list (the health probes follow them).
     ``readline`` blocks, so a daemon thread calls it: a thread from asyncio's pool
     would keep the process alive at exit."""
     loop = asyncio.get_running_loop()
@@ -63,6 +65,8 @@ async def follow(policy: RoutingPolicy, readline: Callable[[], str],
         policy.set_members(decode, prefill)
         if on_decode is not None:
             await on_decode(decode)
+        if on_prefill is not None:
+            await on_prefill(prefill)
         log.info("membership decode=%s prefill=%s", decode, prefill,
                  extra={"decode": decode, "prefill": prefill})
     log.info("membership closed (EOF); keeping the last membership")

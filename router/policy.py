@@ -1,8 +1,10 @@
 """Which decode worker, which prefill worker, and whether to disaggregate at all.
 
 ``RoutingPolicy`` is the seam: ``choose`` picks a decode worker and a plan (LOCAL:
-the decode worker prefills the prompt itself; REMOTE: on the prefill worker named)
-for a prompt, skipping excluded addresses; the router then tells the policy the
+the decode worker prefills the prompt itself; REMOTE: on the prefill worker named,
+with up to ``MAX_PREFILL_FALLBACKS`` others the decode worker asks in order when
+that one fails) for a prompt, skipping excluded addresses (decode workers already
+tried or down, prefill workers down: with none left, the plan is LOCAL); the router then tells the policy the
 request's life, ``dispatched`` → ``prefill_finished`` (first token) → ``ended``
 (also after a retry, an error or an abort), and every membership change.
 ``make_policy`` builds the one ``RouterConfig.policy`` names.
@@ -26,6 +28,8 @@ from typing import Protocol
 
 from pdserve.config import RouterConfig
 
+MAX_PREFILL_FALLBACKS = 2  # prefill workers a decode worker tries after the first
+
 
 @dataclass
 class Member:
@@ -40,6 +44,7 @@ class Member:
 class Choice:
     decode: Member
     prefill: Member | None  # None = plan LOCAL
+    prefill_fallbacks: tuple[str, ...] = ()  # asked in order when ``prefill`` fails
 
     @property
     def plan(self) -> str:
@@ -94,12 +99,17 @@ class LoadAwarePolicy:
         n = len(self.decode)
         decode = min(candidates, key=lambda m: (
             m.in_flight_tokens, (self.decode.index(m) - self._rotation) % n))
-        return Choice(decode, self._prefill_for(num_prompt_tokens))
+        return self._with_prefill(decode, num_prompt_tokens, exclude)
 
-    def _prefill_for(self, num_prompt_tokens: int) -> Member | None:
-        if not self.prefill or num_prompt_tokens < self.local_prefill_below:
-            return None
-        return min(self.prefill, key=lambda m: m.in_flight_requests)
+    def _with_prefill(self, decode: Member, num_prompt_tokens: int,
+                      exclude: Set[str]) -> Choice:
+        """REMOTE on the least loaded prefill worker not excluded, the next least
+        loaded as fallbacks; LOCAL for a short prompt or with none left."""
+        up = [m for m in self.prefill if m.address not in exclude]
+        if not up or num_prompt_tokens < self.local_prefill_below:
+            return Choice(decode, None)
+        first, *rest = sorted(up, key=lambda m: m.in_flight_requests)  # stable: ties by order
+        return Choice(decode, first, tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]))
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         load = _Load(choice.decode, choice.prefill, num_prompt_tokens)

@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
                    help="seconds between decode worker health probes")
     p.add_argument("--drain-grace", type=float, default=_DEFAULT.drain_grace_s,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--request-timeout-s", type=float, default=_DEFAULT.request_timeout_s,
+                   help="deadline of a request that brings none, and the longest one allowed")
+    p.add_argument("--no-migration", dest="migration", action="store_false",
+                   default=_DEFAULT.migration,
+                   help="fail a request whose decode worker dies instead of moving it")
+    p.add_argument("--migration-limit", type=int, default=_DEFAULT.migration_limit,
+                   help="the most times one request moves to another decode worker")
     p.add_argument("--members-stdin", action="store_true",
                    help="read membership updates (JSON lines) from stdin, see router/membership.py")
     a = p.parse_args(argv)
@@ -75,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
             local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
             api_key=a.api_key, health_interval_s=a.health_interval,
-            drain_grace_s=a.drain_grace)
+            drain_grace_s=a.drain_grace, request_timeout_s=a.request_timeout_s,
+            migration=a.migration, migration_limit=a.migration_limit)
     except ValueError as e:
         p.error(str(e))
 
@@ -86,6 +94,7 @@ class Router:
     http: OpenAIServer | None
     generator: Generator
     health: DecodeHealth
+    prefill_health: DecodeHealth
 
     @property
     def serving(self) -> bool:
@@ -100,6 +109,7 @@ class Router:
         while self.generator.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.health.stop()
+        await self.prefill_health.stop()
         if self.http is not None:
             await self.http.stop()
         await self.grpc.stop(grace=0.5)
@@ -122,18 +132,26 @@ async def start_router(config: RouterConfig) -> Router:
         if not generator.draining:
             await server.set_serving(usable)
 
+    async def prefill_changed(usable: bool) -> None:
+        pass  # without a prefill worker up, plans are LOCAL: the router still serves
+
     health = DecodeHealth(config.decode, decode, on_change, config.health_interval_s)
+    prefill_health = DecodeHealth(config.prefill, decode, prefill_changed,
+                                  config.health_interval_s, role="prefill")
     generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config), max_len,
-                          decode, metrics, health)
+                          decode, metrics, health, prefill_health=prefill_health,
+                          request_timeout_s=config.request_timeout_s,
+                          migration_limit=config.migration_limit if config.migration else 0)
     api_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(generator), server.server)
     await server.start()
     await server.set_serving(False)
-    router = Router(server, None, generator, health)
+    router = Router(server, None, generator, health, prefill_health)
     if config.http_port:
         router.http = OpenAIServer(generator, metrics.registry, key, lambda: router.serving)
         await router.http.start(config.host, config.http_port, config.drain_grace_s)
-    await health.probe_all()
+    await asyncio.gather(health.probe_all(), prefill_health.probe_all())
     health.start()
+    prefill_health.start()
     return router
 
 
@@ -142,7 +160,8 @@ async def serve(config: RouterConfig) -> None:
     follower = None
     if config.members_stdin:
         follower = asyncio.create_task(follow(router.generator.policy, sys.stdin.readline,
-                                              router.health.set_addresses))
+                                              router.health.set_addresses,
+                                              router.prefill_health.set_addresses))
     http = f", HTTP on http://{config.host}:{router.http.port}" if router.http else ""
     print(f"router serving gRPC on {config.host}:{router.grpc.port}{http}", flush=True)
     await until_stop_signal()

@@ -4,7 +4,10 @@
 each streams ``max_tokens`` one-token deltas (the last with finish reason
 "length") unless told to answer RESOURCE_EXHAUSTED first, fail mid-stream, hold
 the stream open until released or cancelled, or answer its health probe
-NOT_SERVING / not at all. ``RecordingPolicy`` is a ``RoutingPolicy`` that takes
+NOT_SERVING / not at all. The token at sequence position n (prompt included) is
+``80 + n``, a pure function of the position as greedy decoding is of the sequence,
+so a request moved to another worker with its tokens so far continues where it
+stopped (a 20-token prompt gives 100, 101, ...). ``RecordingPolicy`` is a ``RoutingPolicy`` that takes
 the first decode worker not excluded and writes down what the router tells it.
 ``FakeTokenizer`` is one token per character.
 """
@@ -48,6 +51,9 @@ class FakeDecodeWorker:
     fail_after: int | None = None
     """After this many deltas the call fails with ``fail_code``."""
     fail_code: str = "INTERNAL"
+    fail_role: str = "decode"
+    """The role the failure blames (``prefill``: the decode worker says a prefill
+    worker failed the request)."""
     hold_after: int | None = None
     """After this many deltas the stream waits for ``release`` (or a cancel)."""
     jobs: list[DecodeJob] = field(default_factory=list)
@@ -99,9 +105,11 @@ class FakeDecodeStream:
                 await self._hold()
                 self._check_cancelled()
                 if self.worker.fail_after == self.sent:
-                    raise WorkerError(self.worker.fail_code, "the decode worker broke")
+                    raise WorkerError(self.worker.fail_code, "the decode worker broke",
+                                      self.worker.fail_role)
                 self.sent += 1
-                yield DecodeDelta([100 + i], f" t{i}", finish_reason="length" if i == n - 1
+                token = 80 + len(self.job.prompt) + i
+                yield DecodeDelta([token], f" t{token}", finish_reason="length" if i == n - 1
                                   else "", kv_bytes=64 if i == 0 else 0)
         finally:
             self.open = False
@@ -131,7 +139,8 @@ class FakeDecodeBackend:
 
 
 class RecordingPolicy:
-    """The first decode worker not excluded; REMOTE on the first prefill worker if any."""
+    """The first decode worker not excluded; REMOTE on the first prefill worker not
+    excluded, if any, the others its fallbacks."""
 
     def __init__(self, decode: Sequence[str], prefill: Sequence[str] = ()) -> None:
         self.decode, self.prefill = list(decode), list(prefill)
@@ -141,7 +150,9 @@ class RecordingPolicy:
         left = [a for a in self.decode if a not in exclude]
         if not left:
             return None
-        return Choice(Member(left[0]), Member(self.prefill[0]) if self.prefill else None)
+        prefill = [a for a in self.prefill if a not in exclude]
+        return Choice(Member(left[0]), Member(prefill[0]) if prefill else None,
+                      tuple(prefill[1:]))
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         self.events.append(("dispatched", choice.decode.address))

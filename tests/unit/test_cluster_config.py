@@ -35,7 +35,7 @@ def test_worker_defaults_are_the_role_defaults(role: str) -> None:
 def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
     c = _cluster(model="/models/m", dtype="float32", quantization="int8", kv_encoding="int8",
                  host="0.0.0.0",
-                 prefill_fallback="fail", pin="off",
+                 prefill_fallback="fail", kv_idle_timeout_s=2.5, pin="off",
                  prefill=[Member(6001, 9001, (0, 2), 2)], decode=[Member(6002, 0, None, None)])
     m = (c.prefill if role == "prefill" else c.decode)[0]
     config = c.worker(role, m, 1, 2)
@@ -76,11 +76,11 @@ def test_router_command_says_what_its_config_says(monkeypatch: pytest.MonkeyPatc
     from router.server import parse_args as router_args
 
     r = _cluster(model="/m", api_key="k", local_prefill_below=3, http_port=0,
-                 router_port=7000).router(["h:1", "h:2"], ["h:3"])
+                 router_port=7000, migration=False).router(["h:1", "h:2"], ["h:3"])
     monkeypatch.setenv("PDSERVE_API_KEY", "k")  # the launcher passes it by environment
     parsed = router_args(router_command(r)[3:])
     carried = ("host", "port", "http_port", "model", "decode", "prefill", "local_prefill_below",
-               "members_stdin", "api_key")
+               "members_stdin", "api_key", "migration")
     got = {f: getattr(parsed, f) for f in carried}
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in got.items()} == {
         f: getattr(r, f) for f in carried}

@@ -43,12 +43,13 @@ def test_every_flag_lands_in_its_field() -> None:
         "--host", "0.0.0.0", "--port", "5", "--http-port", "0", "--model", "/m",
         "--served-model-name", "mm", "--decode", "d:1", "--decode", "d:2", "--prefill", "p:1",
         "--policy", "load_aware", "--local-prefill-below", "3", "--max-model-len", "99",
-        "--api-key", "k", "--health-interval", "0.5", "--drain-grace", "2", "--members-stdin"])
+        "--api-key", "k", "--health-interval", "0.5", "--drain-grace", "2", "--members-stdin",
+        "--request-timeout-s", "7", "--no-migration", "--migration-limit", "1"])
     assert config == RouterConfig(
         host="0.0.0.0", port=5, http_port=0, model="/m", served_model_name="mm",
         decode=("d:1", "d:2"), prefill=("p:1",), policy="load_aware", local_prefill_below=3,
         max_model_len=99, api_key="k", health_interval_s=0.5, drain_grace_s=2.0,
-        members_stdin=True)
+        members_stdin=True, request_timeout_s=7.0, migration=False, migration_limit=1)
     # every field was set off its default (policy has one value yet)
     assert [f.name for f in dataclasses.fields(RouterConfig)
             if getattr(config, f.name) == f.default] == ["policy"]
@@ -63,6 +64,8 @@ def test_the_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("argv,field", [
     ([], "decode"), (["--decode", "d:1", "--http-port", "70000"], "http_port"),
     (["--decode", "nocolon"], "decode"), (["--decode", "d:1", "--policy", "x"], "--policy"),
+    (["--decode", "d:1", "--request-timeout-s", "0"], "request_timeout_s"),
+    (["--decode", "d:1", "--migration-limit", "-1"], "migration_limit"),
 ])
 def test_bad_command_lines_exit_2_naming_the_problem(
         argv: list[str], field: str, capsys: pytest.CaptureFixture[str]) -> None:
