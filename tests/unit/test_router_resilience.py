@@ -196,3 +196,30 @@ def test_remote_plans_go_only_to_prefill_workers_up_the_others_their_fallbacks()
     plans = [(j.prefill_address, j.fallback_prefill) for j in d.jobs]
     assert plans == [("p:1", ("p:2", "p:3")), ("p:2", ("p:3",)), (None, ())]
     assert_idle(g, backend)
+
+
+def test_an_http_request_past_the_deadline_gets_a_504_envelope_and_frees_its_call() -> None:
+    import aiohttp
+
+    from router.openai_http import OpenAIServer
+
+    stalled = FakeDecodeWorker("d:1", hold_after=0)  # never a token
+    backend = FakeDecodeBackend([stalled])
+    g = generator(backend, ["d:1"], request_timeout_s=0.5)
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        server = OpenAIServer(g, g.metrics.registry, None, lambda: True)
+        await server.start("127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as s, s.post(
+                    f"http://127.0.0.1:{server.port}/v1/completions",
+                    json={"model": "fake-model", "prompt": PROMPT, "max_tokens": 4}) as r:
+                return r.status, await r.json()
+        finally:
+            await server.stop()
+
+    status, body = run(scenario())
+    assert status == 504, body
+    assert "deadline" in body["error"]["message"]
+    assert stalled.streams[0].cancelled
+    assert_idle(g, backend)
