@@ -63,7 +63,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 from pdserve.config import RouterConfig
@@ -112,6 +112,8 @@ class _Flight:
     output: list[int] = field(default_factory=list)  # token ids streamed so far
     migrations: int = 0
     failure: GenerationError | None = None  # what sent it back to ROUTING, if it failed
+    deadline_timer: asyncio.TimerHandle | None = None  # cancels the call at the deadline
+    expired: bool = False
     finish_reason: str = ""
     timings: Timings = field(default_factory=Timings)
 
@@ -192,9 +194,9 @@ class Generator:
             f = self._receive(rid, req, t0)
             try:
                 while f.stage is Stage.ROUTING:
-                    stream = aiter(self._dispatch(f, self._route(f)))
+                    stream = self._dispatch(f, self._route(f))
                     try:
-                        while (msg := await _next_before(stream, f)) is not None:
+                        async for msg in stream:
                             yield self._relay(f, msg)
                     except WorkerError as e:
                         if (last := self._worker_failed(f, e)) is not None:
@@ -243,6 +245,9 @@ class Generator:
                         fallback_prefill=choice.prefill_fallbacks,
                         kv_encoding=f.request.kv_encoding, timeout=max(f.time_left(), 0.001))
         f.call = self.decode.generate(choice.decode.address, job)
+        # The router's own deadline too: a worker may not honour the call's.
+        f.deadline_timer = asyncio.get_running_loop().call_later(
+            max(f.time_left(), 0.0), self._expire, f)
         self.policy.dispatched(f.request_id, choice, len(prompt))
         f.tried.add(choice.decode.address)
         f.stage, f.decode_address = Stage.DISPATCHED, choice.decode.address
@@ -309,6 +314,8 @@ class Generator:
 
     def _worker_failed(self, f: _Flight, e: WorkerError) -> Delta | None:
         """The call ended with an error: retry, migrate, the abort's last delta, or raise."""
+        if f.expired:
+            e = WorkerError("DEADLINE_EXCEEDED", "the request's deadline passed")
         if e.code == "RESOURCE_EXHAUSTED" and e.role == "decode" and f.stage is Stage.DISPATCHED:
             self._retry(f)
             return None
@@ -351,7 +358,7 @@ class Generator:
 
     def _fail(self, f: _Flight, e: WorkerError) -> GenerationError:
         f.stage = Stage.FAILED
-        if e.code == "DEADLINE_EXCEEDED" and f.time_left() <= 0.05 * f.timeout_s:
+        if e.code == "DEADLINE_EXCEEDED":  # the only deadline the call has is the request's
             return GenerationError("DEADLINE_EXCEEDED", f"the request did not finish within "
                                    f"its deadline of {f.timeout_s:g} s")
         if e.role == "prefill":
@@ -361,9 +368,18 @@ class Generator:
 
     # the end of each call, and of the request
 
+    def _expire(self, f: _Flight) -> None:
+        """The request's deadline passed while a call was open: end the call."""
+        f.expired = True
+        if f.call is not None:
+            f.call.cancel()
+
     def _hang_up(self, f: _Flight) -> None:
         """One call on a decode worker is over, whatever ended it."""
         self.policy.ended(f.request_id)
+        if f.deadline_timer is not None:
+            f.deadline_timer.cancel()
+            f.deadline_timer = None
         if f.call is not None:
             f.call.cancel()  # a no-op on a finished call
             f.call = None
@@ -380,18 +396,3 @@ class Generator:
             "migrations": f.migrations,
             "ttft_s": round(f.timings.ttft_s, 6), "e2e_s": round(time.perf_counter() - f.t0, 6)})
 
-
-async def _next_before(stream: AsyncIterator[DecodeDelta], f: _Flight) -> DecodeDelta | None:
-    """The call's next delta, None at its end; past the request's deadline the call
-    fails DEADLINE_EXCEEDED even if the backend does not enforce it. Only the wait
-    is under the timeout, never the consumer's handling of a yielded delta."""
-    timeout = asyncio.timeout(max(f.time_left(), 0.0))
-    try:
-        async with timeout:
-            return await anext(stream)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        if not timeout.expired():
-            raise
-        raise WorkerError("DEADLINE_EXCEEDED", "the request's deadline passed") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,15 @@ def test_scaling_keeps_the_defaults() -> None:
 
     assert scaled([], 2, default_member("decode")) == [Member(50071, 9071), Member(50072, 9072)]
     assert dataclasses.replace(_cluster(), decode=scaled([], 1, default_member("decode"))) == _cluster()
+
+
+def test_cluster_yaml_migration_and_kv_idle_timeout_reach_their_roles(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("migration: false\nkv_idle_timeout_s: 2.0\n")
+    c = ClusterConfig.from_yaml(f)
+    assert c.router(["h:1"], []).migration is False
+    assert "--no-migration" in router_command(c.router(["h:1"], []))
+    assert c.worker("decode", c.decode[0], 0, 1).kv_idle_timeout_s == 2.0
+    f.write_text("kv_idle_timeout_s: 0\n")
+    with pytest.raises(ValueError, match="kv_idle_timeout_s"):
+        ClusterConfig.from_yaml(f)
