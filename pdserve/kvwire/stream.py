@@ -28,8 +28,9 @@ class KVStreamError(Exception):
 
 class PeerFailed(KVStreamError):
     """The sending peer failed the stream, or could not be reached (its status).
-    UNAVAILABLE (unreachable, or died mid-stream) is the one a receiver may answer by
-    prefilling itself."""
+    Those that are the peer's own fault (UNAVAILABLE, silent, full: see
+    pdserve/engine/kv_import.py::PEER_FAULTS) a receiver may answer by asking
+    another peer or prefilling itself."""
 
     @property
     def unavailable(self) -> bool:

@@ -31,29 +31,33 @@ MAX_TOKENS = 400
 KILL_AFTER = 8  # tokens received before the serving decode worker is killed
 
 
-def _spawn_decode(model: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
+def _spawn_decode(model: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "decode_worker", "--model", str(model), "--port", "0",
          "--dtype", "float32", "--device", "cpu", "--pin", "off", "--threads", "1",
          "--kv-cache-gb", "0.05", "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def _address(proc: subprocess.Popen[str]) -> str:
+    """The address the worker prints once it serves."""
     assert proc.stdout is not None
     for line in proc.stdout:
         if "worker serving on" in line:
-            return proc, line.rsplit(" ", 1)[1].strip()
+            return line.rsplit(" ", 1)[1].strip()
     raise RuntimeError(f"decode worker exited with {proc.wait()}")
 
 
 @pytest.fixture()
 def decode_workers(tiny_llama: Path) -> Iterator[list[tuple[subprocess.Popen[str], str]]]:
-    workers = [_spawn_decode(tiny_llama) for _ in range(2)]
+    procs = [_spawn_decode(tiny_llama) for _ in range(2)]  # both load at once
     try:
-        yield workers
+        yield [(p, _address(p)) for p in procs]
     finally:
-        for proc, _ in workers:
-            proc.kill()
-            proc.wait(timeout=30)
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
 
 
 async def _generate(router: Router, rid: str, on_token: int = -1,
