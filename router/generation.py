@@ -32,21 +32,9 @@ Errors name the role that failed: a decode worker's own RESOURCE_EXHAUSTED is
 (``WorkerError.role``) is reported as the prefill's, never retried as "full" and
 never migrated.
 
-Migration (``migration_limit`` > 0, on by default): when the decode worker's call
-fails UNAVAILABLE (it died or cannot be reached; not a cancel, not a client's bad
-input, not a prefill failure), the request goes back to ROUTING and is resubmitted
-to another decode worker with the prompt plus every token already streamed as
-its prompt (plan LOCAL or REMOTE by the policy), ``max_tokens`` and
-``min_tokens`` reduced by what was streamed, the same request id. The client sees
-one stream: the next delta carries the next token; usage counts the original
-prompt and every completion token. What is preserved: greedy output is
-identical to an undisturbed run (the resumed worker recomputes the same KV);
-token ids are never duplicated or missed. What is not: a seeded sampled request
-draws its remaining tokens from a generator seeded afresh on the new worker (a
-valid sample, not the undisturbed run's tokens); text held back by the dead
-worker (an incomplete UTF-8 character) and a stop string spanning the migration
-point are not seen by the new worker. Each migration counts in
-``pdserve:request_migrations_total`` and is logged with the request id.
+Migration (router/migration.py, on by default): a call that fails because its
+decode worker died goes back to ROUTING and is resubmitted elsewhere with the
+tokens streamed so far; the client sees one stream.
 
 Closing the stream (client gone), ``abort`` and the deadline all cancel the
 decode worker's call, which cancels the prefill call. The request id is bound to
@@ -69,9 +57,9 @@ from dataclasses import dataclass, field
 from pdserve.config import RouterConfig
 from pdserve.logs import request_scope
 from pdserve.metrics import RouterMetrics
-from pdserve.sampling_params import SamplingParams
 from router.decode_backend import DecodeBackend, DecodeDelta, DecodeJob, DecodeStream, WorkerError
 from router.health import DecodeHealth
+from router.migration import can_migrate, next_call, nothing_left
 from router.policy import Choice, RoutingPolicy
 from router.request import Delta, GenerateRequest, GenerationError, Timings, validate_request
 from router.tokenizer import PromptTokenizer
@@ -240,7 +228,7 @@ class Generator:
 
     def _dispatch(self, f: _Flight, choice: Choice) -> DecodeStream:
         prefill = choice.prefill.address if choice.prefill is not None else None
-        prompt, params = self._job_prompt(f)
+        prompt, params = next_call(f.prompt, f.output, f.request.params)
         job = DecodeJob(f.request_id, prompt, params, prefill_address=prefill,
                         fallback_prefill=choice.prefill_fallbacks,
                         kv_encoding=f.request.kv_encoding, timeout=max(f.time_left(), 0.001))
@@ -257,15 +245,6 @@ class Generator:
             "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
             "prompt_tokens": len(prompt), "migrations": f.migrations})
         return f.call
-
-    def _job_prompt(self, f: _Flight) -> tuple[list[int], SamplingParams]:
-        """The prompt and params of the next call: after a migration, the tokens
-        streamed so far join the prompt and come off the token budgets."""
-        params, n = f.request.params, len(f.output)
-        if not n:
-            return f.prompt, params
-        return [*f.prompt, *f.output], dataclasses.replace(
-            params, max_tokens=params.max_tokens - n, min_tokens=max(params.min_tokens - n, 0))
 
     # DISPATCHED → STREAMING → DONE
 
@@ -321,7 +300,7 @@ class Generator:
             return None
         if e.code == "CANCELLED" and f.aborted:
             return self._aborted(f)
-        if self._may_migrate(f, e):
+        if can_migrate(e, f.aborted, f.migrations, self.migration_limit):
             return self._migrate(f, e)
         raise self._fail(f, e) from e
 
@@ -330,13 +309,9 @@ class Generator:
         f.full.add(f.decode_address)
         f.stage = Stage.ROUTING
 
-    def _may_migrate(self, f: _Flight, e: WorkerError) -> bool:
-        return (e.code == "UNAVAILABLE" and e.role == "decode" and not f.aborted
-                and f.migrations < self.migration_limit)
-
     def _migrate(self, f: _Flight, e: WorkerError) -> Delta | None:
-        """The decode worker died: resubmit elsewhere with what was streamed so far
-        (``_job_prompt``); or, with no token left to make, end the stream here."""
+        """The decode worker died: back to ROUTING, to be resubmitted with what was
+        streamed so far (``next_call``); with no token left to make, DONE here."""
         f.migrations += 1
         self.metrics.migrations.inc()
         f.failure = GenerationError(e.code, f"decode worker {f.decode_address}: {e.details}")
@@ -344,8 +319,7 @@ class Generator:
             "decode": f.decode_address, "code": e.code, "error": e.details,
             "completion_tokens": len(f.output), "migration": f.migrations})
         f.stage = Stage.ROUTING
-        if len(f.output) < f.request.params.max_tokens and \
-                len(f.prompt) + len(f.output) < self.max_model_len:
+        if not nothing_left(f.prompt, f.output, f.request.params, self.max_model_len):
             return None
         out = Delta(f.request_id, [], "", finish_reason="length")
         self._finish(f, out, time.perf_counter())

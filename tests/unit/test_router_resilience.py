@@ -223,3 +223,15 @@ def test_an_http_request_past_the_deadline_gets_a_504_envelope_and_frees_its_cal
     assert "deadline" in body["error"]["message"]
     assert stalled.streams[0].cancelled
     assert_idle(g, backend)
+
+
+def test_the_next_call_carries_the_tokens_so_far_and_a_lost_finish_ends_the_stream() -> None:
+    from router.migration import next_call, nothing_left
+
+    p = SamplingParams(max_tokens=5, min_tokens=4)
+    assert next_call([1, 2], [], p) == ([1, 2], p)
+    prompt, q = next_call([1, 2], [7, 8, 9], p)
+    assert (prompt, q.max_tokens, q.min_tokens) == ([1, 2, 7, 8, 9], 2, 1)
+    assert nothing_left([1, 2], [7] * 5, p, 64)  # max_tokens all streamed
+    assert nothing_left([1, 2], [7] * 3, p, 5)  # the context is full
+    assert not nothing_left([1, 2], [7] * 3, p, 64)
