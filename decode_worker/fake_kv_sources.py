@@ -37,6 +37,9 @@ class LoopbackKVSource:
                 enc = event.encoding  # MODEL resolved
             yield event
 
+    async def is_alive(self, address: str, timeout: float) -> bool:
+        return True
+
     async def record(self, request: KVRequest) -> list[KVEvent]:
         """Every event of one stream, for scripting."""
         return [e async for e in self.prefill("loopback", request, 60.0)]
@@ -53,11 +56,15 @@ def _chunk(seq: int, piece: KVPiece, enc: Encoding) -> KVChunk:
 
 class ScriptedKVSource:
     """Replays ``events``; after ``fail_after`` of them raises ``fail`` (None: never), or
-    waits on ``stall`` (an Event never set: a peer that hangs)."""
+    waits on ``stall`` (an Event never set: a peer that hangs). ``alive`` is its health
+    answer (a stalled peer that still answers is busy, not dead)."""
 
     def __init__(self, events: list[KVEvent], fail: KVStreamError | None = None,
                  fail_after: int | None = None, stall: asyncio.Event | None = None,
-                 edit: Callable[[list[KVEvent]], list[KVEvent]] | None = None) -> None:
+                 edit: Callable[[list[KVEvent]], list[KVEvent]] | None = None,
+                 alive: bool = False) -> None:
+        self.alive = alive
+        self.probes = 0
         self.events = edit(list(events)) if edit is not None else list(events)
         self.fail, self.fail_after, self.stall = fail, fail_after, stall
         self.sent = 0
@@ -76,6 +83,10 @@ class ScriptedKVSource:
                 await self._break()
         finally:
             self.closed = True
+
+    async def is_alive(self, address: str, timeout: float) -> bool:
+        self.probes += 1
+        return self.alive
 
     async def _break(self) -> None:
         if self.stall is not None:

@@ -6,7 +6,8 @@ out as ``PeerFailed`` carrying its status (UNAVAILABLE: unreachable or died;
 RESOURCE_EXHAUSTED: full, or a message over the size limit; ...), which the import
 may answer by asking the next prefill worker or prefilling locally
 (pdserve/engine/kv_import.py::PEER_FAULTS); what the events say is checked by the
-import, not here, and so is a peer that goes silent (``kv_idle_timeout_s``).
+import, not here, and so is a peer that goes silent (``kv_idle_timeout_s``), which
+``is_alive`` (its ``grpc.health.v1`` probe) tells from one that is only busy.
 
 Sources, chosen by ``WorkerConfig.kv_source``:
 
@@ -23,6 +24,7 @@ from collections.abc import AsyncGenerator
 from typing import Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2
 from pdserve.convert import kv_request_to_pb, parse_prefill_response
@@ -40,6 +42,10 @@ class KVSource(Protocol):
         the generator cancels the call."""
         ...
 
+    async def is_alive(self, address: str, timeout: float) -> bool:
+        """Whether the prefill worker at ``address`` answers SERVING within ``timeout``."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -50,7 +56,7 @@ class GrpcKVSource:
 
     def __init__(self) -> None:
         self._calls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def prefill(self, address: str, request: KVRequest,
                       timeout: float) -> AsyncGenerator[KVEvent, None]:
@@ -63,16 +69,28 @@ class GrpcKVSource:
         finally:
             call.cancel()
 
+    async def is_alive(self, address: str, timeout: float) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        try:
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False  # no answer in time, refused, or no health service
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
     def _call(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         if address not in self._calls:
-            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
-            self._channels.append(channel)
-            self._calls[address] = channel.unary_stream(
+            self._calls[address] = self._channel(address).unary_stream(
                 PREFILL_METHOD, request_serializer=worker_pb2.PrefillRequest.SerializeToString)
         return self._calls[address]
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        """The one channel per address (Prefill calls and health probes share it)."""
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+        return self._channels[address]
+
     async def close(self) -> None:
-        for c in self._channels:
+        for c in self._channels.values():
             await c.close()
 
 

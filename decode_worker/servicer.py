@@ -19,10 +19,11 @@ import's states are those of pdserve/engine/kv_import.py::
 - RECEIVING: the KV comes from a prefill worker through the ``KVSource``
   (decode_worker/kv_source.py), checked and written into the reserved blocks.
   A candidate that fails by its own fault (unreachable, died, silent for
-  ``kv_idle_timeout_s``, RESOURCE_EXHAUSTED, message too large) hands over to the
-  next (RECEIVING again, same blocks). COMMITTED: the first token arrived, the
-  request decodes. FELL_BACK: every candidate failed that way and
-  ``prefill_fallback`` is ``local``: the prompt is prefilled here. ABORTED: the call
+  ``kv_idle_timeout_s`` without answering its health probe, RESOURCE_EXHAUSTED,
+  message too large) hands over to the next (RECEIVING again, same blocks).
+  COMMITTED: the first token arrived, the request decodes. FELL_BACK: every
+  candidate failed that way and ``prefill_fallback`` is ``local``: the prompt is
+  prefilled here. ABORTED: the call
   ends with the stream's status: hostile data (FAILED_PRECONDITION, DATA_LOSS,
   INVALID_ARGUMENT, never retried) or the peer's own; or UNAVAILABLE naming every
   candidate when they all failed and ``prefill_fallback`` is ``fail``. Every
@@ -40,6 +41,7 @@ or fell back, done (finish reason, output tokens).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ from pdserve.worker_errors import failed_role_metadata
 log = logging.getLogger(__name__)
 
 MAX_PREFILL_CANDIDATES = 8  # a request names at most this many prefill workers
+_PROBE_TIMEOUT_S = 1.0  # a silent prefill worker must answer its health probe this fast
 _BLAME_PREFILL = failed_role_metadata("prefill")
 
 
@@ -166,9 +169,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         timeout = remaining if remaining is not None else self.config.prefill_timeout_s
         first, *rest = (self.kv_source.prefill(a, plan.kv, timeout)
                         for a in plan.prefill_addresses)
+        idle = self.config.kv_idle_timeout_s
+        alive = [functools.partial(self.kv_source.is_alive, a, min(idle, _PROBE_TIMEOUT_S))
+                 for a in plan.prefill_addresses]
         try:
             await kv_import.run(first, fall_back=self.config.prefill_fallback == "local",
-                                retries=rest, idle_timeout_s=self.config.kv_idle_timeout_s)
+                                retries=rest, idle_timeout_s=idle, still_alive=alive)
         except KVStreamError as e:
             self._note_peer_failures(kv_import, plan)
             if e not in kv_import.failures:  # hostile data, or a status not the peer's fault

@@ -16,10 +16,11 @@ States (each import is in exactly one)::
 - COMMITTED: every layer complete, the first token known: the request joins the
   decode batch; its blocks are freed when it finishes.
 - ``_retry``: the peer failed the stream and it was its own fault (``PEER_FAULTS``:
-  unreachable or died, silent for ``idle_timeout_s``, full, message too large,
-  its own deadline) and another peer is left to ask. The blocks stay reserved
-  (so no other request takes them meanwhile); the next stream gets a fresh
-  validator, which commits only once it has covered every token of every layer,
+  unreachable or died, silent for ``idle_timeout_s`` and not answering its health
+  probe (``still_alive``), full, message too large, its own deadline) and another
+  peer is left to ask. The blocks stay reserved (so no other request takes them
+  meanwhile); the next stream gets a fresh validator, which commits only once it
+  has covered every token of every layer,
   so every slot the failed stream wrote is written again before anything reads it
   (writes run on the engine thread in the order they were queued).
 - FELL_BACK: the last peer failed that way too and the caller allowed it: the
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdserve.kvwire.receiver import TransferStats, receive_kv
+from pdserve.kvwire.receiver import Liveness, TransferStats, receive_kv
 from pdserve.kvwire.stream import FirstToken, KVEvent, KVHeader, KVStreamValidator, PeerFailed
 
 if TYPE_CHECKING:
@@ -84,14 +85,16 @@ class KVImport:
 
     async def run(self, events: AsyncGenerator[KVEvent, None], fall_back: bool,
                   retries: Sequence[AsyncGenerator[KVEvent, None]] = (),
-                  idle_timeout_s: float | None = None) -> None:
+                  idle_timeout_s: float | None = None,
+                  still_alive: Sequence[Liveness] = ()) -> None:
         """Receive ``events`` into the reserved blocks and commit. A stream the peer
         fails by its own fault is followed by the next of ``retries``, then by a local
-        prefill when ``fall_back``; anything else aborts and raises. Streams not
-        started are closed."""
+        prefill when ``fall_back``; anything else aborts and raises. ``still_alive[i]``
+        asks stream i's peer whether it lives when it is silent for ``idle_timeout_s``
+        (none given: silent is failed). Streams not started are closed."""
         streams = [events, *retries]
         try:
-            await self._receive_first_good(streams, fall_back, idle_timeout_s)
+            await self._receive_first_good(streams, fall_back, idle_timeout_s, still_alive)
         except BaseException:  # bad stream, cancelled call: no block may stay reserved
             self._abort()
             raise
@@ -100,13 +103,15 @@ class KVImport:
                 await unused.aclose()  # a no-op on one already run
 
     async def _receive_first_good(self, streams: list[AsyncGenerator[KVEvent, None]],
-                                  fall_back: bool, idle_timeout_s: float | None) -> None:
+                                  fall_back: bool, idle_timeout_s: float | None,
+                                  still_alive: Sequence[Liveness]) -> None:
         for i, events in enumerate(streams):
             self._receiving()
             validator = KVStreamValidator(self._expected)
+            alive = still_alive[i] if i < len(still_alive) else None
             try:  # receive_kv closes the stream (cancels its call) whatever happens
                 first, self.stats = await receive_kv(events, validator, self._write,
-                                                     idle_timeout_s)
+                                                     idle_timeout_s, alive)
             except PeerFailed as e:
                 if e.code not in PEER_FAULTS:
                     raise

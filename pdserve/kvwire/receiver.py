@@ -2,8 +2,12 @@
 writer), then the first token once every layer is complete.
 
 A peer that goes silent for ``idle_timeout_s`` between two events (the call's
-start counts as one) fails the stream with ``PeerFailed`` DEADLINE_EXCEEDED: the
-peer's fault, which the import may answer by asking another peer.
+start counts as one) is asked whether it is alive (``still_alive``: its health
+probe). Alive (busy: a prefill queued behind others sends its header, then
+nothing until it is scheduled) it gets another ``idle_timeout_s``; silent or
+dead (SIGSTOP, a wedged process, no such service) it fails the stream with
+``PeerFailed`` DEADLINE_EXCEEDED: the peer's fault, which the import may answer
+by asking another peer.
 
 The decode worker's import (pdserve/engine/kv_import.py) writes into its KV blocks;
 the wire benchmark into a plain tensor. Both run this loop over the same events.
@@ -13,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,8 @@ from pdserve.kvwire.stream import (
 
 KVWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """Gets (layer, first token, K (n, kvh, hd), V): views of the received bytes, read-only."""
+Liveness = Callable[[], Awaitable[bool]]
+"""Whether the peer is alive (its health probe answered SERVING in time)."""
 
 
 @dataclass
@@ -46,15 +52,16 @@ class TransferStats:
 
 async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamValidator,
                      write: KVWriter, idle_timeout_s: float | None = None,
-                     ) -> tuple[FirstToken, TransferStats]:
+                     still_alive: Liveness | None = None) -> tuple[FirstToken, TransferStats]:
     """Consume ``events`` up to the first token; raises ``KVStreamError`` on a bad or
     short stream, ``PeerFailed`` DEADLINE_EXCEEDED when no event comes for
-    ``idle_timeout_s`` (None: wait as long as the call lasts). The events are closed
-    (their call cancelled) whatever happens."""
+    ``idle_timeout_s`` (None: wait as long as the call lasts) and the peer is not
+    ``still_alive`` (None: not asked). The events are closed (their call cancelled)
+    whatever happens."""
     e = validator.expected
     t0: float | None = None
     async with aclosing(events):
-        while (event := await _next(events, idle_timeout_s)) is not None:
+        while (event := await _next(events, idle_timeout_s, still_alive)) is not None:
             if isinstance(event, KVHeader):
                 validator.check_header(event)
             elif isinstance(event, KVChunk):
@@ -71,18 +78,22 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
     raise KVStreamError("DATA_LOSS", "prefill stream ended without a first token")
 
 
-async def _next(events: AsyncGenerator[KVEvent, None],
-                idle_timeout_s: float | None) -> KVEvent | None:
-    """The next event, None at the end. The timeout cancels the peer's generator
-    where it waits (its call is cancelled with it)."""
-    timeout = asyncio.timeout(idle_timeout_s)
+async def _next(events: AsyncGenerator[KVEvent, None], idle_timeout_s: float | None,
+                still_alive: Liveness | None) -> KVEvent | None:
+    """The next event, None at the end. The wait runs in a task of its own so that
+    asking the peer whether it lives does not cancel it; giving up cancels the
+    peer's generator where it waits (its call with it)."""
+    if idle_timeout_s is None:
+        return await anext(events, None)
+    pending = asyncio.ensure_future(anext(events, None))
     try:
-        async with timeout:
-            return await anext(events)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        if not timeout.expired():
-            raise  # the peer's own TimeoutError, not the idle timeout
-        raise PeerFailed("DEADLINE_EXCEEDED",
-                         f"sent nothing for {idle_timeout_s:g} s (kv_idle_timeout_s)") from None
+        while not (await asyncio.wait({pending}, timeout=idle_timeout_s))[0]:
+            if still_alive is None or not await still_alive():
+                raise PeerFailed("DEADLINE_EXCEEDED", f"sent nothing for {idle_timeout_s:g} s "
+                                 "and does not answer its health probe (kv_idle_timeout_s)")
+        return pending.result()
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await pending  # the generator must stop before it can be closed

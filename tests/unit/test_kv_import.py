@@ -282,10 +282,38 @@ def test_a_silent_peer_times_out_and_the_next_one_delivers(tiny_llama: Path,
             imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
             t0 = asyncio.get_running_loop().time()
             await imp.run(silent.prefill("p1", _ask(), 30), fall_back=False,
-                          retries=[second.prefill("p2", _ask(), 30)], idle_timeout_s=0.3)
+                          retries=[second.prefill("p2", _ask(), 30)], idle_timeout_s=0.3,
+                          still_alive=[lambda: silent.is_alive("p1", 1),
+                                       lambda: second.is_alive("p2", 1)])
             assert asyncio.get_running_loop().time() - t0 < 10  # not the call's 30 s
             assert imp.state is ImportState.COMMITTED and silent.closed
+            assert silent.probes == 1  # asked once, did not answer: failed
             assert [f.code for f in imp.failures] == ["DEADLINE_EXCEEDED"]
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_a_slow_peer_that_answers_its_health_probe_is_waited_for(
+        tiny_llama: Path, reference: list[int]) -> None:
+    """Busy, not dead: a prefill queued behind others sends its header, then nothing
+    for a while; it answers its probe, so the import keeps waiting for it."""
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        go_on = asyncio.Event()
+        busy = ScriptedKVSource(await _recorded(p), fail_after=1, stall=go_on, alive=True)
+        spare = ScriptedKVSource(await _recorded(p))
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            task = asyncio.create_task(imp.run(
+                busy.prefill("p1", _ask(), 30), fall_back=True,
+                retries=[spare.prefill("p2", _ask(), 30)], idle_timeout_s=0.05,
+                still_alive=[lambda: busy.is_alive("p1", 1)]))
+            while busy.probes < 3:  # silent past three idle timeouts, alive each time
+                await asyncio.sleep(0.01)
+            go_on.set()
+            await task
+            assert imp.state is ImportState.COMMITTED and imp.failures == []
+            assert spare.sent == 0 and busy.closed
             assert await _tokens(stream) == reference
 
     _run(tiny_llama, scenario)
