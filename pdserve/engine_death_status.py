@@ -17,16 +17,15 @@ import grpc
 
 from pdserve.engine.async_engine import EngineDeadError
 
-Handler = grpc.RpcMethodHandler
-
 
 class EngineDeathStatus(grpc.aio.ServerInterceptor):
     def __init__(self, service_names: list[str]) -> None:
         self.service_names = frozenset(service_names)
 
     async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-            details: grpc.HandlerCallDetails) -> Handler:
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         service = details.method.split("/")[1] if details.method.count("/") == 2 else ""
         if handler is None or service not in self.service_names:

@@ -36,9 +36,8 @@ from typing import Protocol
 import grpc
 
 from pdserve import logs, placement
-from pdserve.config import WorkerConfig
+from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine_death_status import EngineDeathStatus
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
