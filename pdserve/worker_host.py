@@ -101,7 +101,7 @@ class RunningWorker:
         error = await self.engine.wait_dead()
         _exit_regardless_after(HARD_EXIT_AFTER_S, EXIT_ENGINE_DIED)
         log.warning("engine died, exiting %d so the worker is restarted: %s: %s",
-                  EXIT_ENGINE_DIED, type(error).__name__, error)
+                    EXIT_ENGINE_DIED, type(error).__name__, error)
         await self.server.stop(DEATH_GRACE_S)
         self.engine.stop()
         return EXIT_ENGINE_DIED
@@ -154,9 +154,9 @@ async def serve(config: WorkerConfig, servicer_factory: ServicerFactory,
     stop = asyncio.ensure_future(until_stop_signal())
     death = asyncio.ensure_future(worker.die())
     await asyncio.wait({stop, death}, return_when=asyncio.FIRST_COMPLETED)
-    if death.done():
+    if worker.engine.dead is not None:  # dying wins over a stop signal that came too
         stop.cancel()
-        return death.result()
+        return await death
     death.cancel()
     log.info("draining")
     await worker.stop()
