@@ -17,10 +17,12 @@ or to ``LOG_DIR/<role>.log`` when ``start`` is given a log directory.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from pdserve.cluster_config import ClusterConfig
 from pdserve.config import RestartPolicy
+from pdserve.grpc_server import PARENT_ENV
 from pdserve.launch import (
     interrupt_on_stop_signals,
     probe_serving,
@@ -34,7 +36,10 @@ from pdserve.worker_args import worker_command
 
 def _spec(name: str, argv: list[str], env: dict[str, str], address: str,
           log_dir: Path | None) -> ChildSpec:
-    return ChildSpec(name, argv, env, functools.partial(probe_serving, address),
+    # PARENT_ENV: a launcher that is killed outright takes its children with it
+    # (they drain and exit) instead of leaving them holding the ports.
+    return ChildSpec(name, argv, {**env, PARENT_ENV: str(os.getpid())},
+                     functools.partial(probe_serving, address),
                      log_dir / f"{name}.log" if log_dir else None)
 
 
