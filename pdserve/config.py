@@ -221,3 +221,29 @@ class RouterConfig:
         _require(self.request_timeout_s > 0, "request_timeout_s", "> 0",
                  self.request_timeout_s)
         _require(self.migration_limit >= 0, "migration_limit", ">= 0", self.migration_limit)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the process launcher's supervisor (pdserve/supervisor.py) restarts a role
+    whose process exited: after a backoff that doubles per crash, until too many
+    crashes in a window."""
+
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    healthy_reset_s: float = 60.0
+    """Serving this long resets the backoff to initial_backoff_s."""
+    max_crashes: int = 5
+    crash_window_s: float = 600.0
+    """max_crashes exits within this many seconds: give up on that role (the rest stays up)."""
+    start_timeout_s: float = 600.0
+    """A restarted process not SERVING by then is killed (a crash)."""
+
+    def __post_init__(self) -> None:
+        _require(self.initial_backoff_s > 0, "initial_backoff_s", "> 0", self.initial_backoff_s)
+        _require(self.max_backoff_s >= self.initial_backoff_s, "max_backoff_s",
+                 ">= initial_backoff_s", self.max_backoff_s)
+        _require(self.healthy_reset_s > 0, "healthy_reset_s", "> 0", self.healthy_reset_s)
+        _require(self.max_crashes >= 1, "max_crashes", ">= 1", self.max_crashes)
+        _require(self.crash_window_s > 0, "crash_window_s", "> 0", self.crash_window_s)
+        _require(self.start_timeout_s > 0, "start_timeout_s", "> 0", self.start_timeout_s)

@@ -15,7 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # KV chunks stay far below; prompts of token ids too
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+           # Channels: redial a peer that went away at least every 5 s (gRPC's default
+           # backoff grows to 120 s), so a restarted worker is seen within seconds.
+           ("grpc.initial_reconnect_backoff_ms", 1000),
+           ("grpc.max_reconnect_backoff_ms", 5000)]
+# SERVING from start until the process ends: what a liveness probe asks where "" means
+# "can serve now" and may rightly be NOT_SERVING for long (a router with no decode
+# worker up: restarting it would not help).
+LIVENESS_SERVICE = "liveness"
 
 
 class Server:
@@ -33,6 +41,7 @@ class Server:
 
     async def start(self) -> None:
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving

@@ -49,19 +49,25 @@ def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[
     """Poll ``address``'s grpc.health.v1 until SERVING; RuntimeError when one of
     ``procs`` exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"a cluster process exited while waiting for {address}")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a cluster process exited while waiting for {address}")
+        if probe_serving(address):
+            return
+        time.sleep(0.2)
     raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f} s")
+
+
+def probe_serving(address: str, timeout: float = 1.0) -> bool:
+    """One grpc.health.v1 check of ``address`` on a fresh channel (a long-lived one
+    would wait out its reconnect backoff after the process behind it restarted)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def interrupt_on_stop_signals() -> None:

@@ -1,9 +1,13 @@
 """``launcher: process``: router, prefill and decode workers as plain child processes
-on this machine (Kubernetes pods, or no Ray).
+on this machine (Kubernetes pods, or no Ray), kept running by pdserve/supervisor.py.
 
-STARTING (workers load; health polled) → SERVING (endpoints printed) → STOPPING
-(Ctrl-C or SIGTERM: every child gets SIGTERM, router first, then SIGKILL after a
-grace period) → STOPPED.
+STARTING (workers load; health polled; one that exits here fails the start) →
+SERVING (endpoints printed; a process that exits — a crash, an engine that died,
+kill -9 — is restarted on its own port after a backoff, router included, until it
+crashed too often: then it is given up, logged, and the rest stays up) → STOPPING
+(Ctrl-C or SIGTERM: no more restarts; every child gets SIGTERM, router first, then
+SIGKILL after a grace period) → STOPPED. ``up`` ends by itself only when the router
+was given up (exit 1).
 
 Each worker is started with the WorkerConfig the cluster config implies, turned
 into argv by pdserve/worker_args.py. Every role logs to the launcher's stderr,
@@ -12,88 +16,85 @@ or to ``LOG_DIR/<role>.log`` when ``start`` is given a log directory.
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
-import subprocess
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from pdserve.cluster_config import ClusterConfig
+from pdserve.config import RestartPolicy
+from pdserve.grpc_server import PARENT_ENV
 from pdserve.launch import (
     interrupt_on_stop_signals,
+    probe_serving,
     role_env,
     router_command,
-    wait_serving,
     watch,
 )
+from pdserve.supervisor import DEFAULT_POLICY, ChildSpec, Supervisor
 from pdserve.worker_args import worker_command
 
-Procs = list[subprocess.Popen[bytes]]
+
+def _spec(name: str, argv: list[str], env: dict[str, str], address: str,
+          log_dir: Path | None) -> ChildSpec:
+    # PARENT_ENV: a launcher that is killed outright takes its children with it
+    # (they drain and exit) instead of leaving them holding the ports.
+    return ChildSpec(name, argv, {**env, PARENT_ENV: str(os.getpid())},
+                     functools.partial(probe_serving, address),
+                     log_dir / f"{name}.log" if log_dir else None)
 
 
-def start(c: ClusterConfig, timeout: float = 600, log_dir: Path | None = None) -> Procs:
-    """Start every member; return once all answer SERVING."""
-    procs: Procs = []
-    with ExitStack() as files:  # the children hold their own copies of the log files
-
-        def spawn(name: str, argv: list[str], env: dict[str, str]) -> None:
-            err = files.enter_context(open(log_dir / f"{name}.log", "ab")) if log_dir else None
-            procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stderr=err))
-
-        try:
-            members = c.members()
-            for slot, (role, m) in enumerate(members):
-                worker = c.worker(role, m, slot, len(members))
-                spawn(f"{role}-{slot}", worker_command(worker), role_env())
-            for _, m in members:
-                wait_serving(f"{c.host}:{m.port}", timeout, procs)
-            router = c.router([f"{c.host}:{m.port}" for m in c.decode],
-                              [f"{c.host}:{m.port}" for m in c.prefill])
-            spawn("router", router_command(router), role_env(router.api_key))
-            wait_serving(f"{c.host}:{c.router_port}", 60, procs)
-        except BaseException:
-            stop(procs)
-            raise
-    return procs
+def start(c: ClusterConfig, timeout: float = 600, log_dir: Path | None = None,
+          restart: RestartPolicy = DEFAULT_POLICY) -> Supervisor:
+    """Start every member; return once all answer SERVING, supervised from then on."""
+    supervisor = Supervisor(restart)
+    try:
+        members = c.members()
+        for slot, (role, m) in enumerate(members):
+            worker = c.worker(role, m, slot, len(members))
+            supervisor.add(_spec(f"{role}-{slot}", worker_command(worker), role_env(),
+                                 f"{c.host}:{m.port}", log_dir))
+        supervisor.wait_running(timeout)
+        router = c.router([f"{c.host}:{m.port}" for m in c.decode],
+                          [f"{c.host}:{m.port}" for m in c.prefill])
+        supervisor.add(_spec("router", router_command(router), role_env(router.api_key),
+                             f"{c.host}:{c.router_port}", log_dir))
+        supervisor.wait_running(60)
+    except BaseException:
+        supervisor.stop()
+        raise
+    supervisor.run_in_background()
+    return supervisor
 
 
-def stop(procs: Procs, grace: float = 15) -> None:
-    for p in reversed(procs):  # router first, so no new work reaches the workers
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def stop(supervisor: Supervisor, grace: float = 15) -> None:
+    supervisor.stop(grace)
 
 
-def banner(c: ClusterConfig, procs: Procs) -> str:
+def banner(c: ClusterConfig, supervisor: Supervisor) -> str:
+    pids = [ch.proc.pid if ch.proc else 0 for ch in supervisor.children]
     http = (f"  router     http://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
             if c.http_port else "")
     return (f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" + http +
-            "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
-                    for m, p in zip(c.prefill, procs, strict=False)) +
-            "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
-                    for m, p in zip(c.decode, procs[len(c.prefill):], strict=False)) +
+            "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} pid {p}\n"
+                    for m, p in zip(c.prefill, pids, strict=False)) +
+            "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} pid {p}\n"
+                    for m, p in zip(c.decode, pids[len(c.prefill):], strict=False)) +
             "  logs       every role logs to this terminal's stderr (role in each line)\n"
+            "  restarts   a process that exits is restarted (backoff 1 s doubling to 30 s)\n"
             '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
             "Ctrl-C stops the cluster.")
 
 
 def up(c: ClusterConfig) -> int:
-    """Run the cluster until Ctrl-C or SIGTERM; 1 if a process died on its own."""
+    """Run the cluster until Ctrl-C or SIGTERM; 1 if the router had to be given up."""
     from pdserve.model_files import resolve_model
 
     resolve_model(c.model)  # convert once, before three processes race to do it
-    procs = start(c)
-    print(banner(c, procs), flush=True)
+    supervisor = start(c)
+    print(banner(c, supervisor), flush=True)
     interrupt_on_stop_signals()
     try:
-        return watch(lambda: all(p.poll() is None for p in procs), 0.5,
-                     "a cluster process exited; stopping")
+        return watch(lambda: not supervisor.gave_up("router"), 0.5,
+                     "the router kept crashing; stopping")
     finally:
-        stop(procs)
+        stop(supervisor)

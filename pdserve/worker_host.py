@@ -9,14 +9,25 @@ Pinning is pdserve/placement.py's: explicit ``--cpus``, else next to the GPU, el
 worker ``--slot`` of ``--slots`` spread over this machine's NUMA nodes and CPUs.
 
 STARTING (health NOT_SERVING while the model loads) → SERVING → DRAINING (SIGTERM
-or SIGINT: health NOT_SERVING, in-flight calls get a grace period) → STOPPED.
+or SIGINT: health NOT_SERVING, in-flight calls get a grace period) → STOPPED (exit 0).
+
+SERVING → DYING when the engine thread dies (an exception escaped a step; see
+pdserve/engine/async_engine.py): health NOT_SERVING on every service name at once,
+then every open call ends with UNAVAILABLE "engine died: …"
+(pdserve/engine_death_status.py), the server gets ``DEATH_GRACE_S`` for those
+statuses to reach their callers → EXITED with ``EXIT_ENGINE_DIED`` (70, EX_SOFTWARE),
+so whatever runs the process (the process launcher's supervisor, Ray, Kubernetes)
+starts a fresh one. A dead engine is never revived in place: its blocks and batch
+can no longer be trusted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,9 +36,10 @@ from typing import Protocol
 import grpc
 
 from pdserve import logs, placement
-from pdserve.config import WorkerConfig
+from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine_death_status import EngineDeathStatus
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.metrics import WorkerMetrics
@@ -48,6 +60,11 @@ class WorkerServicer(Protocol):
 
 
 ServicerFactory = Callable[[WorkerConfig], WorkerServicer]
+EngineFactory = Callable[[EngineConfig], LLMEngine]  # tests hand in a faulting one
+
+EXIT_ENGINE_DIED = 70  # EX_SOFTWARE: restart me
+DEATH_GRACE_S = 2.0  # for the callers' UNAVAILABLE statuses to leave the process
+HARD_EXIT_AFTER_S = 15.0  # a dying process that hangs in teardown is ended anyway
 
 
 def pin(config: WorkerConfig) -> WorkerConfig:
@@ -78,16 +95,40 @@ class RunningWorker:
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         self.engine.stop()
 
+    async def die(self) -> int:
+        """DYING (health is NOT_SERVING and the callers were failed already by then):
+        give their statuses ``DEATH_GRACE_S`` to go out, then the exit code."""
+        error = await self.engine.wait_dead()
+        _exit_regardless_after(HARD_EXIT_AFTER_S, EXIT_ENGINE_DIED)
+        log.warning("engine died, exiting %d so the worker is restarted: %s: %s",
+                    EXIT_ENGINE_DIED, type(error).__name__, error)
+        await self.server.stop(DEATH_GRACE_S)
+        self.engine.stop()
+        return EXIT_ENGINE_DIED
 
-async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory) -> RunningWorker:
+
+def _exit_regardless_after(seconds: float, code: int) -> None:
+    """A watchdog: if the orderly exit has not happened in ``seconds``, end now."""
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+
+
+async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
+                       engine_factory: EngineFactory = LLMEngine) -> RunningWorker:
     """STARTING: bind, load the model (health NOT_SERVING meanwhile); then SERVING."""
     keep_freed_memory()  # before the KV stream's buffers come and go
     servicer = servicer_factory(config)
-    server = Server(config.host, config.port, [servicer.service_name])
+    names = [servicer.service_name]
+    server = Server(config.host, config.port, names, [EngineDeathStatus(names)])
     servicer.register(server.server)  # gRPC needs its services before start
     await server.start()
     await server.set_serving(False)
-    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config.engine))
+
+    async def not_serving(_: BaseException) -> None:  # before any caller hears of it
+        await server.set_serving(False)
+
+    engine = AsyncEngine(await asyncio.to_thread(engine_factory, config.engine), not_serving)
     engine.start()
     logs.set_model(engine.engine.spec.name)
     metrics = _serve_metrics(config, engine)
@@ -105,22 +146,32 @@ def _serve_metrics(config: WorkerConfig, engine: AsyncEngine) -> WorkerMetrics:
     return metrics
 
 
-async def serve(config: WorkerConfig, servicer_factory: ServicerFactory) -> None:
-    worker = await start_worker(config, servicer_factory)
+async def serve(config: WorkerConfig, servicer_factory: ServicerFactory,
+                engine_factory: EngineFactory = LLMEngine) -> int:
+    """SERVING until SIGTERM (drain, 0) or the engine's death (``EXIT_ENGINE_DIED``)."""
+    worker = await start_worker(config, servicer_factory, engine_factory)
     print(f"{config.role} worker serving on {config.host}:{worker.server.port}", flush=True)
-    await until_stop_signal()
+    stop = asyncio.ensure_future(until_stop_signal())
+    death = asyncio.ensure_future(worker.die())
+    await asyncio.wait({stop, death}, return_when=asyncio.FIRST_COMPLETED)
+    if worker.engine.dead is not None:  # dying wins over a stop signal that came too
+        stop.cancel()
+        return await death
+    death.cancel()
     log.info("draining")
     await worker.stop()
+    return 0
 
 
-def main(role: str, servicer_factory: ServicerFactory, argv: list[str] | None = None) -> int:
-    """``python -m {role}_worker``: parse, log, pin, serve until SIGTERM; 2 on a bad config."""
+def main(role: str, servicer_factory: ServicerFactory, argv: list[str] | None = None,
+         engine_factory: EngineFactory = LLMEngine) -> int:
+    """``python -m {role}_worker``: parse, log, pin, serve until SIGTERM; 2 on a bad
+    config, ``EXIT_ENGINE_DIED`` when the engine died."""
     exit_with_parent()
     try:
         config, log_format = parse_invocation(role, argv)
         logs.configure(role, fmt=log_format)
-        asyncio.run(serve(pin(config), servicer_factory))
+        return asyncio.run(serve(pin(config), servicer_factory, engine_factory))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -7,8 +7,13 @@ already runs dozens), ``/proc/PID/status`` then shows it from outside, and the
 role keeps its own SIGTERM drain. The child runs exactly what ``python -m
 prefill_worker`` / ``decode_worker`` / ``router`` run. It dies with its actor:
 ``PDSERVE_PARENT_PID`` makes it SIGTERM itself when the actor is gone; and the
-actor dies with its child: an unexpected child exit ends the actor process, so
-Ray restarts it (``max_restarts``) and the new child registers again.
+actor dies with its child: an unexpected child exit (any exit code: a crash, a
+worker whose engine died and exited 70, kill -9) ends the actor process, so Ray
+restarts it (``max_restarts``, the router's too), its constructor starts a new
+child on the same port, and a worker registers again (the router learns it through
+the registry; a restarted router is fed the registry's membership). Once
+``max_restarts`` is used up the actor stays dead: a worker is gone from the
+registry, so the router stops routing to it; a dead router ends ``pdserve up``.
 
 RoleProcess: STARTING (child loads; health polled) → SERVING (worker registered;
 router fed membership) → STOPPING (``stop``: deregister, SIGTERM, SIGKILL after

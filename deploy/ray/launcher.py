@@ -6,7 +6,9 @@ CONNECTING (start a local Ray instance, or join ``ray.address``) → PLACING (on
 placement group per worker, on a node with the role's resource: by default
 ``pdserve_prefill`` / ``pdserve_decode``, plus GPUs when configured) → STARTING
 (registry, worker actors, then the router actor fed by the registry) → SERVING
-→ STOPPING (router first, then workers drain; actors killed, placement groups
+(an actor whose process exits — a crash, an engine that died and exited 70, kill
+-9 — is restarted by Ray up to ``ray.max_restarts`` times, router included; see
+deploy/ray/actors.py) → STOPPING (router first, then workers drain; actors killed, placement groups
 removed, the local Ray instance shut down if we started it) → STOPPED.
 
 A local Ray instance gets exactly the resources the config asks for, so one
@@ -147,15 +149,20 @@ class RayLauncher:
             {"scheduling_strategy": NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True)})
         self.router = role_actor.options(name="pdserve-router", num_cpus=0,
-                                         max_concurrency=2, **placement).remote(spec)
+                                         max_concurrency=2, max_restarts=r.max_restarts,
+                                         **placement).remote(spec)
         self.infos["router"] = ray.get(self.router.info.remote(), timeout=timeout)
 
     def alive(self) -> bool:
+        """False once the router actor is dead for good (its ``max_restarts`` used up);
+        while Ray restarts it, the call waits for the new one (``max_task_retries``)."""
         try:
-            ray.get(self.router.info.remote(), timeout=30)
-            return True
+            ray.get(self.router.info.options(max_task_retries=-1).remote(), timeout=30)
+        except ray.exceptions.GetTimeoutError:
+            return True  # still restarting (a hung router is not Ray's to restart either)
         except Exception:
             return False
+        return True
 
     def stop(self, grace: float = 15.0) -> None:
         self.state = "STOPPING"
@@ -193,7 +200,7 @@ def _quietly(fn: Any, *args: Any, **kw: Any) -> None:
 
 
 def up(c: ClusterConfig) -> int:
-    """Run the cluster until Ctrl-C or SIGTERM; 1 if the router died."""
+    """Run the cluster until Ctrl-C or SIGTERM; 1 if the router died for good."""
     from pdserve.model_files import resolve_model
 
     resolve_model(c.model)  # convert once here, before the workers on this host race to

@@ -12,6 +12,14 @@ Engine thread loop::
     idle ──command──▶ run commands ──work?──▶ step ──▶ deliver outputs ──┐
       ▲                                                                 │
       └──────────────────────── no work left ◀──────────────────────────┘
+
+Engine lifecycle: RUNNING ─any exception escapes a step─▶ DEAD. Dying is final: the
+engine's state can no longer be trusted (blocks, batch), so nothing is retried.
+On death, in this order, on the event loop: ``on_death(error)`` runs (the worker
+host sets health NOT_SERVING there, so nobody is told to come back), then every
+open request stream and every pending ``call`` fails with ``EngineDeadError("engine
+died: …")``, then ``wait_dead`` returns. From then on ``request``, ``call`` and
+``send`` raise ``EngineDeadError`` at once; ``abort`` is a no-op.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,7 +56,10 @@ class KVPiece:
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine thread died; this worker serves nothing more (its host exits)."""
+
+
+DEATH_HOOK_TIMEOUT_S = 2.0  # on_death must not hold the failing of the callers for long
 
 
 class _QueueExporter:
@@ -105,18 +116,31 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine,
+                 on_death: Callable[[BaseException], Awaitable[None]] | None = None) -> None:
         self.engine = engine
+        self.on_death = on_death
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[object]] = {}
+        self._calls: set[asyncio.Future[Any]] = set()  # pending ``call``s, failed on death
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.dead: BaseException | None = None
+        self._callers_failed: asyncio.Event | None = None
+        self._dying: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._callers_failed = asyncio.Event()
         self._thread.start()
+
+    async def wait_dead(self) -> BaseException:
+        """Return the engine's fatal error once it died and every caller was told."""
+        assert self._callers_failed is not None, "start() first"
+        await self._callers_failed.wait()
+        assert self.dead is not None
+        return self.dead
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,6 +152,8 @@ class AsyncEngine:
         """Run ``fn(*args)`` on the engine thread; return its result or raise its error."""
         assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
+        self._calls.add(fut)
+        fut.add_done_callback(self._calls.discard)
 
         def run() -> None:
             try:
@@ -142,14 +168,18 @@ class AsyncEngine:
 
     def send(self, fn: Callable[[], None]) -> None:
         """Queue ``fn`` for the engine thread without waiting (keeps order with ``call``)."""
-        if self.dead is not None:
-            raise EngineDeadError(f"engine stopped: {self.dead}")
+        self._raise_if_dead()
         self._commands.put(fn)
+
+    def _raise_if_dead(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(_died_message(self.dead))
 
     @contextlib.asynccontextmanager
     async def request(self, request_id: str) -> AsyncIterator[RequestStream]:
         """One request's seat: its output queue, open while inside. Leaving it aborts
         the request (freeing its blocks) unless it finished."""
+        self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = RequestStream(self, request_id)
@@ -206,9 +236,12 @@ class AsyncEngine:
                         self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
                             self._put, out.request_id, out)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
-            log.exception("engine loop died")
+            log.exception(_died_message(e))  # the one error line, with the traceback
             self.dead = e
-            self._loop.call_soon_threadsafe(self._fail_all, e)  # type: ignore[union-attr]
+            loop = self._loop
+            assert loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop closed first: nobody waits
+                loop.call_soon_threadsafe(self._start_dying, e)
 
     def _run_commands(self, block: bool) -> None:
         self.engine.interrupt_requested = False
@@ -226,9 +259,27 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _fail_all(self, e: BaseException) -> None:
+    def _start_dying(self, e: BaseException) -> None:
+        self._dying = asyncio.get_running_loop().create_task(self._died(e))  # kept: no GC
+
+    async def _died(self, e: BaseException) -> None:
+        """DEAD, on the event loop: ``on_death`` first, then every caller fails."""
+        if self.on_death is not None:
+            try:
+                await asyncio.wait_for(self.on_death(e), DEATH_HOOK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the callers must still hear of the death
+                log.exception("on_death hook failed")
+        message = _died_message(e)
         for q in self._streams.values():
-            q.put_nowait(EngineDeadError(f"engine stopped: {e}"))
+            q.put_nowait(EngineDeadError(message))
+        for fut in list(self._calls):
+            _set_exception(fut, EngineDeadError(message))
+        assert self._callers_failed is not None
+        self._callers_failed.set()
+
+
+def _died_message(e: BaseException) -> str:
+    return f"engine died: {type(e).__name__}: {e}"
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -141,6 +141,8 @@ def test_roles_start_with_their_real_flags(overlay: str) -> None:
         assert _port(c, "grpc") == port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port, (role, probe)
+        liveness = "liveness" if role == "router" else None  # the router's "" follows decode
+        assert c["livenessProbe"]["grpc"].get("service") == liveness, role
         if role == "router":
             a = router_args(_args(objs, role))
             assert (a.host, a.port) == ("0.0.0.0", port)

@@ -1,5 +1,6 @@
 """``pdserve up`` on Ray, from outside: the real CLI on a local Ray instance, pinning
-read from /proc, a worker killed and restarted by Ray, Ctrl-C stopping everything."""
+read from /proc, a worker and the router killed and restarted by Ray, Ctrl-C stopping
+everything."""
 
 from __future__ import annotations
 
@@ -94,6 +95,21 @@ def test_killed_worker_is_restarted_by_ray_and_registers_again(up: Up) -> None:
         assert cpus_allowed(new[0]) == "1"
     assert blocks_free(up.config["prefill"][0]["metrics_port"],  # type: ignore[index]
                        up.config["decode"][0]["metrics_port"])  # type: ignore[index]
+
+
+@pytest.mark.integration
+def test_killed_router_is_restarted_by_ray_and_serves_again(up: Up) -> None:
+    port = str(up.config["router_port"])
+    old = pids_with("router", port)
+    assert len(old) == 1
+    os.kill(old[0], signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not [p for p in pids_with("router", port) if p != old[0]]:
+        assert time.monotonic() < deadline, "Ray did not restart the router"
+        time.sleep(0.2)
+    ids, plan = ask(int(port), timeout=90)
+    assert len(ids) == 4 and plan == "remote"
+    assert up.proc.poll() is None, "pdserve up stopped on the router's restart"
 
 
 @pytest.mark.integration
