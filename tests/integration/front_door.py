@@ -46,7 +46,7 @@ def pools_empty(c: ClusterConfig) -> bool:
     return True
 
 
-def wait_pools_empty(c: ClusterConfig, within_s: float = 1.0) -> None:
+def wait_pools_empty(c: ClusterConfig, within_s: float = 3.0) -> None:
     t0 = time.monotonic()
     while not pools_empty(c):
         assert time.monotonic() - t0 < within_s, f"blocks still held {within_s} s later"
