@@ -5,10 +5,10 @@ asks (``...~h=MODE``; tests/chaos/hostile_modes.py lists the modes); a request i
 without a mode is relayed honestly. It serves ``grpc.health.v1`` SERVING, so a
 router that probes prefill workers keeps it in the pool.
 
-Per call: RECEIVED (logged to ``--log``: request id, mode) → UPSTREAM (the honest
-stream collected from the real prefill worker; its failure is relayed as its own
-status) → SENDING (the mode's script) → ENDED (OK, a status, or a stall that lasts
-until the caller cancels).
+Per call: RECEIVED → UPSTREAM (the honest stream collected from the real prefill
+worker; its failure is relayed as its own status, logged as mode
+``upstream_failed``) → SENDING (the mode's script; logged to ``--log``: request id,
+mode) → ENDED (OK, a status, or a stall that lasts until the caller cancels).
 
     python -m tests.chaos.hostile_prefill --upstream 127.0.0.1:PORT --vocab-size 320 \
         --log /tmp/hostile.jsonl [--port 0]
@@ -44,10 +44,10 @@ class HostilePrefill:
     async def prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         mode = mode_of(request.request_id)
-        self._log(request.request_id, mode)
         if mode not in MODES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {mode!r}")
         honest = await self._upstream(request, context)
+        self._log(request.request_id, mode)
         script = MODES[mode][1](honest)
         async for data in self._send(script, context):
             yield data
@@ -57,6 +57,7 @@ class HostilePrefill:
         try:
             messages = [m async for m in self.stub.Prefill(request, timeout=120)]
         except grpc.aio.AioRpcError as e:  # the real worker failed: say so, as it would
+            self._log(request.request_id, "upstream_failed")
             await context.abort(e.code(), f"upstream prefill worker: {e.details()}")
         return Honest.of(messages, self.vocab_size)
 

@@ -124,7 +124,8 @@ def judge(o: Outcome, ref: Reference, hit: list[str], peer_names: set[str]) -> V
     hostile peers' addresses)."""
     ids, text = ref[reference_key(o)]
     grpc_call = o.spec.transport == "grpc"
-    rejected = any(h.startswith("hostile:") and MODES[h[8:]][0] is Expect.REJECT for h in hit)
+    rejected = any(h.startswith("hostile:") and h[8:] in MODES and
+                   MODES[h[8:]][0] is Expect.REJECT for h in hit)
     if o.status == "disconnected":
         ok = o.token_ids == ids[:len(o.token_ids)] if grpc_call else text.startswith(o.text)
         return Verdict(o, "disconnected" if ok else "bad_prefix", hit)

@@ -14,6 +14,7 @@ before the first token), ``disconnect_decode`` (cancel after the first tokens),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -119,8 +120,15 @@ class LoadGenerator:
                 if not first.done():
                     first.cancel()
                     out.status = "disconnected"
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await first  # the generator is free to close only once it stopped
                     return
-                out.token_ids += first.result().token_ids
+                d = first.result()
+                out.token_ids += d.token_ids
+                out.text += d.text
+                if d.finish_reason:
+                    out.status = "completed"
+                    return
             async for d in stream:
                 out.token_ids += d.token_ids
                 out.text += d.text

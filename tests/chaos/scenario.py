@@ -80,7 +80,18 @@ async def chaos_load(cluster: ChaosCluster, load: LoadGenerator, specs: list[Req
     try:
         return await load.run(specs, plan.rate, plan.concurrency)
     finally:
-        await schedule_task  # every fault over: killed processes restarted, stopped resumed
+        runner.load_over.set()
+        await schedule_task  # every fault over: killed processes serve again, stopped resumed
+
+
+def fault_targets(cluster: ChaosCluster) -> list[str]:
+    """Decode workers in turn with the prefill side (hostile peers, then the real one)."""
+    decode = [p.name for p in cluster.of_role("decode")]
+    other = [p.name for p in cluster.of_role("hostile") + cluster.of_role("prefill")]
+    out = []
+    for i in range(max(len(decode), len(other))):
+        out += decode[i:i + 1] + other[i:i + 1]
+    return out
 
 
 def settle(cluster: ChaosCluster, timeout: float = 300) -> None:
@@ -98,7 +109,7 @@ def run_chaos(cluster: ChaosCluster, prompts: list[Prompt], plan: ChaosPlan,
         ref = asyncio.run(reference(load, len(prompts)))
     router_pid = cluster.procs["router"].pid
     specs = plan_requests(plan, prompts, cluster.spec.local_prefill_below)
-    targets = [p.name for p in cluster.procs.values() if p.role != "router"]
+    targets = fault_targets(cluster)
     span = plan.requests / plan.rate if plan.rate else 10.0
     faults = schedule(plan.process_faults, span, targets, plan.seed)
     t0 = time.monotonic()
