@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -42,9 +43,17 @@ _BLOCKS = re.compile(r"kv_blocks=(\d+)")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: a worker binds its ports only after its
+    model loaded (a minute on a busy box), and ports the kernel hands out for port 0
+    and for outgoing connections could be taken by then."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass
@@ -101,9 +110,8 @@ class ChaosCluster:
     # -- building ----------------------------------------------------------------------
 
     def _plan(self) -> None:
+        """Every port first: decode workers may be told which prefill peers to dial."""
         self._worker("prefill-0", "prefill")
-        for i in range(self.spec.decode_workers):
-            self._worker(f"decode-{i}", "decode")
         upstream = self.procs["prefill-0"].address
         for i in range(self.spec.hostile_peers):
             port = free_port()
@@ -111,6 +119,8 @@ class ChaosCluster:
                     "--vocab-size", str(self.vocab_size), "--port", str(port),
                     "--log", str(self.log_dir / f"hostile-{i}.jsonl")]
             self.procs[f"hostile-{i}"] = Proc(f"hostile-{i}", "hostile", argv, port)
+        for i in range(self.spec.decode_workers):
+            self._worker(f"decode-{i}", "decode")
         prefill = [p.address for p in self.of_role("hostile")] + [upstream]
         router = RouterConfig(host=HOST, port=free_port(), http_port=self.http_port,
                               model=self.spec.model,
@@ -147,8 +157,20 @@ class ChaosCluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 300) -> None:
-        """Workers and peers first, then the router; each answers SERVING."""
+    def start(self, timeout: float = 300, attempts: int = 2) -> None:
+        """Workers and peers first, then the routers; each answers SERVING. A process
+        that exits while starting (a port taken meanwhile) starts the cluster over on
+        new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if attempt + 1 == attempts:
+                    raise
+                self.procs = {}
+                self._plan()
+
+    def _start_once(self, timeout: float) -> None:
         try:
             for p in self.procs.values():
                 if p.role != "router":

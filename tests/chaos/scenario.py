@@ -29,12 +29,12 @@ TRANSPORTS = ("grpc", "grpc", "http", "http_stream")
 
 @dataclass(frozen=True)
 class ChaosPlan:
-    requests: int = 120
+    requests: int = 100
     prompts: int = 24
     hostile_share: float = 0.12
     client_fault_share: float = 0.08
     process_faults: int = 8
-    rate: float = 4.0  # requests per second
+    rate: float = 5.0  # requests per second
     concurrency: int = 8
     deadline_s: float = 20.0
     settle_s: float = 5.0
