@@ -5,8 +5,8 @@ same transport:
 
 - ``identical``: completed with exactly the reference tokens (gRPC) or text (HTTP).
 - ``failed_clear``: ended with a clear status (a gRPC code other than UNKNOWN or
-  INTERNAL with details; an OpenAI error envelope that is not a bare 500) before
-  its deadline.
+  INTERNAL with details; an OpenAI error envelope with a message, as the response
+  or as an event of the stream) before its deadline.
 - ``disconnected``: the client walked away; what it got is a prefix of the reference.
 - Violations: ``mismatch`` (completed with other tokens), ``unclear`` (an error that
   says nothing, or a stream cut without one), ``hung`` (no end within the deadline),
@@ -77,6 +77,7 @@ class Report:
             "hung": kinds["hung"],
             "mismatched": kinds["mismatch"],
             "unclear_errors": kinds["unclear"],
+            "http_500": sum(1 for v in self.verdicts if v.outcome.code == "500"),
             "not_recovered": kinds["not_recovered"],
             "failure_not_naming_prefill": kinds["unnamed"],
             "leaked_blocks": sum(int(m.get("leaked_blocks", 0)) for m in self.leaks.values()),

@@ -216,15 +216,12 @@ def _http_whole(out: Outcome, status: int, body: bytes) -> None:
 
 
 def _envelope(out: Outcome, code: str, obj: Any) -> None:
-    """An OpenAI error envelope: clear when it has a message and is not a 500."""
+    """An OpenAI error envelope (a status, or an error event in the stream): clear
+    when it carries a message."""
     out.status, out.code = "error", code
     err = obj.get("error") if isinstance(obj, dict) else None
     out.message = err.get("message", "") if isinstance(err, dict) else json.dumps(obj)[:200]
     if code == "504" or "deadline" in out.message.lower():
         out.status = "hung"
         return
-    # a 500, or an error event a 500 would have carried (server_error without a code),
-    # says nothing the client can act on
-    unclear = code == "500" or (isinstance(err, dict) and err.get("type") == "server_error"
-                                and not err.get("code"))
-    out.clear = isinstance(err, dict) and bool(out.message) and not unclear
+    out.clear = isinstance(err, dict) and bool(out.message)
