@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from bench.chaos_args import add_chaos_arguments
 from bench.machine import describe as describe_machine
 from bench.machine import line as machine_line
 from bench.serving_cli import add_serving_arguments, run_served
@@ -35,9 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write all results here")
     add_serving_arguments(p)
+    add_chaos_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chaos or args.soak:
+        from bench.chaos_bench import run_chaos_bench, run_soak_bench
+
+        return run_chaos_bench(args) if args.chaos else run_soak_bench(args)
     if args.target:
         if args.engine:
             raise ValueError("bench: --engine and --target are exclusive")

@@ -12,6 +12,7 @@ from bench.machine import describe as describe_machine
 from bench.machine import line as machine_line
 
 SERVED_DEFAULT = ["W1", "W2", "W3", "W4", "W6"]
+W4_DURATION_S = 120.0
 
 
 def add_serving_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,9 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenAI 'model' field (default: the first of GET /v1/models)")
     g.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
                    help="bearer token for OpenAI targets (or PDSERVE_API_KEY)")
-    g.add_argument("--duration", type=float, default=120.0, help="W4 length in seconds")
+    g.add_argument("--duration", type=float, default=None,
+                   help=f"W4 length in seconds (default {W4_DURATION_S:.0f}); --soak: its "
+                        "length (default 1200)")
     g.add_argument("--rate-short", type=float, default=1.0,
                    help="W4 short requests (128 in / 128 out) per second")
     g.add_argument("--rate-long", type=float, default=None,
@@ -71,7 +74,8 @@ def run_served(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig(
         workloads=tuple(workloads), repeats=args.repeats, vocab=vocab_of(args.model),
         seed=args.seed, model_dir=args.model, model_name=args.model_name,
-        api_key=args.api_key, duration_s=args.duration, rate_short=args.rate_short,
+        api_key=args.api_key, rate_short=args.rate_short,
+        duration_s=W4_DURATION_S if args.duration is None else args.duration,
         rate_long=args.rate_long, long_share=args.long_share,
         prefill_capacity=args.prefill_capacity, slo=SLO(args.slo_ttft, args.slo_tpot))
     doc = run(targets, cfg)
