@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     for peer in args.peer:
         python = args.vllm_python if peer == "vllm" else sys.executable
         results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, dtype,
-                                  args.threads, progress, expected_s=ours_s)
+                                  args.threads, progress, pdserve_s=ours_s)
     ceilings = results["pdserve"]["ceilings"]
     report = _report(workloads, results, ceilings)
     machine = describe_machine(args.threads)

@@ -55,8 +55,9 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
 
 def time_peer(backend: str, python: str, model_dir: str, runs: list[Run], repeats: int,
               dtype: str, threads: int, progress: Progress | None = None,
-              expected_s: float | None = None) -> dict[str, Any]:
-    """``expected_s``: a guess for the progress bar (pdserve's time on the same runs)."""
+              pdserve_s: float | None = None) -> dict[str, Any]:
+    """``pdserve_s``: pdserve's time on the same runs, shown beside the peer's elapsed
+    time (a yardstick, not a forecast: peers run up to 5x slower)."""
     spec = {"model": model_dir, "dtype": dtype, "threads": threads, "repeats": repeats,
             "runs": [{"name": r.name, "prompts": r.prompts, "max_tokens": r.max_tokens}
                      for r in runs]}
@@ -65,8 +66,9 @@ def time_peer(backend: str, python: str, model_dir: str, runs: list[Run], repeat
         spec_path.write_text(json.dumps(spec))
         cmd = [python, str(PEER_SCRIPT), "--backend", backend, "--spec", str(spec_path),
                "--out", str(out_path)]
-        what = f"{backend}: {', '.join(r.name for r in runs)} x{repeats} (its own interpreter)"
-        with (progress or QuietProgress()).bar(what, None, expected_s=expected_s) as bar:
+        what = f"{backend}: {', '.join(r.name for r in runs)} x{repeats} (its own interpreter"
+        what += f"; pdserve took {pdserve_s:.0f} s)" if pdserve_s else ")"
+        with (progress or QuietProgress()).bar(what, None) as bar:
             proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
             while _still_running(proc):
                 bar.show()  # the elapsed time ticks while the peer works
