@@ -28,8 +28,8 @@ class Bar(Protocol):
     def show(self, what: str | None = None, **counts: int | str) -> None:
         """Name what runs now and/or update the counters beside the bar."""
 
-    def advance(self, n: int = 1) -> None:
-        """``n`` more units of work done."""
+    def advance(self, n: int = 1, **counts: int | str) -> None:
+        """``n`` more units of work done (and the counters as they are now)."""
 
     def close(self) -> None: ...
 
@@ -75,7 +75,9 @@ class _TqdmBar(_BarBase):
             self._bar.set_postfix(counts, refresh=False)
         self._bar.update(0)  # redraws at most every mininterval
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **counts: int | str) -> None:
+        if counts:  # drawn with the count, so the two never disagree on screen
+            self._bar.set_postfix(counts, refresh=False)
         self._bar.update(n)
 
     def close(self) -> None:
@@ -92,7 +94,7 @@ class _SilentBar(_BarBase):
     def show(self, what: str | None = None, **counts: int | str) -> None:
         pass
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **counts: int | str) -> None:
         pass
 
 
@@ -117,8 +119,9 @@ class RecordedBar(_BarBase):
             self.shown.append(what)
         self.counts.update(counts)
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **counts: int | str) -> None:
         self.done += n
+        self.counts.update(counts)
 
     def close(self) -> None:
         self.closed = True
@@ -169,11 +172,13 @@ class RequestTally:
             self.completed += 1
         else:
             self.failed += 1
-        self._show()
-        self._bar.advance()
+        self._bar.advance(1, **self._counts())
 
     def _show(self) -> None:
-        self._bar.show(sent=self.sent, completed=self.completed, failed=self.failed)
+        self._bar.show(None, **self._counts())
+
+    def _counts(self) -> dict[str, int | str]:
+        return {"sent": self.sent, "completed": self.completed, "failed": self.failed}
 
 
 def _duration(seconds: float) -> str:

@@ -212,7 +212,7 @@ def _healthy(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
 
 
 @pytest.fixture()
-def served(tmp_path: Path) -> Iterator[None]:
+def served(tmp_path: Path) -> Iterator[Path]:
     taken = [p for p in PORTS if _busy(p)]
     if taken:
         pytest.skip(f"ports {taken} are in use: the README's client commands assume them")
@@ -223,7 +223,7 @@ def served(tmp_path: Path) -> Iterator[None]:
                                 start_new_session=True)
     try:
         _healthy(proc, log, timeout=240)
-        yield
+        yield log
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C, as the README stops it
         try:
@@ -248,7 +248,7 @@ def _check_output(cmd: str, out: str) -> None:
         assert out.rstrip().endswith("data: [DONE]"), out[-300:]
 
 
-def test_quick_start_commands_run_as_written(served: None) -> None:
+def test_quick_start_commands_run_as_written(served: Path) -> None:
     commands = [c for c in COMMANDS if _matches(c, RUN)]
     assert len(commands) >= len(RUN)
     with ThreadPoolExecutor(4) as pool:  # independent clients: the cluster batches them
@@ -256,3 +256,4 @@ def test_quick_start_commands_run_as_written(served: None) -> None:
     for cmd, res in results:
         assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         _check_output(cmd, res.stdout)
+    assert "logs       every role logs to this terminal's stderr" in served.read_text()
