@@ -11,8 +11,8 @@ Implementations, chosen by name (``make_progress``): ``tqdm`` (the default),
 
 A bar's lifecycle: open (``Progress.bar``) → ``show``/``advance`` any number of
 times → ``close`` (also on leaving its ``with`` block). Expected time is tqdm's
-estimate from the rate so far, or the caller's ``expected_s`` when it knows
-better (W4 lasts ``--duration`` whatever the rate).
+estimate from the rate so far; ``expected_s`` adds the least the work lasts when
+the caller knows it (W4's open loop sends for ``--duration`` whatever the rate).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class _TqdmBar(_BarBase):
     def __init__(self, what: str, total: int | None, unit: str, expected_s: float | None):
         from tqdm import tqdm
 
-        self._expected = f" (expected ~{_duration(expected_s)})" if expected_s else ""
+        self._expected = f" (at least {_duration(expected_s)})" if expected_s else ""
         interactive = sys.stderr.isatty()
         # A log file gets a line every 10 s, a terminal a redraw every 0.5 s.
         self._bar = tqdm(total=total, unit=unit, desc=what + self._expected, file=sys.stderr,
