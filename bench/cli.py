@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write all results here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="print two runs' --json side by side (each figure as B/A) and exit")
     add_serving_arguments(p)
     add_chaos_arguments(p)
 
@@ -44,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         from bench.chaos_bench import run_chaos_bench, run_soak_bench
 
         return run_chaos_bench(args) if args.chaos else run_soak_bench(args)
+    if args.compare:
+        from bench.compare import compare_files
+
+        return compare_files(*args.compare)
     if args.target:
         if args.engine:
             raise ValueError("bench: --engine and --target are exclusive")
@@ -54,18 +61,21 @@ def run(args: argparse.Namespace) -> int:
                              "(a running server); W5 runs alone (--workload W5)")
         return _run_w5(args)
     from bench.engine_bench import time_pdserve, time_peer
+    from bench.progress import progress_for
 
     workloads = args.workload or ["W1", "W2", "W3"]
     vocab = 49152 if args.model is None else _vocab(args.model)
     runs = [r for w in workloads for r in runs_for(w, vocab)]
+    progress = progress_for(args.quiet)
     results = {"pdserve": time_pdserve(runs, args.repeats, args.dtype, args.threads, args.model,
-                                        args.quantization)}
+                                        args.quantization, progress)}
+    ours_s = sum(sum(r["times_s"]) for r in results["pdserve"]["runs"])
     model_dir = results["pdserve"]["model_dir"]
     dtype = results["pdserve"]["dtype"]
     for peer in args.peer:
         python = args.vllm_python if peer == "vllm" else sys.executable
         results[peer] = time_peer(peer, python, model_dir, runs, args.repeats, dtype,
-                                  args.threads)
+                                  args.threads, progress, pdserve_s=ours_s)
     ceilings = results["pdserve"]["ceilings"]
     report = _report(workloads, results, ceilings)
     machine = describe_machine(args.threads)
@@ -79,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_w5(args: argparse.Namespace) -> int:
     from bench.disagg_bench import run_w5
+    from bench.progress import progress_for
 
     vocab = 49152 if args.model is None else _vocab(args.model)
-    res = run_w5(args.model, args.dtype, args.repeats, vocab)
+    res = run_w5(args.model, args.dtype, args.repeats, vocab, progress_for(args.quiet))
     print("W5 KV hand-off (disaggregated, prefill on CPU 0, decode on CPU 1; medians)")
     print(f"{'enc':>6} {'tokens':>6} {'TTFT ms':>8} {'compute ms':>10} {'exposed ms':>10} "
           f"{'exposed %':>9} {'B/token':>8}")

@@ -16,6 +16,7 @@ import socket
 import statistics
 from typing import Any
 
+from bench.progress import Progress, QuietProgress
 from bench.wire_bench import wire_throughput
 from bench.workloads import random_prompts
 from pdserve.client import Client
@@ -32,22 +33,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_w5(model: str | None, dtype: str, repeats: int, vocab: int) -> dict[str, Any]:
+def run_w5(model: str | None, dtype: str, repeats: int, vocab: int,
+           progress: Progress | None = None) -> dict[str, Any]:
     two = len(os.sched_getaffinity(0)) >= 2
     c = ClusterConfig(model=model, dtype=dtype, router_port=_free_port(), http_port=0,
                       local_prefill_below=1,
                       prefill=[Member(_free_port(), 0, (0,) if two else None, 1)],
                       decode=[Member(_free_port(), 0, (1,) if two else None, 1)])
-    procs = start(c)
-    try:
-        client = Client(f"127.0.0.1:{c.router_port}", timeout=600)
-        list(client.generate([1, 2, 3, 4], max_tokens=2))  # warm-up
-        rows = [_measure(client, n, enc, repeats, vocab)
-                for enc in ENCODINGS for n in SIZES]
-        client.close()
-    finally:
-        stop(procs)
-    return {"requests": rows, "wire": wire_throughput(repeats)}  # same run, cluster stopped
+    steps = len(ENCODINGS) * len(SIZES) + 1  # every (encoding, size), then the wire
+    with (progress or QuietProgress()).bar("W5: starting the cluster", steps) as bar:
+        procs = start(c)
+        try:
+            client = Client(f"127.0.0.1:{c.router_port}", timeout=600)
+            list(client.generate([1, 2, 3, 4], max_tokens=2))  # warm-up
+            rows = []
+            for enc in ENCODINGS:
+                for n in SIZES:
+                    bar.show(f"W5 KV hand-off {enc} {n} tokens x{repeats}")
+                    rows.append(_measure(client, n, enc, repeats, vocab))
+                    bar.advance()
+            client.close()
+        finally:
+            stop(procs)
+        bar.show(f"W5 wire alone x{repeats}")
+        wire = wire_throughput(repeats)  # same run, cluster stopped
+        bar.advance()
+    return {"requests": rows, "wire": wire}
 
 
 def _measure(client: Client, n: int, enc: str, repeats: int, vocab: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from bench.progress import RequestTally
 from bench.serving_client import Backend, RequestSpec, measure
 from bench.stats import RequestRecord
 from bench.workloads import random_prompts, runs_for
@@ -83,22 +84,35 @@ def with_run_ids(specs: list[RequestSpec], tag: str) -> list[RequestSpec]:
     return [RequestSpec(f"{s.rid}-{tag}", s.cls, s.prompt, s.max_tokens) for s in specs]
 
 
+async def _measured(backend: Backend, spec: RequestSpec, t0: float,
+                    tally: RequestTally | None) -> RequestRecord:
+    if tally is not None:
+        tally.on_sent()
+    rec = await measure(backend, spec, t0)
+    if tally is not None:
+        tally.on_done(rec.success)
+    return rec
+
+
 async def run_together(backend: Backend, specs: list[RequestSpec],
+                       tally: RequestTally | None = None,
                        ) -> tuple[list[RequestRecord], float]:
     """Send every request at once; duration = first send → last completion."""
     t0 = time.perf_counter()
-    records = await asyncio.gather(*(measure(backend, s, t0) for s in specs))
+    records = await asyncio.gather(*(_measured(backend, s, t0, tally) for s in specs))
     return list(records), time.perf_counter() - t0
 
 
 async def run_one_by_one(backend: Backend, specs: list[RequestSpec],
+                         tally: RequestTally | None = None,
                          ) -> tuple[list[RequestRecord], float]:
     t0 = time.perf_counter()
-    records = [await measure(backend, s, t0) for s in specs]
+    records = [await _measured(backend, s, t0, tally) for s in specs]
     return records, time.perf_counter() - t0
 
 
 async def run_open_loop(backend: Backend, arrivals: list[Arrival],
+                        tally: RequestTally | None = None,
                         ) -> tuple[list[RequestRecord], float]:
     """Send each request at its scheduled time, never waiting for earlier ones;
     duration = start → last completion (as ``vllm bench serve``)."""
@@ -108,7 +122,7 @@ async def run_open_loop(backend: Backend, arrivals: list[Arrival],
         delay = a.at_s - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(measure(backend, a.spec, t0)))
+        tasks.append(asyncio.create_task(_measured(backend, a.spec, t0, tally)))
     records = await asyncio.gather(*tasks)
     return list(records), time.perf_counter() - t0
 

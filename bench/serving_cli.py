@@ -60,6 +60,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run_served(args: argparse.Namespace) -> int:
     from bench.cli import vocab_of
+    from bench.progress import progress_for
     from bench.serving_client import make_backend
     from bench.serving_report import render
     from bench.serving_run import ServeBenchConfig, run
@@ -78,7 +79,7 @@ def run_served(args: argparse.Namespace) -> int:
         duration_s=W4_DURATION_S if args.duration is None else args.duration,
         rate_long=args.rate_long, long_share=args.long_share,
         prefill_capacity=args.prefill_capacity, slo=SLO(args.slo_ttft, args.slo_tpot))
-    doc = run(targets, cfg)
+    doc = run(targets, cfg, progress_for(args.quiet))
     doc["machine"] = describe_machine()  # the client's; the targets' threads are their own
     print(render(doc))
     print(f"machine (client): {machine_line(doc['machine'])}")

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from bench.progress import Progress, QuietProgress, RequestTally
 from bench.serving_bench import (
     LONG,
     closed_specs,
@@ -66,13 +67,17 @@ async def _warm_up(backend: Backend, vocab: int) -> None:
     await run_one_by_one(backend, [spec])
 
 
-async def _closed(backend: Backend, w: str, cfg: ServeBenchConfig) -> dict[str, Any]:
+async def _closed(backend: Backend, w: str, cfg: ServeBenchConfig,
+                  progress: Progress, label: str) -> dict[str, Any]:
     specs = closed_specs(w, cfg.vocab, cfg.model_dir, cfg.seed)
     runs = []
-    for i in range(cfg.repeats):
-        records, duration = await run_together(backend, with_run_ids(specs, f"r{i}"))
-        runs.append({"summary": summarize(records, duration, cfg.slo),
-                     "requests": records_json(records)})
+    with progress.bar(f"{label} {w}", cfg.repeats * len(specs), unit="req") as bar:
+        tally = RequestTally(bar)
+        for i in range(cfg.repeats):
+            bar.show(f"{label} {w} repeat {i + 1}/{cfg.repeats}")
+            records, duration = await run_together(backend, with_run_ids(specs, f"r{i}"), tally)
+            runs.append({"summary": summarize(records, duration, cfg.slo),
+                         "requests": records_json(records)})
     summary = median_of([r["summary"] for r in runs])
     if w == "W3":
         ttft = summary["ttft_ms"]["p50"]
@@ -80,8 +85,11 @@ async def _closed(backend: Backend, w: str, cfg: ServeBenchConfig) -> dict[str, 
     return {"summary": summary, "runs": runs}
 
 
-async def _w4(backend: Backend, cfg: ServeBenchConfig, rate_long: float) -> dict[str, Any]:
-    unloaded, _ = await run_one_by_one(backend, unloaded_specs(cfg.vocab, seed=cfg.seed))
+async def _w4(backend: Backend, cfg: ServeBenchConfig, rate_long: float,
+              progress: Progress, label: str) -> dict[str, Any]:
+    specs = unloaded_specs(cfg.vocab, seed=cfg.seed)
+    with progress.bar(f"{label} W4 unloaded (one at a time)", len(specs), unit="req") as bar:
+        unloaded, _ = await run_one_by_one(backend, specs, RequestTally(bar))
     base = summarize(unloaded, 1.0)
     ttft0, tpot0 = base["ttft_ms"]["p50"], base["tpot_ms"]["p50"]
     if ttft0 is None or tpot0 is None:
@@ -90,7 +98,10 @@ async def _w4(backend: Backend, cfg: ServeBenchConfig, rate_long: float) -> dict
     slo = SLO(cfg.slo.ttft_s if cfg.slo.ttft_s is not None else 5 * ttft0 / 1e3,
               cfg.slo.tpot_s if cfg.slo.tpot_s is not None else 2 * tpot0 / 1e3)
     arrivals = w4_schedule(cfg.rate_short, rate_long, cfg.duration_s, cfg.vocab, cfg.seed)
-    records, duration = await run_open_loop(backend, arrivals)
+    what = (f"{label} W4 open loop ({cfg.rate_short:g}/s short + {rate_long:.3g}/s long "
+            f"for {cfg.duration_s:g} s)")
+    with progress.bar(what, len(arrivals), unit="req", expected_s=cfg.duration_s) as bar:
+        records, duration = await run_open_loop(backend, arrivals, RequestTally(bar))
     by_class = {c: [r for r in records if r.cls == c] for c in ("short", "long")}
     summary = {c: summarize(rs, duration, slo) for c, rs in by_class.items()}
     summary["all"] = summarize(records, duration, slo)
@@ -101,19 +112,23 @@ async def _w4(backend: Backend, cfg: ServeBenchConfig, rate_long: float) -> dict
             "runs": [{"requests": records_json(records)}]}
 
 
-async def _measure_capacity(backend: Backend, cfg: ServeBenchConfig) -> float:
+async def _measure_capacity(backend: Backend, cfg: ServeBenchConfig, progress: Progress,
+                            label: str) -> float:
     """Prefill tokens/s of this target on W3 (unloaded, median TTFT of 3)."""
     specs = closed_specs("W3", cfg.vocab, seed=cfg.seed)
     ttfts = []
-    for i in range(3):
-        records, _ = await run_one_by_one(backend, with_run_ids(specs, f"cap{i}"))
-        if not records[0].success:
-            raise RuntimeError(f"W3 capacity probe failed: {records[0].error}")
-        ttfts.append(records[0].ttft_s)
+    with progress.bar(f"{label} W4 prefill capacity (W3 x3)", 3, unit="req") as bar:
+        tally = RequestTally(bar)
+        for i in range(3):
+            records, _ = await run_one_by_one(backend, with_run_ids(specs, f"cap{i}"), tally)
+            if not records[0].success:
+                raise RuntimeError(f"W3 capacity probe failed: {records[0].error}")
+            ttfts.append(records[0].ttft_s)
     return LONG[0] / sorted(ttfts)[1]
 
 
-async def run_targets(targets: list[tuple[str, str]], cfg: ServeBenchConfig) -> dict[str, Any]:
+async def run_targets(targets: list[tuple[str, str]], cfg: ServeBenchConfig,
+                      progress: Progress) -> dict[str, Any]:
     """Measure every (label, target) in order; returns the whole JSON document."""
     out: dict[str, Any] = {"config": _config_json(cfg), "targets": []}
     rate_long = cfg.rate_long
@@ -124,7 +139,8 @@ async def run_targets(targets: list[tuple[str, str]], cfg: ServeBenchConfig) -> 
             await _warm_up(backend, cfg.vocab)
             entry: dict[str, Any] = {"label": label, "target": target, "workloads": {}}
             if "W4" in cfg.workloads and rate_long is None:
-                capacity = cfg.prefill_capacity or await _measure_capacity(backend, cfg)
+                capacity = cfg.prefill_capacity or await _measure_capacity(
+                    backend, cfg, progress, label)
                 rate_long = long_rate_for(capacity, cfg.long_share)
                 out["config"]["w4_rates"] = {
                     "prefill_capacity_tok_s": capacity, "measured_on": (
@@ -133,9 +149,9 @@ async def run_targets(targets: list[tuple[str, str]], cfg: ServeBenchConfig) -> 
             for w in cfg.workloads:
                 if w == "W4":
                     assert rate_long is not None
-                    entry["workloads"][w] = await _w4(backend, cfg, rate_long)
+                    entry["workloads"][w] = await _w4(backend, cfg, rate_long, progress, label)
                 else:
-                    entry["workloads"][w] = await _closed(backend, w, cfg)
+                    entry["workloads"][w] = await _closed(backend, w, cfg, progress, label)
             out["targets"].append(entry)
         finally:
             await backend.close()
@@ -148,5 +164,6 @@ def _config_json(cfg: ServeBenchConfig) -> dict[str, Any]:
     return d
 
 
-def run(targets: list[tuple[str, str]], cfg: ServeBenchConfig) -> dict[str, Any]:
-    return asyncio.run(run_targets(targets, cfg))
+def run(targets: list[tuple[str, str]], cfg: ServeBenchConfig,
+        progress: Progress | None = None) -> dict[str, Any]:
+    return asyncio.run(run_targets(targets, cfg, progress or QuietProgress()))

@@ -10,7 +10,10 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdserve import __version__
+
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert a model (default: SmolLM2) into the cache "
@@ -30,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
 
-    c = sub.add_parser("chat", help="interactive chat with the offline engine")
+    c = sub.add_parser("chat", help="interactive chat: with the cluster (--address) or the "
+                       "offline engine")
+    c.add_argument("--address", default=None,
+                   help="chat with the cluster whose router serves gRPC here (HOST:PORT); "
+                        "default: the offline engine in this process")
+    c.add_argument("--api-key", default=None, help="router API key (default: $PDSERVE_API_KEY)")
     _engine_args(c)
     _sampling_args(c)
 
@@ -63,6 +71,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return _up(args)
     if args.command == "generate":
         return _generate_offline(args) if args.offline else _generate_remote(args)
+    if args.address:
+        from pdserve.remote_chat import chat
+
+        return chat(args.address, args.api_key, _sampling_kw(args))
     return _chat(args)
 
 
@@ -82,6 +94,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
 
 
 def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -123,7 +140,10 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     from pdserve.logs import LOG_FORMATS
     from pdserve.placement import PIN_MODES
 
-    u.add_argument("--config", default=None, help="cluster config YAML (see README)")
+    u.add_argument("--config", default=None,
+                   help="cluster config YAML (see README); default: the built-in local "
+                        "cluster, or with --address the launcher's packaged config "
+                        "(deploy/ray/cluster.yaml)")
     u.add_argument("--model", default=None)
     u.add_argument("--dtype", default=None)
     u.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
@@ -157,7 +177,11 @@ def _up(args: argparse.Namespace) -> int:
     if args.log_format:  # the roles read it from their environment
         os.environ[logs.FORMAT_ENV] = args.log_format
     logs.configure("launcher")
-    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    path = args.config or (launchers.packaged_config(args.launcher or "ray")
+                           if args.address else None)
+    if path and not args.config:
+        print(f"pdserve up: no --config, using the packaged {path}", file=sys.stderr)
+    config = ClusterConfig.from_yaml(path) if path else ClusterConfig()
     overrides: dict[str, Any] = {k: v for k, v in (
         ("model", args.model), ("dtype", args.dtype), ("quantization", args.quantization),
         ("launcher", args.launcher),
@@ -180,8 +204,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     from pdserve.client import Client
 
     client = Client(args.address, api_key=args.api_key)
-    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed)
+    kw = _sampling_kw(args)
     prompt_kw = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                  else {"prompt": args.prompt})
     last = None
@@ -219,13 +242,14 @@ def _chat(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     params = _params(args)
     history: list[dict[str, str]] = []
-    print("pdserve chat on the offline engine. Empty line or Ctrl-D quits.", file=sys.stderr)
+    print("pdserve chat on the offline engine. /exit, an empty line or Ctrl-D quits.",
+          file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             break
-        if not line:
+        if not line or line == "/exit":
             break
         history.append({"role": "user", "content": line})
         answer = ""

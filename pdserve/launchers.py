@@ -9,11 +9,14 @@ cluster is stopped). pyproject.toml registers them::
 
 so pdserve finds the Ray launcher by name, never by importing deploy/ (``make
 install`` reinstalls whenever pyproject.toml changes, so the metadata is current).
+A launcher's module may ship a cluster config (``PACKAGED_CONFIG``, a path), the
+one ``pdserve up --address`` runs when given no ``--config``.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -45,3 +48,13 @@ def find(name: str, entry_points: Iterable[metadata.EntryPoint] | None = None) -
         raise ValueError(f"launcher must be one of {tuple(sorted(found))}, got {name!r}")
     launcher: Launcher = found[name].load()
     return launcher
+
+
+def packaged_config(name: str, entry_points: Iterable[metadata.EntryPoint] | None = None,
+                    ) -> str | None:
+    """The cluster config launcher ``name`` ships, if any."""
+    found = _by_name(entry_points)
+    if name not in found:
+        raise ValueError(f"launcher must be one of {tuple(sorted(found))}, got {name!r}")
+    path = getattr(importlib.import_module(found[name].module), "PACKAGED_CONFIG", None)
+    return None if path is None else str(path)

@@ -20,6 +20,7 @@ Actors ask for 0 CPUs: the CPU a worker uses is decided by pinning, not by Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -40,6 +41,8 @@ from pdserve.launch import interrupt_on_stop_signals, role_env, router_command, 
 from pdserve.worker_args import worker_command
 
 REGISTRY = "pdserve-registry"
+PACKAGED_CONFIG = Path(__file__).with_name("cluster.yaml")
+"""What ``pdserve up --address`` and ``python -m deploy.ray.job`` run without --config."""
 
 
 @dataclass

@@ -126,3 +126,45 @@ def test_job_submit_serves_then_stops_cleanly(head: tuple[str, dict[str, str]],
            and ("_worker" in _cmdline(p) or "router" in _cmdline(p))]:
         assert time.monotonic() < deadline, "role processes left after ray job stop"
         time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_job_without_arguments_serves_the_packaged_config(
+        head: tuple[str, dict[str, str]]) -> None:
+    """`ray job submit ... -- python -m deploy.ray.job`, as the README has it: the
+    packaged deploy/ray/cluster.yaml, on its fixed ports."""
+    import yaml
+
+    address, env = head
+    config = yaml.safe_load((REPO / "deploy" / "ray" / "cluster.yaml").read_text())
+    router, prefill, decode = config["router_port"], config["prefill"][0], config["decode"][0]
+    ports = [router, prefill["port"], prefill["metrics_port"], decode["port"],
+             decode["metrics_port"]]
+    if any(_busy(p) for p in ports):
+        pytest.skip(f"the packaged config's ports {ports} are in use on this machine")
+    job = f"pdserve-test-{uuid.uuid4().hex[:8]}"
+    _ray("job", "submit", "--address", address, "--submission-id", job, "--no-wait",
+         "--working-dir", str(REPO), "--", "python", "-m", "deploy.ray.job", env=env)
+    try:
+        ids, _ = ask(router, timeout=300)
+        assert len(ids) == 4
+        assert blocks_free(prefill["metrics_port"], decode["metrics_port"])
+    except BaseException:
+        print(_ray("job", "logs", "--address", address, job, env=env)[-4000:])
+        raise
+    finally:
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job], env=env,
+                       capture_output=True, timeout=120)
+    assert "was stopped" in _ray("job", "status", "--address", address, job, env=env)
+
+
+def _busy(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
