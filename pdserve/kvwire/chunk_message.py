@@ -30,6 +30,7 @@ from pdserve.kvwire.codec import EncodedKV, Encoding, encode_into, expected_size
 from pdserve.kvwire.stream import KVChunk, KVStreamError
 
 _CHUNK = 2  # PrefillResponse.chunk
+_OTHER_KINDS = (1, 3)  # PrefillResponse.header, .first_token
 _INTS = {1: "seq", 2: "layer", 3: "token_offset", 4: "num_tokens", 5: "encoding"}
 _PAYLOAD = {6: "k", 7: "v", 8: "k_scales", 9: "v_scales"}
 _CRC = 10
@@ -84,8 +85,10 @@ def parse_chunk_message(data: bytes) -> KVChunk | None:
     buf = memoryview(data)
     body = None
     for num, wire, value in _fields(buf):
-        if num != _CHUNK:
+        if num in _OTHER_KINDS:
             return None  # header, first token: protobuf parses those
+        if num != _CHUNK:
+            continue  # a field from a newer peer: skipped, as protobuf would
         if wire != _LEN:
             raise KVStreamError("DATA_LOSS", "KV message: chunk field is not a message")
         body = value
