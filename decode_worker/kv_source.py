@@ -23,10 +23,12 @@ from typing import Protocol
 import grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2
+from pdserve.config import TLSConfig
 from pdserve.convert import kv_request_to_pb, parse_prefill_response
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.stream import KVEvent, KVRequest, PeerFailed
+from pdserve.tls import aio_channel
 
 PREFILL_METHOD = "/pdserve.v1.PrefillWorker/Prefill"
 
@@ -46,7 +48,8 @@ class GrpcKVSource:
     reads the KV chunks in them without copying (the generated stub would parse each
     through protobuf objects)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSConfig | None = None) -> None:
+        self._tls = tls  # mTLS to prefill workers when set
         self._calls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -63,7 +66,7 @@ class GrpcKVSource:
 
     def _call(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         if address not in self._calls:
-            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+            channel = aio_channel(address, self._tls, OPTIONS)
             self._channels.append(channel)
             self._calls[address] = channel.unary_stream(
                 PREFILL_METHOD, request_serializer=worker_pb2.PrefillRequest.SerializeToString)
@@ -74,10 +77,11 @@ class GrpcKVSource:
             await c.close()
 
 
-def make_kv_source(name: str, engine: AsyncEngine) -> KVSource:
-    """The source called ``name`` (``WorkerConfig.kv_source``) for a worker's engine."""
+def make_kv_source(name: str, engine: AsyncEngine, tls: TLSConfig | None = None) -> KVSource:
+    """The source called ``name`` (``WorkerConfig.kv_source``) for a worker's engine;
+    ``tls``: the worker's own, for mTLS to prefill workers."""
     if name == "grpc":
-        return GrpcKVSource()
+        return GrpcKVSource(tls)
     if name == "loopback":
         from decode_worker.fake_kv_sources import LoopbackKVSource
 

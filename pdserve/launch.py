@@ -19,8 +19,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.config import RouterConfig
+from pdserve.config import RouterConfig, TLSConfig
 from pdserve.logs import FORMAT_ENV
+from pdserve.tls import channel
 
 
 def router_command(r: RouterConfig) -> list[str]:
@@ -33,7 +34,20 @@ def router_command(r: RouterConfig) -> list[str]:
         cmd.append("--members-stdin")
     if r.model:
         cmd += ["--model", r.model]
-    return cmd
+    return cmd + _router_tls_argv(r)
+
+
+def _router_tls_argv(r: RouterConfig) -> list[str]:
+    argv: list[str] = []
+    if r.tls is not None:
+        for flag, path in (("--tls-ca", r.tls.ca), ("--tls-cert", r.tls.cert),
+                           ("--tls-key", r.tls.key)):
+            argv += [flag, str(path)]
+        if r.tls.require_client_cert:
+            argv.append("--tls-require-client-cert")
+    if r.health_port:
+        argv += ["--health-port", str(r.health_port)]
+    return argv
 
 
 def role_env(api_key: str | None = None) -> dict[str, str]:
@@ -43,11 +57,13 @@ def role_env(api_key: str | None = None) -> dict[str, str]:
     return {**env, "PDSERVE_API_KEY": api_key} if api_key else env
 
 
-def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]]) -> None:
+def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]],
+                 tls: TLSConfig | None = None) -> None:
     """Poll ``address``'s grpc.health.v1 until SERVING; RuntimeError when one of
-    ``procs`` exits first or ``timeout`` passes."""
+    ``procs`` exits first or ``timeout`` passes. ``tls``: the launcher's client
+    certificate, for roles that serve mTLS."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with channel(address, tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in procs):

@@ -47,11 +47,11 @@ def start(c: ClusterConfig, timeout: float = 600, log_dir: Path | None = None) -
                 worker = c.worker(role, m, slot, len(members))
                 spawn(f"{role}-{slot}", worker_command(worker), role_env())
             for _, m in members:
-                wait_serving(f"{c.host}:{m.port}", timeout, procs)
+                wait_serving(f"{c.host}:{m.port}", timeout, procs, c.tls("client"))
             router = c.router([f"{c.host}:{m.port}" for m in c.decode],
                               [f"{c.host}:{m.port}" for m in c.prefill])
             spawn("router", router_command(router), role_env(router.api_key))
-            wait_serving(f"{c.host}:{c.router_port}", 60, procs)
+            wait_serving(f"{c.host}:{c.router_port}", 60, procs, c.tls("client"))
         except BaseException:
             stop(procs)
             raise

@@ -83,7 +83,8 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory) 
     """STARTING: bind, load the model (health NOT_SERVING meanwhile); then SERVING."""
     keep_freed_memory()  # before the KV stream's buffers come and go
     servicer = servicer_factory(config)
-    server = Server(config.host, config.port, [servicer.service_name])
+    server = Server(config.host, config.port, [servicer.service_name], tls=config.tls,
+                    health_port=config.health_port)
     servicer.register(server.server)  # gRPC needs its services before start
     await server.start()
     await server.set_serving(False)
