@@ -46,9 +46,12 @@ def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
 
 
 def test_default_cluster_workers_are_the_default_workers_with_metrics() -> None:
+    """... and decode workers may dial the cluster's prefill pool only."""
     c = _cluster()
     for role, m in c.members():
-        assert c.worker(role, m, 0, 1) == parse_args(role, ["--metrics-port", str(m.metrics_port)])
+        pool = ["--prefill-allowlist", "127.0.0.1:50061"] if role == "decode" else []
+        assert c.worker(role, m, 0, 1) == parse_args(
+            role, ["--metrics-port", str(m.metrics_port), *pool])
 
 
 def test_worker_argv_refuses_what_the_command_line_cannot_say() -> None:
