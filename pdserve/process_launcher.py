@@ -72,14 +72,18 @@ def stop(procs: Procs, grace: float = 15) -> None:
 
 
 def banner(c: ClusterConfig, procs: Procs) -> str:
-    http = (f"  router     http://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
+    scheme = "https" if c.certs else "http"
+    http = (f"  router     {scheme}://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
             if c.http_port else "")
+    tls = (f"  mTLS       every hop, certificates in {c.certs} (clients: pdserve generate "
+           f"--tls-ca {c.certs}/ca.pem --tls-cert {c.certs}/client.pem "
+           f"--tls-key {c.certs}/client-key.pem)\n" if c.certs else "")
     return (f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" + http +
             "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
                     for m, p in zip(c.prefill, procs, strict=False)) +
             "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} pid {p.pid}\n"
                     for m, p in zip(c.decode, procs[len(c.prefill):], strict=False)) +
-            "  logs       every role logs to this terminal's stderr (role in each line)\n"
+            tls + "  logs       every role logs to this terminal's stderr (role in each line)\n"
             '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
             "Ctrl-C stops the cluster.")
 
