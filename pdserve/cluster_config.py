@@ -155,7 +155,8 @@ class ClusterConfig:
         if self.certs is None:
             return None
         require = role != "router" or self.tls_require_client_cert
-        return CertFiles(Path(self.certs)).tls(role, require_client_cert=require)
+        # Absolute: Ray actors (and the processes they start) run in another directory.
+        return CertFiles(Path(self.certs).resolve()).tls(role, require_client_cert=require)
 
     def router(self, decode: list[str], prefill: list[str],
                members_stdin: bool = False) -> RouterConfig:

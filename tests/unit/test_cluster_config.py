@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,33 @@ def test_scaling_keeps_the_defaults() -> None:
 
     assert scaled([], 2, default_member("decode")) == [Member(50071, 9071), Member(50072, 9072)]
     assert dataclasses.replace(_cluster(), decode=scaled([], 1, default_member("decode"))) == _cluster()
+
+
+def test_certs_turn_on_mtls_for_every_role_and_round_trip(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.certs import write_certs
+    from router.server import parse_args as router_args
+
+    monkeypatch.chdir(tmp_path)
+    write_certs(tmp_path / "pki")
+    (tmp_path / "c.yaml").write_text("launcher: process\ncerts: pki\n"
+                                     "prefill: [{port: 6001}, {port: 6002}]\n")
+    c = ClusterConfig.from_yaml(tmp_path / "c.yaml")
+    for role, m in c.members():
+        w = c.worker(role, m, 0, 2)
+        assert w.tls is not None and w.tls.cert == str(tmp_path / "pki" / f"{role}.pem")
+        assert w.tls.require_client_cert
+        assert parse_args(role, worker_argv(w)) == w
+    decode = c.worker("decode", c.decode[0], 1, 2)
+    assert decode.prefill_allowlist == ("127.0.0.1:6001", "127.0.0.1:6002")
+    r = c.router(["127.0.0.1:50071"], c.prefill_addresses())
+    assert r.tls is not None and not r.tls.require_client_cert  # optional on the public API
+    assert router_args(router_command(r)[3:]) == r
+    strict = dataclasses.replace(c, tls_require_client_cert=True).router(["d:1"], [])
+    assert strict.tls is not None and strict.tls.require_client_cert
+    assert router_args(router_command(strict)[3:]) == strict
+
+
+def test_certs_directory_must_hold_every_role(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ca.pem is missing; make the directory with"):
+        _cluster(certs=str(tmp_path))
