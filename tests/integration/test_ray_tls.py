@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +19,7 @@ from pdserve.certs import write_certs
 from pdserve.client import Client
 from pdserve.config import TLSConfig
 from tests.integration.ray_helpers import cluster_yaml
+from tests.integration.test_ray_up import Up
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_up_on_ray_with_certs_serves_over_mtls(tiny_llama: Path, tmp_path: Path)
     router = f"127.0.0.1:{config['router_port']}"
     decode = f"127.0.0.1:{config['decode'][0]['port']}"  # type: ignore[index]
     try:
-        _wait_for(proc, "Ctrl-C stops the cluster", 300)
+        Up(config, proc, ray_dir).wait_for("Ctrl-C stops the cluster", timeout=300)
         client = Client(router, timeout=60, tls=certs.tls("client"))
         deltas = list(client.generate("hello there, a prompt", max_tokens=4, ignore_eos=True))
         client.close()
@@ -58,14 +58,3 @@ def test_up_on_ray_with_certs_serves_over_mtls(tiny_llama: Path, tmp_path: Path)
                 proc.wait()
         shutil.rmtree(ray_dir, ignore_errors=True)
 
-
-def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float) -> None:
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while text not in seen:
-        assert proc.poll() is None, seen[-4000:]
-        assert time.monotonic() < deadline, f"no {text!r}:\n{seen[-4000:]}"
-        seen += proc.stdout.read() or ""
-        time.sleep(0.2)
