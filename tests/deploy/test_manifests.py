@@ -151,6 +151,8 @@ def test_roles_start_with_their_real_flags(overlay: str) -> None:
             assert (w.host, w.port, w.metrics_port) == ("0.0.0.0", port, METRICS[role])
             assert _port(c, "metrics") == METRICS[role]
             assert w.engine.num_threads == int(c["resources"]["limits"]["cpu"])
+            if role == "decode":  # only the prefill workers the router names
+                assert w.prefill_allowlist == router_args(_args(objs, "router")).prefill
 
 
 HEALTH = {"router": 50052, "prefill": 50062, "decode": 50072}
