@@ -1,5 +1,6 @@
 """What every launcher shares: each role's command line and environment, waiting
-for a role to answer SERVING, and holding the cluster up until Ctrl-C or SIGTERM.
+for a role to answer SERVING (over mTLS with the launcher's client certificate when
+the cluster has ``certs``), and holding the cluster up until Ctrl-C or SIGTERM.
 
 Workers get their argv from pdserve/worker_args.py (the inverse of their own
 parser); the router's comes from its RouterConfig here. Children inherit

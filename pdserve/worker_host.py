@@ -3,7 +3,8 @@
 The host knows no role: each role's ``__main__`` hands it a servicer factory
 (``python -m decode_worker`` calls ``main("decode", DecodeServicer)``), and the
 host wires what every worker shares around it: gRPC server with health and
-reflection, engine, metrics, pinning, structured logs, the drain.
+reflection (mTLS with ``--tls-*``, a plaintext ``--health-port`` for probes),
+engine, metrics, pinning, structured logs, the drain.
 
 Pinning is pdserve/placement.py's: explicit ``--cpus``, else next to the GPU, else
 worker ``--slot`` of ``--slots`` spread over this machine's NUMA nodes and CPUs.
