@@ -182,8 +182,8 @@ def test_tls_overlay_mounts_each_roles_certificate_and_probes_plaintext_health()
         assert all(i["key"] in ("ca.pem", f"{role}.pem", f"{role}-key.pem")
                    for i in secret["items"])
         if role == "decode":  # exactly the prefill workers the router knows
-            router = router_args(_args(objs, "router"))
-            assert config.prefill_allowlist == router.prefill
+            allowed = worker_args(role, _args(objs, role)).prefill_allowlist
+            assert allowed == router_args(_args(objs, "router")).prefill
     router = router_args(_args(objs, "router"))
     assert router.tls is not None and not router.tls.require_client_cert  # optional on the API
 
