@@ -57,6 +57,8 @@ def _one(address: str, tls: TLSConfig | None, prompt: list[int]) -> dict[str, fl
     finally:
         client.close()
     assert n == OUTPUT_TOKENS and last is not None and last.timings["plan"] == "remote"
+    if not last.timings["kv_bytes"]:  # the decode worker fell back to a local prefill
+        raise RuntimeError(f"{address}: the KV did not cross from the prefill worker")
     return {"ttft_ms": 1e3 * first, "tpot_ms": 1e3 * (e2e - first) / (n - 1),
             "kv_transfer_ms": 1e3 * float(last.timings["kv_transfer_s"])}
 
