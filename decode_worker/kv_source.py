@@ -27,10 +27,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2
+from pdserve.config import TLSConfig
 from pdserve.convert import kv_request_to_pb, parse_prefill_response
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.grpc_server import OPTIONS
 from pdserve.kvwire.stream import KVEvent, KVRequest, PeerFailed
+from pdserve.tls import aio_channel
 
 PREFILL_METHOD = "/pdserve.v1.PrefillWorker/Prefill"
 
@@ -54,7 +56,8 @@ class GrpcKVSource:
     reads the KV chunks in them without copying (the generated stub would parse each
     through protobuf objects)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSConfig | None = None) -> None:
+        self._tls = tls  # mTLS to prefill workers when set
         self._calls: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -86,7 +89,7 @@ class GrpcKVSource:
     def _channel(self, address: str) -> grpc.aio.Channel:
         """The one channel per address (Prefill calls and health probes share it)."""
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+            self._channels[address] = aio_channel(address, self._tls, OPTIONS)
         return self._channels[address]
 
     async def close(self) -> None:
@@ -94,10 +97,11 @@ class GrpcKVSource:
             await c.close()
 
 
-def make_kv_source(name: str, engine: AsyncEngine) -> KVSource:
-    """The source called ``name`` (``WorkerConfig.kv_source``) for a worker's engine."""
+def make_kv_source(name: str, engine: AsyncEngine, tls: TLSConfig | None = None) -> KVSource:
+    """The source called ``name`` (``WorkerConfig.kv_source``) for a worker's engine;
+    ``tls``: the worker's own, for mTLS to prefill workers."""
     if name == "grpc":
-        return GrpcKVSource()
+        return GrpcKVSource(tls)
     if name == "loopback":
         from decode_worker.fake_kv_sources import LoopbackKVSource
 

@@ -12,7 +12,9 @@ import's states are those of pdserve/engine/kv_import.py::
 - PLANNED: the protobuf request converted and checked (params, plan, prefill
   addresses, encoding; else INVALID_ARGUMENT) into a ``DecodePlan``. Its prefill
   candidates are ``prefill_address`` then ``fallback_prefill_addresses`` (the
-  router's order), at most ``MAX_PREFILL_CANDIDATES``.
+  router's order), at most ``MAX_PREFILL_CANDIDATES``; a candidate outside the
+  worker's allowlist (decode_worker/prefill_allowlist.py) is refused with
+  PERMISSION_DENIED, never dialled.
 - ADMITTED: the request has its seat in the engine (``RequestStream``). LOCAL: queued
   for a prefill here. REMOTE: blocks for the prompt's KV reserved (else
   RESOURCE_EXHAUSTED): the import is RESERVED.
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import grpc
 
 from decode_worker.kv_source import KVSource, make_kv_source
+from decode_worker.prefill_allowlist import PrefillAllowlist
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine, RequestStream
@@ -96,13 +99,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.kv_source: KVSource = None  # type: ignore[assignment]
         self.config = config
         self.default_encoding = Encoding.parse(config.kv_encoding)
+        self.allowlist = PrefillAllowlist.of(config)
 
     def register(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""
-        self.kv_source = make_kv_source(self.config.kv_source, engine)
+        self.kv_source = make_kv_source(self.config.kv_source, engine, self.config.tls)
         self.engine, self.metrics = engine, metrics
 
     async def Generate(self, request: worker_pb2.DecodeRequest,  # noqa: N802 - gRPC name
@@ -134,6 +138,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             candidates = _prefill_candidates(request) if remote else ()
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        refused = [a for a in candidates if not self.allowlist.permits(a)]
+        if refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"prefill address {refused[0]!r} is not a prefill worker this "
+                                "decode worker may dial (--prefill-allowlist)")
         if request.request_id in self.engine.open_requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id {request.request_id!r} is already in use")

@@ -1,4 +1,4 @@
-"""``pdserve`` command line: up | generate | chat | bench | prepare-model."""
+"""``pdserve`` command line: up | generate | chat | bench | prepare-model | certs."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
                        "and build the CPU kernels")
     p.add_argument("--model", default=None)
 
+    k = sub.add_parser("certs", help="make a development CA and per-role certificates (mTLS)")
+    k.add_argument("directory")
+    k.add_argument("--host", action="append", default=[],
+                   help="extra SAN (DNS name or IP) in every certificate; repeatable")
+    k.add_argument("--force", action="store_true", help="replace existing files")
+
     u = sub.add_parser("up", help="start router, prefill and decode workers (Ray actors by default)")
     _up_args(u)
 
@@ -27,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("--address", default="127.0.0.1:50051", help="router gRPC address")
     g.add_argument("--api-key", default=None, help="router API key (default: $PDSERVE_API_KEY)")
+    g.add_argument("--tls-ca", default=None, help="CA to verify the router with (TLS)")
+    g.add_argument("--tls-cert", default=None, help="client certificate (mTLS)")
+    g.add_argument("--tls-key", default=None, help="client private key (mTLS)")
     g.add_argument("--offline", action="store_true",
                    help="run the offline engine in this process instead of asking the router")
     _engine_args(g)
@@ -69,6 +78,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return run(args)
     if args.command == "up":
         return _up(args)
+    if args.command == "certs":
+        from pdserve.certs import ROLES, write_certs
+
+        files = write_certs(args.directory, args.host, force=args.force)
+        print(f"CA {files.ca}; certificates for {', '.join(ROLES)} in {files.directory}")
+        return 0
     if args.command == "generate":
         return _generate_offline(args) if args.offline else _generate_remote(args)
     if args.address:
@@ -162,6 +177,8 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--decode", type=int, default=None, help="number of decode workers")
     u.add_argument("--pin", choices=PIN_MODES, default=None,
                    help="CPU pinning of the workers (default auto)")
+    u.add_argument("--certs", default=None,
+                   help="mTLS on every hop with the certificates of `pdserve certs DIR`")
     u.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help="every role's log lines: auto (text on a terminal, else JSON), json "
                         "or text (default: $PDSERVE_LOG_FORMAT or auto)")
@@ -185,7 +202,7 @@ def _up(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: v for k, v in (
         ("model", args.model), ("dtype", args.dtype), ("quantization", args.quantization),
         ("launcher", args.launcher),
-        ("pin", args.pin), ("api_key", args.api_key)) if v}
+        ("pin", args.pin), ("api_key", args.api_key), ("certs", args.certs)) if v}
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
     if args.address:
@@ -202,8 +219,10 @@ def _generate_remote(args: argparse.Namespace) -> int:
     import grpc
 
     from pdserve.client import Client
+    from pdserve.config import tls_from_args
 
-    client = Client(args.address, api_key=args.api_key)
+    tls = tls_from_args(args.tls_ca, args.tls_cert, args.tls_key, require_client_cert=False)
+    client = Client(args.address, api_key=args.api_key, tls=tls)
     kw = _sampling_kw(args)
     prompt_kw = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
                  else {"prompt": args.prompt})

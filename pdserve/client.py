@@ -1,5 +1,9 @@
 """Python client for the router's public gRPC API (sync and asyncio): Generate
-(streamed ``Delta``s), Abort by request id, ListModels and the health check."""
+(streamed ``Delta``s), Abort by request id, ListModels and the health check.
+
+``tls`` (a ``TLSConfig``): verify the router against ``tls.ca`` and present
+``tls.cert``/``tls.key`` when given (a router started with
+``--tls-require-client-cert`` refuses clients without one); None = plaintext."""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import api_pb2, api_pb2_grpc, common_pb2
+from pdserve.config import TLSConfig
 from pdserve.grpc_server import OPTIONS
+from pdserve.tls import aio_channel, channel
 
 
 @dataclass
@@ -80,8 +85,8 @@ class Client:
     ``authorization: Bearer KEY`` metadata; ``timeout`` is each call's deadline."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 api_key: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(address, options=OPTIONS)
+                 api_key: str | None = None, tls: TLSConfig | None = None) -> None:
+        self.channel = channel(address, tls, OPTIONS)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
         self.metadata = _metadata(api_key if api_key is not None else _env_key())
@@ -114,8 +119,8 @@ class AsyncClient:
     """asyncio twin of ``Client``."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 api_key: str | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+                 api_key: str | None = None, tls: TLSConfig | None = None) -> None:
+        self.channel = aio_channel(address, tls, OPTIONS)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
         self.metadata = _metadata(api_key if api_key is not None else _env_key())

@@ -9,6 +9,13 @@ WorkerConfig, ROLE_DEFAULTS): router gRPC :50051 and OpenAI HTTP :8000, prefill
 its share of the NUMA nodes and CPUs, so on a 2-CPU box prefill runs on CPU 0 and
 decode on CPU 1, one torch thread each.
 
+``certs: DIR`` (or ``pdserve up --certs DIR``; DIR made by ``pdserve certs DIR``,
+see pdserve/certs.py) turns on mTLS on every hop: each role serves with its own
+certificate from DIR and requires client certificates signed by DIR's CA (the
+router's public API only with ``tls_require_client_cert``); the launcher's health
+probes use ``client.pem``. Every decode worker gets the prefill pool's addresses as
+its ``prefill_allowlist`` (with or without certs), so it dials no other address.
+
 The config validates by building the role configs it implies (``worker``,
 ``router``): one set of rules, the roles' own. Launchers hand those configs on.
 """
@@ -22,7 +29,8 @@ from typing import Any
 import yaml
 
 from pdserve import launchers
-from pdserve.config import ROLE_DEFAULTS, EngineConfig, RouterConfig, WorkerConfig
+from pdserve.certs import CertFiles
+from pdserve.config import ROLE_DEFAULTS, EngineConfig, RouterConfig, TLSConfig, WorkerConfig
 from pdserve.placement import PlacementRequest
 from pdserve.worker_args import worker_config
 
@@ -98,6 +106,10 @@ class ClusterConfig:
     """A name in the ``pdserve.launchers`` registry (pdserve/launchers.py)."""
     pin: str = PlacementRequest.mode
     """auto: workers pin themselves (pdserve/placement.py); off: no pinning."""
+    certs: str | None = None
+    """Directory of ``pdserve certs DIR``: mTLS on every hop; None = plaintext."""
+    tls_require_client_cert: bool = False
+    """With ``certs``: the router's public API also requires a client certificate."""
     ray: RaySettings = RaySettings()
     prefill: list[Member] = field(default_factory=lambda: [default_member("prefill")])
     decode: list[Member] = field(default_factory=lambda: [default_member("decode")])
@@ -108,6 +120,11 @@ class ClusterConfig:
             raise ValueError(f"launcher must be one of {names}, got {self.launcher!r}")
         if not self.decode:
             raise ValueError("decode: at least one decode worker is required")
+        if self.certs is not None:
+            for path in CertFiles(Path(self.certs)).all_paths():
+                if path.name != "ca-key.pem" and not path.is_file():
+                    raise ValueError(f"certs: {path} is missing; make the directory with "
+                                     f"`pdserve certs {self.certs}`")
         self.router([], [], members_stdin=True)  # the roles' own validation, now
         for role, m in self.members():
             self.worker(role, m, 0, 1)
@@ -116,14 +133,35 @@ class ClusterConfig:
         """Every worker, prefill first (slot 0 is CPU 0 on a 2-CPU box)."""
         return [("prefill", m) for m in self.prefill] + [("decode", m) for m in self.decode]
 
-    def worker(self, role: str, m: Member, slot: int, slots: int) -> WorkerConfig:
-        """Member ``m``'s config; it is worker ``slot`` of ``slots`` on its machine."""
+    def worker(self, role: str, m: Member, slot: int, slots: int,
+               prefill_pool: list[str] | None = None) -> WorkerConfig:
+        """Member ``m``'s config; it is worker ``slot`` of ``slots`` on its machine. A
+        decode worker may dial ``prefill_pool`` only (default: ``prefill_addresses()``)."""
+        tls = self.tls(role)
+        pool = self.prefill_addresses() if prefill_pool is None else prefill_pool
         return worker_config(role, host=self.host, port=m.port, metrics_port=m.metrics_port,
                              model=self.model, dtype=self.dtype, quantization=self.quantization,
                              threads=m.threads, cpus=m.cpus,
                              pin=self.pin, slot=slot, slots=slots, kv_encoding=self.kv_encoding,
                              prefill_fallback=self.prefill_fallback,
-                             kv_idle_timeout_s=self.kv_idle_timeout_s)
+                             kv_idle_timeout_s=self.kv_idle_timeout_s,
+                             tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,
+                             tls_key=tls.key if tls else None,
+                             prefill_allowlist=tuple(pool) if role == "decode" else ())
+
+    def prefill_addresses(self) -> list[str]:
+        """The prefill pool as the router and the decode workers name it (members on a
+        free port, 0, cannot be named in advance and are left out)."""
+        return [f"{self.host}:{m.port}" for m in self.prefill if m.port]
+
+    def tls(self, role: str) -> TLSConfig | None:
+        """``role``'s TLS from ``certs`` (router, prefill, decode; client: the launcher's
+        probes and ``pdserve generate``); None without certs."""
+        if self.certs is None:
+            return None
+        require = role != "router" or self.tls_require_client_cert
+        # Absolute: Ray actors (and the processes they start) run in another directory.
+        return CertFiles(Path(self.certs).resolve()).tls(role, require_client_cert=require)
 
     def router(self, decode: list[str], prefill: list[str],
                members_stdin: bool = False) -> RouterConfig:
@@ -132,7 +170,8 @@ class ClusterConfig:
                             model=self.model, decode=tuple(decode), prefill=tuple(prefill),
                             members_stdin=members_stdin,
                             local_prefill_below=self.local_prefill_below, api_key=self.api_key,
-                            migration=self.migration)
+                            migration=self.migration,
+                            tls=self.tls("router"))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -89,6 +89,46 @@ class EngineConfig:
                      self.quantization)
 
 
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for TLS (pdserve/tls.py turns them into credentials). A server needs
+    ``cert`` and ``key``; verifying the peer needs ``ca``; a client presents ``cert``
+    and ``key`` when it has them (mTLS)."""
+
+    ca: str | None = None
+    """CA certificate(s) peers must be signed by."""
+    cert: str | None = None
+    """This process's certificate chain."""
+    key: str | None = None
+    """This process's private key."""
+    require_client_cert: bool = True
+    """Server side: refuse at the handshake a client without a certificate signed by ``ca``.
+    Workers always require one; the router's public API only with
+    ``--tls-require-client-cert``."""
+
+    def __post_init__(self) -> None:
+        _require((self.cert is None) == (self.key is None), "tls_cert/tls_key",
+                 "given together", (self.cert, self.key))
+        _require(self.ca is not None or self.cert is not None, "tls",
+                 "at least tls_ca or tls_cert/tls_key", self)
+        if self.require_client_cert:
+            _require(self.ca is not None, "tls_ca",
+                     "set when client certificates are required", self.ca)
+
+    @property
+    def mutual(self) -> bool:
+        """CA, certificate and key: enough to serve mTLS and to dial with mTLS."""
+        return None not in (self.ca, self.cert, self.key)
+
+
+def tls_from_args(ca: str | None, cert: str | None, key: str | None,
+                  require_client_cert: bool = True) -> TLSConfig | None:
+    """The TLS of a command line's --tls-* options; None when none is given."""
+    if ca is None and cert is None and key is None:
+        return None
+    return TLSConfig(ca=ca, cert=cert, key=key, require_client_cert=require_client_cert)
+
+
 PREFILL_FALLBACKS = ("local", "fail")
 KV_SOURCES: tuple[str, ...] = ("grpc", "loopback")
 KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
@@ -122,6 +162,17 @@ class WorkerConfig:
     kv_source: str = "grpc"
     """Decode: where remote KV comes from: ``grpc`` (prefill workers) or ``loopback``
     (an in-process fake prefilling on this worker; tests)."""
+    tls: TLSConfig | None = None
+    """mTLS on this worker's gRPC port (client certificates signed by ``tls.ca``
+    required) and, on a decode worker, on its calls to prefill workers. None = plaintext."""
+    prefill_allowlist: tuple[str, ...] = ()
+    """Decode: the prefill worker addresses (host:port, as the router names them) this
+    worker may dial; a request naming another is refused (PERMISSION_DENIED) without
+    dialing. Empty: any address without TLS (plaintext, as before), none with TLS
+    (fail closed). ``("*",)``: any address, also with TLS."""
+    health_port: int = 0
+    """A second, plaintext port serving only grpc.health.v1 (for kubelet's gRPC probes,
+    which speak no TLS); 0 = none."""
 
     def __post_init__(self) -> None:
         _require(self.role in ("prefill", "decode"), "role", "prefill or decode", self.role)
@@ -136,6 +187,23 @@ class WorkerConfig:
                  f"one of {PREFILL_FALLBACKS}", self.prefill_fallback)
         _require(self.kv_source in KV_SOURCES, "kv_source", f"one of {KV_SOURCES}",
                  self.kv_source)
+        if self.tls is not None:
+            _require(self.tls.mutual and self.tls.require_client_cert, "tls",
+                     "tls_ca, tls_cert and tls_key together (workers serve mTLS only)", self.tls)
+        for a in self.prefill_allowlist:
+            _require(a == "*" or _is_address(a), "prefill_allowlist",
+                     "a list of host:port (or *)", a)
+        _require(0 <= self.health_port < 65536, "health_port", "in [0, 65535]",
+                 self.health_port)
+        _require(self.health_port == 0 or self.health_port != self.port, "health_port",
+                 "a port other than port", self.health_port)
+
+
+def _is_address(a: object) -> bool:
+    if not isinstance(a, str) or ":" not in a:
+        return False
+    port = a.rpartition(":")[2]
+    return port.isdigit() and 0 < int(port) < 65536
 
 
 @dataclass(frozen=True)
@@ -198,6 +266,12 @@ class RouterConfig:
     tokens streamed so far) to another decode worker; the client sees one stream."""
     migration_limit: int = 3
     """The most times one request is moved to another decode worker."""
+    tls: TLSConfig | None = None
+    """TLS on the public API (gRPC and HTTP; client certificates required only when
+    ``tls.require_client_cert``) and mTLS on the router's calls to decode workers
+    (its certificate as client certificate). None = plaintext."""
+    health_port: int = 0
+    """A plaintext port serving only grpc.health.v1 (kubelet probes); 0 = none."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "in [0, 65535]", self.port)
@@ -221,6 +295,12 @@ class RouterConfig:
         _require(self.request_timeout_s > 0, "request_timeout_s", "> 0",
                  self.request_timeout_s)
         _require(self.migration_limit >= 0, "migration_limit", ">= 0", self.migration_limit)
+        if self.tls is not None:
+            _require(self.tls.mutual, "tls",
+                     "tls_ca, tls_cert and tls_key together (the router dials decode "
+                     "workers with mTLS)", self.tls)
+        _require(0 <= self.health_port < 65536, "health_port", "in [0, 65535]",
+                 self.health_port)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""One way to build every role's gRPC server: health, reflection, message limits."""
+"""One way to build every role's gRPC server: health, reflection, message limits,
+TLS (pdserve/tls.py) and an optional plaintext port for health probes alone."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import tls as tls_credentials
+from pdserve.config import TLSConfig
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # KV chunks stay far below; prompts of token ids too
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -26,22 +30,38 @@ OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 LIVENESS_SERVICE = "liveness"
 
 
+# No SO_REUSEPORT: a second server on a busy port must fail, not share it.
+_SERVER_OPTIONS = [*OPTIONS, ("grpc.so_reuseport", 0)]
+
+
 class Server:
+    """``tls`` set: the port serves TLS only (client certificates per
+    ``tls.require_client_cert``). ``health_port``: a second server, plaintext, with
+    grpc.health.v1 alone (the same statuses), because kubelet's gRPC probes speak no
+    TLS; nothing else is reachable there."""
+
     def __init__(self, host: str, port: int, service_names: list[str],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
-        # No SO_REUSEPORT: a second server on a busy port must fail, not share it.
-        self.server = grpc.aio.server(options=[*OPTIONS, ("grpc.so_reuseport", 0)],
-                                      interceptors=list(interceptors))
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 tls: TLSConfig | None = None, health_port: int = 0) -> None:
+        self.server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=list(interceptors))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = tls_credentials.add_port(self.server, f"{host}:{port}", tls)
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if health_port:
+            self.health_server = grpc.aio.server(options=_SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
 
     async def start(self) -> None:
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -52,6 +72,8 @@ class Server:
     async def stop(self, grace: float = 5.0) -> None:
         await self.set_serving(False)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
 
 
 async def until_stop_signal() -> None:

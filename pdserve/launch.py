@@ -1,5 +1,6 @@
 """What every launcher shares: each role's command line and environment, waiting
-for a role to answer SERVING, and holding the cluster up until Ctrl-C or SIGTERM.
+for a role to answer SERVING (over mTLS with the launcher's client certificate when
+the cluster has ``certs``), and holding the cluster up until Ctrl-C or SIGTERM.
 
 Workers get their argv from pdserve/worker_args.py (the inverse of their own
 parser); the router's comes from its RouterConfig here. Children inherit
@@ -19,8 +20,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.config import RouterConfig
+from pdserve.config import RouterConfig, TLSConfig
 from pdserve.logs import FORMAT_ENV
+from pdserve.tls import channel
 
 
 def router_command(r: RouterConfig) -> list[str]:
@@ -35,7 +37,20 @@ def router_command(r: RouterConfig) -> list[str]:
         cmd.append("--members-stdin")
     if r.model:
         cmd += ["--model", r.model]
-    return cmd
+    return cmd + _router_tls_argv(r)
+
+
+def _router_tls_argv(r: RouterConfig) -> list[str]:
+    argv: list[str] = []
+    if r.tls is not None:
+        for flag, path in (("--tls-ca", r.tls.ca), ("--tls-cert", r.tls.cert),
+                           ("--tls-key", r.tls.key)):
+            argv += [flag, str(path)]
+        if r.tls.require_client_cert:
+            argv.append("--tls-require-client-cert")
+    if r.health_port:
+        argv += ["--health-port", str(r.health_port)]
+    return argv
 
 
 def role_env(api_key: str | None = None) -> dict[str, str]:
@@ -45,23 +60,26 @@ def role_env(api_key: str | None = None) -> dict[str, str]:
     return {**env, "PDSERVE_API_KEY": api_key} if api_key else env
 
 
-def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]]) -> None:
+def wait_serving(address: str, timeout: float, procs: Sequence[subprocess.Popen[Any]],
+                 tls: TLSConfig | None = None) -> None:
     """Poll ``address``'s grpc.health.v1 until SERVING; RuntimeError when one of
-    ``procs`` exits first or ``timeout`` passes."""
+    ``procs`` exits first or ``timeout`` passes. ``tls``: the launcher's client
+    certificate, for roles that serve mTLS."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise RuntimeError(f"a cluster process exited while waiting for {address}")
-        if probe_serving(address):
+        if probe_serving(address, tls=tls):
             return
         time.sleep(0.2)
     raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f} s")
 
 
-def probe_serving(address: str, timeout: float = 1.0) -> bool:
+def probe_serving(address: str, timeout: float = 1.0, tls: TLSConfig | None = None) -> bool:
     """One grpc.health.v1 check of ``address`` on a fresh channel (a long-lived one
-    would wait out its reconnect backoff after the process behind it restarted)."""
-    with grpc.insecure_channel(address) as ch:
+    would wait out its reconnect backoff after the process behind it restarted);
+    ``tls``: the prober's client certificate, for roles that serve mTLS."""
+    with channel(address, tls) as ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)

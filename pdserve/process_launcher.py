@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from pdserve.cluster_config import ClusterConfig
-from pdserve.config import RestartPolicy
+from pdserve.config import RestartPolicy, TLSConfig
 from pdserve.grpc_server import PARENT_ENV
 from pdserve.launch import (
     interrupt_on_stop_signals,
@@ -35,11 +35,11 @@ from pdserve.worker_args import worker_command
 
 
 def _spec(name: str, argv: list[str], env: dict[str, str], address: str,
-          log_dir: Path | None) -> ChildSpec:
+          log_dir: Path | None, tls: TLSConfig | None) -> ChildSpec:
     # PARENT_ENV: a launcher that is killed outright takes its children with it
     # (they drain and exit) instead of leaving them holding the ports.
     return ChildSpec(name, argv, {**env, PARENT_ENV: str(os.getpid())},
-                     functools.partial(probe_serving, address),
+                     functools.partial(probe_serving, address, tls=tls),
                      log_dir / f"{name}.log" if log_dir else None)
 
 
@@ -52,12 +52,12 @@ def start(c: ClusterConfig, timeout: float = 600, log_dir: Path | None = None,
         for slot, (role, m) in enumerate(members):
             worker = c.worker(role, m, slot, len(members))
             supervisor.add(_spec(f"{role}-{slot}", worker_command(worker), role_env(),
-                                 f"{c.host}:{m.port}", log_dir))
+                                 f"{c.host}:{m.port}", log_dir, c.tls("client")))
         supervisor.wait_running(timeout)
         router = c.router([f"{c.host}:{m.port}" for m in c.decode],
                           [f"{c.host}:{m.port}" for m in c.prefill])
         supervisor.add(_spec("router", router_command(router), role_env(router.api_key),
-                             f"{c.host}:{c.router_port}", log_dir))
+                             f"{c.host}:{c.router_port}", log_dir, c.tls("client")))
         supervisor.wait_running(60)
     except BaseException:
         supervisor.stop()
@@ -72,14 +72,18 @@ def stop(supervisor: Supervisor, grace: float = 15) -> None:
 
 def banner(c: ClusterConfig, supervisor: Supervisor) -> str:
     pids = [ch.proc.pid if ch.proc else 0 for ch in supervisor.children]
-    http = (f"  router     http://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
+    scheme = "https" if c.certs else "http"
+    http = (f"  router     {scheme}://{c.host}:{c.http_port}/v1 (OpenAI HTTP; /health, /metrics)\n"
             if c.http_port else "")
+    tls = (f"  mTLS       every hop, certificates in {c.certs} (clients: pdserve generate "
+           f"--tls-ca {c.certs}/ca.pem --tls-cert {c.certs}/client.pem "
+           f"--tls-key {c.certs}/client-key.pem)\n" if c.certs else "")
     return (f"\npdserve cluster up:\n  router     {c.host}:{c.router_port} (gRPC)\n" + http +
             "".join(f"  prefill    {c.host}:{m.port} metrics :{m.metrics_port} pid {p}\n"
                     for m, p in zip(c.prefill, pids, strict=False)) +
             "".join(f"  decode     {c.host}:{m.port} metrics :{m.metrics_port} pid {p}\n"
                     for m, p in zip(c.decode, pids[len(c.prefill):], strict=False)) +
-            "  logs       every role logs to this terminal's stderr (role in each line)\n"
+            tls + "  logs       every role logs to this terminal's stderr (role in each line)\n"
             "  restarts   a process that exits is restarted (backoff 1 s doubling to 30 s)\n"
             '\nTry:  .venv/bin/pdserve generate "What is the capital of France?" --chat\n'
             "Ctrl-C stops the cluster.")

@@ -12,7 +12,13 @@ import argparse
 import sys
 from typing import Any
 
-from pdserve.config import PREFILL_FALLBACKS, ROLE_DEFAULTS, EngineConfig, WorkerConfig
+from pdserve.config import (
+    PREFILL_FALLBACKS,
+    ROLE_DEFAULTS,
+    EngineConfig,
+    WorkerConfig,
+    tls_from_args,
+)
 from pdserve.logs import LOG_FORMATS
 from pdserve.placement import PIN_MODES, PlacementRequest
 
@@ -27,7 +33,11 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   kv_encoding: str = WorkerConfig.kv_encoding,
                   prefill_fallback: str = WorkerConfig.prefill_fallback,
                   kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s,
-                  quantization: str | None = EngineConfig.quantization) -> WorkerConfig:
+                  quantization: str | None = EngineConfig.quantization,
+                  tls_ca: str | None = None, tls_cert: str | None = None,
+                  tls_key: str | None = None,
+                  prefill_allowlist: tuple[str, ...] = WorkerConfig.prefill_allowlist,
+                  health_port: int = WorkerConfig.health_port) -> WorkerConfig:
     """The config of a worker with these options (the ones its command line has);
     ``port`` and ``max_num_batched_tokens`` default per role (ROLE_DEFAULTS)."""
     if role not in ROLE_DEFAULTS:
@@ -44,11 +54,17 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                         port=defaults.port if port is None else port, metrics_port=metrics_port,
                         placement=placement, kv_encoding=kv_encoding,
                         prefill_fallback=prefill_fallback,
-                        kv_idle_timeout_s=kv_idle_timeout_s)
+                        kv_idle_timeout_s=kv_idle_timeout_s,
+                        tls=tls_from_args(tls_ca, tls_cert, tls_key),
+                        prefill_allowlist=prefill_allowlist, health_port=health_port)
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
     return tuple(int(c) for c in text.split(","))
+
+
+def _address_list(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
 def parser(role: str) -> argparse.ArgumentParser:
@@ -78,6 +94,16 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--kv-idle-timeout-s", type=float,
                    help=f"decode: seconds a prefill worker may send nothing before it counts "
                         f"as failed (default {WorkerConfig.kv_idle_timeout_s})")
+    p.add_argument("--tls-ca", help="CA certificate (PEM): clients must present a certificate "
+                   "signed by it (mTLS); a decode worker checks prefill workers against it")
+    p.add_argument("--tls-cert", help="this worker's certificate chain (PEM)")
+    p.add_argument("--tls-key", help="this worker's private key (PEM)")
+    p.add_argument("--prefill-allowlist", type=_address_list,
+                   help="decode: comma-separated prefill host:port this worker may dial "
+                        "('*' = any; default: any without TLS, none with TLS)")
+    p.add_argument("--health-port", type=int,
+                   help="plaintext port serving only grpc.health.v1, for kubelet probes "
+                        "(default 0 = none)")
     p.add_argument("--log-format", choices=LOG_FORMATS,
                    help="auto (text on a terminal, else JSON lines), json or text")
     return p
@@ -113,8 +139,22 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--quantization", e.quantization]
     if p.cpus is not None:
         argv += ["--cpus", ",".join(map(str, p.cpus))]
+    argv += _tls_argv(config)
     if parse_args(config.role, argv) != config:
         raise ValueError(f"a {config.role} worker's command line cannot express {config}")
+    return argv
+
+
+def _tls_argv(config: WorkerConfig) -> list[str]:
+    argv: list[str] = []
+    if config.tls is not None:
+        for flag, path in (("--tls-ca", config.tls.ca), ("--tls-cert", config.tls.cert),
+                           ("--tls-key", config.tls.key)):
+            argv += [flag, str(path)]
+    if config.prefill_allowlist:
+        argv += ["--prefill-allowlist", ",".join(config.prefill_allowlist)]
+    if config.health_port:
+        argv += ["--health-port", str(config.health_port)]
     return argv
 
 

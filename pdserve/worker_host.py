@@ -3,7 +3,8 @@
 The host knows no role: each role's ``__main__`` hands it a servicer factory
 (``python -m decode_worker`` calls ``main("decode", DecodeServicer)``), and the
 host wires what every worker shares around it: gRPC server with health and
-reflection, engine, metrics, pinning, structured logs, the drain.
+reflection (mTLS with ``--tls-*``, a plaintext ``--health-port`` for probes),
+engine, metrics, pinning, structured logs, the drain.
 
 Pinning is pdserve/placement.py's: explicit ``--cpus``, else next to the GPU, else
 worker ``--slot`` of ``--slots`` spread over this machine's NUMA nodes and CPUs.
@@ -120,7 +121,8 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
     keep_freed_memory()  # before the KV stream's buffers come and go
     servicer = servicer_factory(config)
     names = [servicer.service_name]
-    server = Server(config.host, config.port, names, [EngineDeathStatus(names)])
+    server = Server(config.host, config.port, names, [EngineDeathStatus(names)], tls=config.tls,
+                    health_port=config.health_port)
     servicer.register(server.server)  # gRPC needs its services before start
     await server.start()
     await server.set_serving(False)

@@ -16,8 +16,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.config import TLSConfig
 from pdserve.grpc_server import OPTIONS
 from pdserve.params_pb import logprob_from_pb, params_to_pb
+from pdserve.tls import aio_channel
 from pdserve.worker_errors import failed_role
 from router.decode_backend import DecodeDelta, DecodeJob, WorkerError
 
@@ -58,14 +60,16 @@ def _job_to_pb(job: DecodeJob) -> worker_pb2.DecodeRequest:
 
 
 class DecodeClients:
-    """One channel per decode worker address, opened on first use."""
+    """One channel per decode worker address, opened on first use; mTLS with the
+    router's certificate when ``tls`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSConfig | None = None) -> None:
+        self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=OPTIONS)
+            self._channels[address] = aio_channel(address, self._tls, OPTIONS)
         return self._channels[address]
 
     def generate(self, address: str, job: DecodeJob) -> DecodeCall:

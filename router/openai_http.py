@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -74,11 +75,13 @@ class OpenAIServer:
         app.router.add_get("/metrics", self._metrics)
         return app
 
-    async def start(self, host: str, port: int, grace_s: float = 10.0) -> None:
+    async def start(self, host: str, port: int, grace_s: float = 10.0,
+                    ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serve on ``host:port``; HTTPS when ``ssl_context`` (pdserve/tls.py) is given."""
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                      shutdown_timeout=grace_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from pdserve import logs
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
-from pdserve.config import ROUTING_POLICIES, RouterConfig
+from pdserve.config import ROUTING_POLICIES, RouterConfig, tls_from_args
 from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.metrics import RouterMetrics
 from pdserve.model_files import resolve_model
+from pdserve.tls import server_ssl_context
 from router.auth import ApiKey, ApiKeyInterceptor
 from router.decode_client import DecodeClients
 from router.generation import Generator
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
                    help="the most times one request moves to another decode worker")
     p.add_argument("--members-stdin", action="store_true",
                    help="read membership updates (JSON lines) from stdin, see router/membership.py")
+    _tls_args(p)
     a = p.parse_args(argv)
     try:
         return RouterConfig(
@@ -83,9 +85,25 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
             api_key=a.api_key, health_interval_s=a.health_interval,
             drain_grace_s=a.drain_grace, request_timeout_s=a.request_timeout_s,
-            migration=a.migration, migration_limit=a.migration_limit)
+            migration=a.migration, migration_limit=a.migration_limit,
+            health_port=a.health_port,
+            tls=tls_from_args(a.tls_ca, a.tls_cert, a.tls_key, a.tls_require_client_cert))
     except ValueError as e:
         p.error(str(e))
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None,
+                   help="CA (PEM) decode workers' certificates are checked against, and "
+                        "client certificates on the public API when presented")
+    p.add_argument("--tls-cert", default=None,
+                   help="the router's certificate (PEM): served on the public API (gRPC and "
+                        "HTTPS) and presented to decode workers (mTLS)")
+    p.add_argument("--tls-key", default=None, help="the router's private key (PEM)")
+    p.add_argument("--tls-require-client-cert", action="store_true",
+                   help="refuse public API clients without a certificate signed by --tls-ca")
+    p.add_argument("--health-port", type=int, default=_DEFAULT.health_port,
+                   help="plaintext port serving only grpc.health.v1, for kubelet probes")
 
 
 @dataclass
@@ -124,9 +142,10 @@ async def start_router(config: RouterConfig) -> Router:
     logs.set_model(model_id)
     key = ApiKey(config.api_key) if config.api_key else None
     server = Server(config.host, config.port, ["pdserve.v1.Generation"],
-                    [ApiKeyInterceptor(key)] if key else [])
+                    [ApiKeyInterceptor(key)] if key else [], tls=config.tls,
+                    health_port=config.health_port)
     metrics = RouterMetrics(model_id)
-    decode = DecodeClients()
+    decode = DecodeClients(config.tls)
 
     async def on_change(usable: bool) -> None:
         if not generator.draining:
@@ -148,7 +167,8 @@ async def start_router(config: RouterConfig) -> Router:
     router = Router(server, None, generator, health, prefill_health)
     if config.http_port:
         router.http = OpenAIServer(generator, metrics.registry, key, lambda: router.serving)
-        await router.http.start(config.host, config.http_port, config.drain_grace_s)
+        await router.http.start(config.host, config.http_port, config.drain_grace_s,
+                                ssl_context=server_ssl_context(config.tls) if config.tls else None)
     await asyncio.gather(health.probe_all(), prefill_health.probe_all())
     health.start()
     prefill_health.start()
@@ -162,8 +182,10 @@ async def serve(config: RouterConfig) -> None:
         follower = asyncio.create_task(follow(router.generator.policy, sys.stdin.readline,
                                               router.health.set_addresses,
                                               router.prefill_health.set_addresses))
-    http = f", HTTP on http://{config.host}:{router.http.port}" if router.http else ""
-    print(f"router serving gRPC on {config.host}:{router.grpc.port}{http}", flush=True)
+    scheme = "https" if config.tls else "http"
+    http = f", HTTP on {scheme}://{config.host}:{router.http.port}" if router.http else ""
+    grpc_kind = "TLS gRPC" if config.tls else "gRPC"
+    print(f"router serving {grpc_kind} on {config.host}:{router.grpc.port}{http}", flush=True)
     await until_stop_signal()
     if follower is not None:
         follower.cancel()

@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 
+from pdserve.config import TLSConfig
 from pdserve.grpc_server import PARENT_ENV
 from pdserve.launch import wait_serving
 
@@ -91,7 +92,8 @@ class RoleProcess:
         if is_router:  # before waiting: the router serves once it knows a decode worker
             threading.Thread(target=self._feed_members, name="members", daemon=True).start()
         probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        wait_serving(f"{probe}:{spec['port']}", spec.get("timeout", 600), [self.proc])
+        tls = TLSConfig(**spec["tls"]) if spec.get("tls") else None  # the launcher's client cert
+        wait_serving(f"{probe}:{spec['port']}", spec.get("timeout", 600), [self.proc], tls)
         if not is_router:
             ray.get(self.registry.register.remote(spec["name"], self.info()))
         threading.Thread(target=self._supervise, name="supervise", daemon=True).start()

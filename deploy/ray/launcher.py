@@ -15,11 +15,18 @@ A local Ray instance gets exactly the resources the config asks for, so one
 machine always fits. Workers learn their slot among the workers on the same host
 (node IP: several raylets on one host share its CPUs) for pdserve/placement.py.
 Actors ask for 0 CPUs: the CPU a worker uses is decided by pinning, not by Ray.
+
+With ``certs`` (mTLS, see pdserve/cluster_config.py) every role reads its
+certificate files by the same path on its node: DIR must be on a filesystem every
+node shares (or copied to the same path on each). Decode workers get the prefill
+pool as their allowlist: ``host:port`` from the config, or, when ``host`` is a
+wildcard, the node IP of each prefill worker's placement group (a restarted actor
+stays in its group, so on its node and port).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +131,29 @@ class RayLauncher:
         return {name: (i, len(names)) for names in by_host.values()
                 for i, name in enumerate(names)}
 
+    def _prefill_pool(self) -> list[str]:
+        """The addresses the router will know the prefill workers by (their actors'
+        ``address``): the config's host, or the node IP for a wildcard host."""
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return self.config.prefill_addresses()
+        ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return [f"{ip_of.get(w.node_id, w.node_id)}:{w.member.port}"
+                for w in self.workers if w.role == "prefill" and w.member.port]
+
     def _start_actors(self, timeout: float) -> None:
         self.state = "STARTING"
         c, r = self.config, self.config.ray
         self.registry = ray.remote(Registry).options(
             name=REGISTRY, num_cpus=0, get_if_exists=False).remote()
         slots = self._slots()
+        pool = self._prefill_pool()
+        probe_tls = c.tls("client")
+        tls = asdict(probe_tls) if probe_tls else None
         role_actor = ray.remote(RoleProcess)
         for w in self.workers:
             spec = {"role": w.role, "name": w.name, "host": c.host, "port": w.member.port,
-                    "timeout": timeout, "registry": REGISTRY, "env": role_env(),
-                    "argv": worker_command(c.worker(w.role, w.member, *slots[w.name]))}
+                    "timeout": timeout, "registry": REGISTRY, "env": role_env(), "tls": tls,
+                    "argv": worker_command(c.worker(w.role, w.member, *slots[w.name], pool))}
             bundle = self._bundle(w.role)
             w.actor = role_actor.options(
                 name=f"pdserve-{w.name}", num_cpus=0, num_gpus=bundle.pop("GPU", 0),
@@ -144,7 +163,7 @@ class RayLauncher:
         for w in self.workers:
             self.infos[w.name] = ray.get(w.actor.info.remote(), timeout=timeout)
         spec = {"role": "router", "name": "router", "host": c.host, "port": c.router_port,
-                "timeout": 120, "registry": REGISTRY,
+                "timeout": 120, "registry": REGISTRY, "tls": tls,
                 "argv": router_command(c.router([], [], members_stdin=True)),
                 "env": role_env(c.api_key)}
         placement: dict[str, Any] = (

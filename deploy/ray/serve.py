@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deploy.ray.launcher import RayLauncher
 from pdserve.cluster_config import ClusterConfig
+from pdserve.tls import client_ssl_context
 from router.openai_protocol import BadRequest
 
 log = logging.getLogger("ray.serve")
@@ -71,7 +72,10 @@ class PDServe:
         self.launcher = RayLauncher(config)
         self.launcher.start()
         host = self.launcher.infos["router"]["ip"]
-        self.base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        # With certs the router serves HTTPS; the replica forwards as the "client" role.
+        self.tls = config.tls("client")
+        scheme = "https" if self.tls else "http"
+        self.base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
         self.session: aiohttp.ClientSession | None = None
         roles = ", ".join(f"{i['role']} {i['address']} pid {i['pid']}"
                           for i in self.launcher.infos.values())
@@ -82,7 +86,9 @@ class PDServe:
         if self.session is None:  # here: it belongs to the event loop requests run on
             self.session = aiohttp.ClientSession(
                 auto_decompress=False,  # bytes (and Content-Encoding) pass through as they are
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                connector=aiohttp.TCPConnector(
+                    ssl=client_ssl_context(self.tls) if self.tls else True))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             upstream = await self.session.request(

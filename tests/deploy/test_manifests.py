@@ -31,8 +31,8 @@ def deployment(objs: list[dict[str, Any]], role: str) -> dict[str, Any]:
 
 def test_every_kustomization_is_found() -> None:
     names = {str(p.relative_to(K8S)) for p in kustomizations()}
-    assert names == {"base", "overlays/cpu", "overlays/gpu", "kuberay/cluster", "kuberay/job",
-                     "kuberay/service"}
+    assert names == {"base", "overlays/cpu", "overlays/gpu", "overlays/tls", "kuberay/cluster",
+                     "kuberay/job", "kuberay/service"}
 
 
 @pytest.mark.parametrize("directory", kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
@@ -153,6 +153,41 @@ def test_roles_start_with_their_real_flags(overlay: str) -> None:
             assert (w.host, w.port, w.metrics_port) == ("0.0.0.0", port, METRICS[role])
             assert _port(c, "metrics") == METRICS[role]
             assert w.engine.num_threads == int(c["resources"]["limits"]["cpu"])
+            if role == "decode":  # only the prefill workers the router names
+                assert w.prefill_allowlist == router_args(_args(objs, "router")).prefill
+
+
+HEALTH = {"router": 50052, "prefill": 50062, "decode": 50072}
+
+
+def test_tls_overlay_mounts_each_roles_certificate_and_probes_plaintext_health() -> None:
+    """overlays/tls: the roles' own parsers see mTLS files that the pod mounts from the
+    pdserve-tls Secret (its own key only); kubelet probes the plaintext health port."""
+    from pdserve.worker_args import parse_args as worker_args
+    from router.server import parse_args as router_args
+
+    objs = render(K8S / "overlays" / "tls")
+    for role in ROLES:
+        pod = deployment(objs, role)["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        config = router_args(_args(objs, role)) if role == "router" else \
+            worker_args(role, _args(objs, role))
+        assert config.tls is not None and config.health_port == HEALTH[role] == _port(c, "health")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == HEALTH[role], (role, probe)
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+        assert mount["readOnly"] is True
+        secret = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]
+        assert secret["secretName"] == "pdserve-tls" and secret["defaultMode"] == 0o440
+        files = {f"{mount['mountPath']}/{i['path']}" for i in secret["items"]}
+        assert {config.tls.ca, config.tls.cert, config.tls.key} == files
+        assert all(i["key"] in ("ca.pem", f"{role}.pem", f"{role}-key.pem")
+                   for i in secret["items"])
+        if role == "decode":  # exactly the prefill workers the router knows
+            allowed = worker_args(role, _args(objs, role)).prefill_allowlist
+            assert allowed == router_args(_args(objs, "router")).prefill
+    router = router_args(_args(objs, "router"))
+    assert router.tls is not None and not router.tls.require_client_cert  # optional on the API
 
 
 def test_services_route_to_named_container_ports() -> None:

@@ -47,9 +47,12 @@ def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
 
 
 def test_default_cluster_workers_are_the_default_workers_with_metrics() -> None:
+    """... and decode workers may dial the cluster's prefill pool only."""
     c = _cluster()
     for role, m in c.members():
-        assert c.worker(role, m, 0, 1) == parse_args(role, ["--metrics-port", str(m.metrics_port)])
+        pool = ["--prefill-allowlist", "127.0.0.1:50061"] if role == "decode" else []
+        assert c.worker(role, m, 0, 1) == parse_args(
+            role, ["--metrics-port", str(m.metrics_port), *pool])
 
 
 def test_worker_argv_refuses_what_the_command_line_cannot_say() -> None:
@@ -142,3 +145,33 @@ def test_cluster_yaml_migration_and_kv_idle_timeout_reach_their_roles(tmp_path: 
     f.write_text("kv_idle_timeout_s: 0\n")
     with pytest.raises(ValueError, match="kv_idle_timeout_s"):
         ClusterConfig.from_yaml(f)
+
+
+def test_certs_turn_on_mtls_for_every_role_and_round_trip(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.certs import write_certs
+    from router.server import parse_args as router_args
+
+    monkeypatch.chdir(tmp_path)
+    write_certs(tmp_path / "pki")
+    (tmp_path / "c.yaml").write_text("launcher: process\ncerts: pki\n"
+                                     "prefill: [{port: 6001}, {port: 6002}]\n")
+    c = ClusterConfig.from_yaml(tmp_path / "c.yaml")
+    for role, m in c.members():
+        w = c.worker(role, m, 0, 2)
+        assert w.tls is not None and w.tls.cert == str(tmp_path / "pki" / f"{role}.pem")
+        assert w.tls.require_client_cert
+        assert parse_args(role, worker_argv(w)) == w
+    decode = c.worker("decode", c.decode[0], 1, 2)
+    assert decode.prefill_allowlist == ("127.0.0.1:6001", "127.0.0.1:6002")
+    r = c.router(["127.0.0.1:50071"], c.prefill_addresses())
+    assert r.tls is not None and not r.tls.require_client_cert  # optional on the public API
+    assert router_args(router_command(r)[3:]) == r
+    strict = dataclasses.replace(c, tls_require_client_cert=True).router(["d:1"], [])
+    assert strict.tls is not None and strict.tls.require_client_cert
+    assert router_args(router_command(strict)[3:]) == strict
+
+
+def test_certs_directory_must_hold_every_role(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ca.pem is missing; make the directory with"):
+        _cluster(certs=str(tmp_path))
