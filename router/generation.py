@@ -14,7 +14,7 @@ Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
     DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the worker's call failed
     DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone, deadline)
 
-``_receive`` admits, tokenizes and validates (else ``GenerationError``:
+``_receive`` admits, tokenizes (in a thread, after a size check) and validates (else ``GenerationError``:
 INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
 decode worker up, ALREADY_EXISTS). ``_route`` asks the policy for a decode worker
 neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one
@@ -28,6 +28,7 @@ decode worker gets, so one ``grep`` follows a request through every role.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
@@ -98,8 +99,10 @@ def _bound_request_id(rid: str) -> Iterator[None]:
 class Generator:
     def __init__(self, model_id: str, tokenizer: PromptTokenizer, policy: RoutingPolicy,
                  max_model_len: int, decode: DecodeBackend, metrics: RouterMetrics,
-                 health: DecodeHealth | None = None) -> None:
+                 health: DecodeHealth | None = None, max_prompt_chars: int | None = None,
+                 ) -> None:
         self.model_id = model_id
+        self.max_prompt_chars = max_prompt_chars  # None: derived from max_model_len
         self.tokenizer = tokenizer
         self.policy = policy
         self.max_model_len = max_model_len
@@ -136,7 +139,7 @@ class Generator:
         t0 = time.perf_counter()
         rid = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
         with _bound_request_id(rid):
-            f = self._receive(rid, req, t0)
+            f = await self._receive(rid, req, t0)
             try:
                 while f.stage is Stage.ROUTING:
                     stream = self._dispatch(f, self._route(f))
@@ -153,18 +156,26 @@ class Generator:
 
     # RECEIVED → ROUTING
 
-    def _receive(self, rid: str, req: GenerateRequest, t0: float) -> _Flight:
+    async def _receive(self, rid: str, req: GenerateRequest, t0: float) -> _Flight:
         """Admitted, tokenized and validated, else ``GenerationError``."""
+        self._admissible(rid)
+        # Tokenizing a long prompt takes seconds of CPU: in a thread, so /health and
+        # every other request keep being served meanwhile.
+        prompt, params = await asyncio.to_thread(
+            validate_request, req, self.model_id, self.tokenizer, self.max_model_len,
+            self.max_prompt_chars)
+        self._admissible(rid)  # again: the world moved while the thread tokenized
+        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0)
+        self._flights[rid] = f
+        return f
+
+    def _admissible(self, rid: str) -> None:
         if self.draining:
             raise GenerationError("UNAVAILABLE", "the router is draining; retry elsewhere")
         if self.health is not None and not self.health.usable:
             raise GenerationError("UNAVAILABLE", "no decode worker is reachable")
         if rid in self._flights:
             raise GenerationError("ALREADY_EXISTS", f"request_id {rid!r} is in use", "request_id")
-        prompt, params = validate_request(req, self.model_id, self.tokenizer, self.max_model_len)
-        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0)
-        self._flights[rid] = f
-        return f
 
     # ROUTING → DISPATCHED (or FAILED)
 

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--local-prefill-below", type=int, default=_DEFAULT.local_prefill_below,
                    help="prompts shorter than this are prefilled on the decode worker")
     p.add_argument("--max-model-len", type=int, default=_DEFAULT.max_model_len)
+    p.add_argument("--max-prompt-chars", type=int, default=_DEFAULT.max_prompt_chars,
+                   help="longest prompt in characters, checked before tokenizing "
+                        "(default: 16 per token of --max-model-len)")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or _DEFAULT.api_key,
                    help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     p.add_argument("--health-interval", type=float, default=_DEFAULT.health_interval_s,
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             served_model_name=a.served_model_name, decode=tuple(a.decode),
             prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
             local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
-            api_key=a.api_key, health_interval_s=a.health_interval,
+            max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, health_interval_s=a.health_interval,
             drain_grace_s=a.drain_grace)
     except ValueError as e:
         p.error(str(e))
@@ -124,7 +127,7 @@ async def start_router(config: RouterConfig) -> Router:
 
     health = DecodeHealth(config.decode, decode, on_change, config.health_interval_s)
     generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config), max_len,
-                          decode, metrics, health)
+                          decode, metrics, health, config.max_prompt_chars)
     api_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(generator), server.server)
     await server.start()
     await server.set_serving(False)

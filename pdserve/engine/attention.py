@@ -26,6 +26,13 @@ def decode_attention(
     flat = block_tables.view(-1)
     k = k_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
     v = v_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
+    # Slots past a request's length (and padding blocks) hold whatever a block's previous
+    # owner left, NaN included; a masked score still multiplies V (0 * NaN = NaN), so
+    # those keys and values become exact zeros (a select, not a multiply). In place:
+    # index_select made fresh copies.
+    absent = ~mask.view(d, 1, -1, 1)  # (D, 1, T, 1)
+    k.masked_fill_(absent, 0.0)
+    v.masked_fill_(absent, 0.0)
     # Grouped-query attention without repeating K/V: the G query heads that share
     # a KV head become G query rows of that head (no causal mask is needed, the
     # query is the newest token).

@@ -8,10 +8,11 @@ States (each import is in exactly one)::
 
 - RESERVED: the engine holds blocks for the prompt (and its first token) in an
   IMPORTING request; nothing written yet.
-- RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded
-  and written into those blocks on the engine thread.
-- COMMITTED: every layer complete, the first token known: the request joins the
-  decode batch; its blocks are freed when it finishes.
+- RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded,
+  must be finite (else DATA_LOSS) and is written into those blocks on the engine thread.
+- COMMITTED: every layer complete, the first token known (and inside the
+  vocabulary, else ABORTED with INVALID_ARGUMENT): the request joins the decode
+  batch; its blocks are freed when it finishes.
 - FELL_BACK: the peer was unreachable or died (``PeerFailed`` UNAVAILABLE) and the
   caller allowed it: the reserved blocks are freed, what arrived is dropped, the
   prompt is prefilled here (the request waits like any other); blocks freed at finish.
@@ -33,7 +34,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.kvwire.receiver import TransferStats, receive_kv
-from pdserve.kvwire.stream import FirstToken, KVEvent, KVHeader, KVStreamValidator, PeerFailed
+from pdserve.kvwire.stream import (
+    FirstToken,
+    KVEvent,
+    KVHeader,
+    KVStreamError,
+    KVStreamValidator,
+    PeerFailed,
+)
 
 if TYPE_CHECKING:
     from pdserve.engine.async_engine import AsyncEngine
@@ -89,8 +97,12 @@ class KVImport:
     async def _commit(self, first: FirstToken) -> None:
         assert self.state is ImportState.RECEIVING, self.state
         lp = first.token if self._want_logprobs else None
-        await self.engine.call(self.engine.engine.commit_import, self.request_id,
-                               first.token.token_id, lp)
+        try:
+            await self.engine.call(self.engine.engine.commit_import, self.request_id,
+                                   first.token.token_id, lp)
+        except ValueError as e:  # the peer's first token is outside the vocabulary
+            raise KVStreamError("INVALID_ARGUMENT", f"prefill peer sent a bad first token: {e}") \
+                from None
         self.state = ImportState.COMMITTED
 
     async def _fall_back(self, error: PeerFailed) -> None:

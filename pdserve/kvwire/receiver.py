@@ -1,5 +1,5 @@
-"""Receiving one KV stream: the header, then chunks (checked, decoded, handed to a
-writer), then the first token once every layer is complete.
+"""Receiving one KV stream: the header, then chunks (checked, decoded, checked finite,
+handed to a writer), then the first token once every layer is complete.
 
 The decode worker's import (pdserve/engine/kv_import.py) writes into its KV blocks;
 the wire benchmark into a plain tensor. Both run this loop over the same events.
@@ -53,6 +53,7 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
                 validator.check_chunk(event)
                 k, v = decode(event.payload, event.encoding, event.num_tokens,
                               e.num_kv_heads, e.head_dim)
+                _check_finite(event, k, v)
                 write(event.layer, event.token_offset, k, v)
             else:
                 validator.check_complete()
@@ -60,3 +61,11 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
                 return event, TransferStats(event.prefill_compute_s, elapsed,
                                             validator.bytes_received)
     raise KVStreamError("DATA_LOSS", "prefill stream ended without a first token")
+
+
+def _check_finite(c: KVChunk, k: torch.Tensor, v: torch.Tensor) -> None:
+    """NaN or Inf in K/V (a valid CRC proves only that the sender meant it) would turn
+    this request's attention into NaN: refuse the stream."""
+    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        raise KVStreamError("DATA_LOSS", f"KV chunk {c.seq} (layer {c.layer}) holds "
+                            "non-finite values (NaN or Inf)")
