@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API on the router (aiohttp): ``/v1/completions``,
-``/v1/chat/completions`` (JSON or SSE), ``/v1/models``, ``/health``, ``/metrics``.
+``/v1/chat/completions`` (JSON or SSE), ``/v1/models``, ``/health``, ``/metrics``,
+``/openapi.json`` (router/openapi.py). Every error is the OpenAI error envelope.
 
 Each choice is one domain stream (``Generator.generate``); a request with n
 choices runs n streams side by side. The first delta is awaited before any byte
@@ -35,6 +36,7 @@ from router.openai_protocol import (
     parse_json,
     usage,
 )
+from router.openapi import openapi_document
 from router.request import Delta, GenerationError
 
 _STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404,
@@ -77,6 +79,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", self._openapi)
         return app
 
     async def start(self, host: str, port: int, grace_s: float = 10.0) -> None:
@@ -108,6 +111,9 @@ class OpenAIServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
 
     async def _models(self, request: web.Request) -> web.Response:
         g = self.generator
