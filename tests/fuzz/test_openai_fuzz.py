@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pdserve.params_pb import params_to_pb
 from router.openai_http import OpenAIServer
 from router.openai_protocol import BadRequest, parse_chat, parse_completion, parse_json
 from router.openapi import openapi_document
@@ -37,17 +38,37 @@ FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "min_toke
           "temperature", "top_p", "top_k", "seed", "n", "stop", "logprobs", "top_logprobs",
           "stream", "stream_options", "ignore_eos", "echo", "model", "presence_penalty",
           "role", "content", "include_usage", "type", "text"]
-_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
-            | st.text(max_size=20) | st.sampled_from(["user", "assistant", "text", "hi"]))
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-2**70, 2**70)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+            | st.sampled_from(["user", "assistant", "text", "hi"]))
 _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
     st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=5), max_leaves=20)
-BODIES = st.dictionaries(st.sampled_from(FIELDS), _JSON, max_size=8)
+_PROMPT = st.text(max_size=30) | st.lists(st.integers(0, 2000), max_size=8)
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                            "content": st.text(max_size=30)}),
+                     min_size=1, max_size=3)
+# Edge values a fuzzer's dictionary would hold: non-finite floats, int32/int64/uint64
+# edges, just past the default max_tokens.
+_EDGES = st.sampled_from([float("nan"), float("inf"), -float("inf"), 2**31 - 1, 2**31, 2**32,
+                          2**63, 2**64, -2**63, 17, 10**6, 1e308, -0.0, "", "\x00"])
+_VALUES = st.one_of(_EDGES, _EDGES, _EDGES, st.integers(-3, 40), st.integers(), st.floats(),
+                    _JSON)
+_EXTRA = st.dictionaries(st.sampled_from(FIELDS[2:12]) | st.sampled_from(FIELDS), _VALUES,
+                         max_size=3)
+# A plausible request with a few fields set to anything: most examples reach the checks
+# past the prompt's, where the bugs were. (chat, body)
+REQUESTS = st.one_of(
+    st.tuples(st.just(False), st.builds(lambda p, x: {"prompt": p, **x}, _PROMPT, _EXTRA)),
+    st.tuples(st.just(True), st.builds(lambda m, x: {"messages": m, **x}, _MESSAGES, _EXTRA)))
+BODIES = REQUESTS.map(lambda r: r[1])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=BODIES, chat=st.booleans())
-def test_finding5_any_json_object_is_a_request_or_a_400(body: dict[str, Any], chat: bool) -> None:
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=REQUESTS)
+def test_finding5_any_json_object_is_a_request_or_a_400(
+        request: tuple[bool, dict[str, Any]]) -> None:
     """Never an exception other than BadRequest / GenerationError (INVALID_ARGUMENT)."""
+    chat, body = request
     try:
         parsed = (parse_chat if chat else parse_completion)(body)
     except BadRequest as e:
@@ -58,6 +79,7 @@ def test_finding5_any_json_object_is_a_request_or_a_400(body: dict[str, Any], ch
             validate_request(req, "fake-model", FakeTokenizer(), 64)
         except GenerationError as e:
             assert e.code in ("INVALID_ARGUMENT", "NOT_FOUND"), e.code
+        params_to_pb(req.params)  # the hop to the decode worker must take them too
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
