@@ -14,7 +14,8 @@ Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
     DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the worker's call failed
     DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone, deadline)
 
-``_receive`` admits, tokenizes (in a thread, after a size check) and validates (else ``GenerationError``:
+``_receive`` admits, checks the prompt's size, tokenizes (in a thread: the event loop
+keeps serving) and validates (else ``GenerationError``:
 INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
 decode worker up, ALREADY_EXISTS). ``_route`` asks the policy for a decode worker
 neither down nor tried yet; none left is RESOURCE_EXHAUSTED when every one

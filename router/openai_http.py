@@ -193,6 +193,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         kind = "invalid_request_error" if e.status < 500 else "server_error"
         return _error_response(BadRequest(e.text or e.reason, None, e.status, None, kind))
+    except ConnectionError:  # the client went away: nobody to answer
+        raise
     except Exception:
         log.exception("internal error serving %s %s", request.method, request.path)
         return _error_response(BadRequest("internal server error", None, 500, "internal_error",
