@@ -252,6 +252,9 @@ class RouterConfig:
     """Prompts shorter than this are prefilled on the decode worker (plan LOCAL)."""
     max_model_len: int | None = None
     """None = the model's max_position_embeddings."""
+    max_prompt_chars: int | None = None
+    """Longest prompt (characters, all chat messages together) accepted, checked before
+    tokenizing; None = 16 per token of max_model_len."""
     api_key: str | None = None
     """Bearer token required on the public API; None = open."""
     health_interval_s: float = 1.0
@@ -287,6 +290,9 @@ class RouterConfig:
                  self.local_prefill_below)
         if self.max_model_len is not None:
             _require(self.max_model_len >= 2, "max_model_len", ">= 2", self.max_model_len)
+        if self.max_prompt_chars is not None:
+            _require(self.max_prompt_chars >= 1, "max_prompt_chars", ">= 1",
+                     self.max_prompt_chars)
         if self.api_key is not None:
             _require(isinstance(self.api_key, str) and bool(self.api_key), "api_key",
                      "a non-empty string or None", self.api_key)

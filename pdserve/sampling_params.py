@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**64  # seeds are uint64 on the wire
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGPROBS = 20
 
 
 def _check(ok: bool, message: str) -> None:
@@ -43,23 +51,44 @@ class SamplingParams:
             isinstance(self.max_tokens, int) and self.max_tokens >= 1,
             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
         )
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_finite(self.temperature) and self.temperature >= 0,
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1,
+               f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(
-            isinstance(self.top_k, int) and self.top_k >= -1,
-            f"top_k must be -1 (disabled), 0 (disabled) or >= 1, got {self.top_k!r}",
+            isinstance(self.top_k, int) and -1 <= self.top_k <= INT32_MAX,
+            f"top_k must be -1 (disabled), 0 (disabled) or in [1, {INT32_MAX}], "
+            f"got {self.top_k!r}",
         )
+        if self.seed is not None:
+            _check(isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT,
+                   f"seed must be an integer in [0, {SEED_LIMIT - 1}], got {self.seed!r}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
         _check(
             self.min_tokens <= self.max_tokens,
             f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens!r}",
         )
         if self.logprobs is not None:
-            _check(
-                0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs!r}"
-            )
-        _check(all(s for s in self.stop), "stop must not contain empty strings")
+            _check(0 <= self.logprobs <= MAX_LOGPROBS,
+                   f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        self._check_stops()
+
+    def _check_stops(self) -> None:
+        _check(len(self.stop) <= MAX_STOP_STRINGS,
+               f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+               f"stop must hold non-empty strings of at most {MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, "
+               f"got {len(self.stop_token_ids)}")
+        # The vocabulary bound is the engine's (it knows its model): LLMEngine.add_request.
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be integers >= 0")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

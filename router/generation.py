@@ -16,7 +16,8 @@ Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
     DISPATCHED, STREAMING  ─_fail─────▶ FAILED     the call failed (or the deadline passed)
     DISPATCHED, STREAMING  ─_hang_up──▶ CANCELLED  the stream closed first (client gone)
 
-``_receive`` admits, tokenizes and validates (else ``GenerationError``:
+``_receive`` admits, checks the prompt's size, tokenizes (in a thread: the event loop
+keeps serving) and validates (else ``GenerationError``:
 INVALID_ARGUMENT naming the ``param``, UNAVAILABLE while draining or with no
 decode worker up, ALREADY_EXISTS) and sets the request's deadline: the client's,
 at most ``request_timeout_s`` (HTTP brings none). ``_route`` asks the policy for a
@@ -137,9 +138,11 @@ class Generator:
                  health: DecodeHealth | None = None, *,
                  prefill_health: DecodeHealth | None = None,
                  request_timeout_s: float = RouterConfig.request_timeout_s,
-                 migration_limit: int = RouterConfig.migration_limit) -> None:
+                 migration_limit: int = RouterConfig.migration_limit,
+                 max_prompt_chars: int | None = None) -> None:
         """``migration_limit`` 0 turns migration off (``RouterConfig.migration``)."""
         self.model_id = model_id
+        self.max_prompt_chars = max_prompt_chars  # None: derived from max_model_len
         self.tokenizer = tokenizer
         self.policy = policy
         self.max_model_len = max_model_len
@@ -179,7 +182,7 @@ class Generator:
         t0 = time.perf_counter()
         rid = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
         with _bound_request_id(rid):
-            f = self._receive(rid, req, t0)
+            f = await self._receive(rid, req, t0)
             try:
                 while f.stage is Stage.ROUTING:
                     stream = self._dispatch(f, self._route(f))
@@ -196,19 +199,27 @@ class Generator:
 
     # RECEIVED → ROUTING
 
-    def _receive(self, rid: str, req: GenerateRequest, t0: float) -> _Flight:
+    async def _receive(self, rid: str, req: GenerateRequest, t0: float) -> _Flight:
         """Admitted, tokenized and validated, else ``GenerationError``."""
+        self._admissible(rid)
+        # Tokenizing a long prompt takes seconds of CPU: in a thread, so /health and
+        # every other request keep being served meanwhile.
+        prompt, params = await asyncio.to_thread(
+            validate_request, req, self.model_id, self.tokenizer, self.max_model_len,
+            self.max_prompt_chars)
+        self._admissible(rid)  # again: the world moved while the thread tokenized
+        timeout_s = min(req.timeout or self.request_timeout_s, self.request_timeout_s)
+        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0, timeout_s)
+        self._flights[rid] = f
+        return f
+
+    def _admissible(self, rid: str) -> None:
         if self.draining:
             raise GenerationError("UNAVAILABLE", "the router is draining; retry elsewhere")
         if self.health is not None and not self.health.usable:
             raise GenerationError("UNAVAILABLE", "no decode worker is reachable")
         if rid in self._flights:
             raise GenerationError("ALREADY_EXISTS", f"request_id {rid!r} is in use", "request_id")
-        prompt, params = validate_request(req, self.model_id, self.tokenizer, self.max_model_len)
-        timeout_s = min(req.timeout or self.request_timeout_s, self.request_timeout_s)
-        f = _Flight(rid, dataclasses.replace(req, params=params), prompt, t0, timeout_s)
-        self._flights[rid] = f
-        return f
 
     # ROUTING → DISPATCHED (or FAILED)
 

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API on the router (aiohttp): ``/v1/completions``,
-``/v1/chat/completions`` (JSON or SSE), ``/v1/models``, ``/health``, ``/metrics``.
+``/v1/chat/completions`` (JSON or SSE), ``/v1/models``, ``/health``, ``/metrics``,
+``/openapi.json`` (router/openapi.py). Every error is the OpenAI error envelope.
 
 Each choice is one domain stream (``Generator.generate``); a request with n
 choices runs n streams side by side. The first delta is awaited before any byte
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 import uuid
@@ -32,14 +34,18 @@ from router.openai_protocol import (
     completion_logprobs,
     parse_chat,
     parse_completion,
+    parse_json,
     usage,
 )
+from router.openapi import openapi_document
 from router.request import Delta, GenerationError
 
 _STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404,
            "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 503, "UNAVAILABLE": 503,
            "DEADLINE_EXCEEDED": 504}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 64 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def error_from_domain(e: GenerationError) -> BadRequest:
@@ -67,12 +73,14 @@ class OpenAIServer:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[_json_errors, self._auth],
+                              client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", self._openapi)
         return app
 
     async def start(self, host: str, port: int, grace_s: float = 10.0,
@@ -107,6 +115,9 @@ class OpenAIServer:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
     async def _models(self, request: web.Request) -> web.Response:
         g = self.generator
         return web.json_response({"object": "list", "data": [
@@ -122,7 +133,8 @@ class OpenAIServer:
     async def _generate(self, request: web.Request, parse: Callable[[Any], ParsedRequest],
                         prefix: str) -> web.StreamResponse:
         try:
-            parsed = parse(await _json_body(request))
+            # Parsing a large body (JSON, the Unicode walk) takes CPU: off the event loop.
+            parsed = parse(await asyncio.to_thread(parse_json, await request.read()))
         except BadRequest as e:
             return _error_response(e)
         base = request.headers.get("X-Request-Id") or f"{prefix}-{uuid.uuid4().hex}"
@@ -160,6 +172,12 @@ class OpenAIServer:
                 await send(answer.chunk(index, delta))
         except GenerationError as e:
             await send(error_from_domain(e).envelope())
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:  # headers are sent: the error goes in the stream
+            log.exception("internal error mid-stream")
+            await send(BadRequest("internal server error", None, 500, "internal_error",
+                                  "server_error").envelope())
         if answer.parsed.include_usage:
             await send(answer.usage_chunk())
         await resp.write(b"data: [DONE]\n\n")
@@ -167,11 +185,23 @@ class OpenAIServer:
         return resp
 
 
-async def _json_body(request: web.Request) -> Any:
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is the OpenAI envelope: aiohttp's own (404, 405, 413 body too large)
+    and any exception a handler let through (a JSON 500, logged), never plain text."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the request body is not valid JSON: {e}") from e
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        return _error_response(BadRequest(e.text or e.reason, None, e.status, None, kind))
+    except ConnectionError:  # the client went away: nobody to answer
+        raise
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return _error_response(BadRequest("internal server error", None, 500, "internal_error",
+                                          "server_error"))
 
 
 async def _merge(streams: list[AsyncGenerator[Delta]]) -> AsyncGenerator[tuple[int, Delta]]:

@@ -9,16 +9,25 @@ an int (top-k) answered with ``tokens``/``token_logprobs``/``top_logprobs``/
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.logprobs import Logprob
-from pdserve.sampling_params import SamplingParams
+from pdserve.sampling_params import (
+    INT32_MAX,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 from router.request import GenerateRequest
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one completions batch
+MAX_JSON_DEPTH = 32
 _SEED_LIMIT = 2**63
 _PENALTIES = ("presence_penalty", "frequency_penalty")
 
@@ -58,6 +67,41 @@ class ParsedRequest:
                 rid = base_id if len(self.prompts) * self.n == 1 else f"{base_id}-{index}"
                 out.append(replace(req, request_id=rid, params=params))
         return out
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON, else ``BadRequest``: malformed, nested too deep, or
+    holding a string that is not valid Unicode (a lone surrogate such as "\\ud800",
+    which no tokenizer can encode). Runs in a thread for large bodies."""
+    try:
+        body = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") \
+            from None
+    _check_json(body, None, 0)
+    return body
+
+
+def _check_json(value: Any, param: str | None, depth: int) -> None:
+    """Walks the body once; ``param`` is the top-level field being walked."""
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest(f"{param or 'the request body'} is nested deeper than "
+                         f"{MAX_JSON_DEPTH} levels", param)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{param or 'a field name'} holds a string that is not valid "
+                             "Unicode (a lone surrogate)", param) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(k, param, depth + 1)
+            _check_json(v, param or k, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, param, depth + 1)
 
 
 def parse_completion(body: Any) -> ParsedRequest:
@@ -120,6 +164,9 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
         return [{"text": prompt}]
     if _token_ids(prompt):
         return [{"token_ids": list(prompt)}]
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS:
+        raise BadRequest(f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompt)}",
+                         "prompt")
     if isinstance(prompt, list) and prompt and all(
             isinstance(p, str) or _token_ids(p) for p in prompt):
         return [{"text": p} if isinstance(p, str) else {"token_ids": list(p)} for p in prompt]
@@ -159,27 +206,36 @@ def _params(body: dict[str, Any], max_tokens: Any, max_name: str, default_max: i
     for name in _PENALTIES:
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"{name} is not supported by this server (only 0)", name)
-    given = _int({max_name: max_tokens}, max_name, 1, None)
-    min_tokens = _int(body, "min_tokens", 0, None) or 0
-    if given is not None and min_tokens > given:
-        raise BadRequest(f"min_tokens must be <= {max_name} ({given}), got {min_tokens}",
+    given = _int({max_name: max_tokens}, max_name, 1, INT32_MAX)
+    min_tokens = _int(body, "min_tokens", 0, INT32_MAX) or 0
+    limit, limit_name = (given, max_name) if given is not None else (default_max, "the default "
+                                                                      "max_tokens")
+    if limit is not None and min_tokens > limit:
+        raise BadRequest(f"min_tokens must be <= {limit_name} ({limit}), got {min_tokens}",
                          "min_tokens")
     # No max_tokens and no default (chat): a placeholder that fill_context replaces.
     size = given or default_max or max(1, min_tokens)
-    return SamplingParams(
-        max_tokens=size, temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
-        top_k=_int(body, "top_k", -1, None) or -1, seed=_int(body, "seed", 0, _SEED_LIMIT - 1),
-        stop=_stop(body.get("stop")), ignore_eos=_bool(body, "ignore_eos", False),
-        min_tokens=min_tokens, logprobs=logprobs)
+    try:
+        return SamplingParams(
+            max_tokens=size, temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+            top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
+            top_k=_int(body, "top_k", -1, INT32_MAX) or -1,
+            seed=_int(body, "seed", 0, _SEED_LIMIT - 1),
+            stop=_stop(body.get("stop")), ignore_eos=_bool(body, "ignore_eos", False),
+            min_tokens=min_tokens, logprobs=logprobs)
+    except ValueError as e:  # a rule only SamplingParams knows; its message names the field
+        raise BadRequest(str(e), str(e).split(" ", 1)[0]) from None
 
 
 def _stop(stop: Any) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
-        raise BadRequest("stop must be a non-empty string or a list of them", "stop")
+    if not (isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise BadRequest(f"stop must be a non-empty string or a list of at most "
+                         f"{MAX_STOP_STRINGS} of them, each at most {MAX_STOP_CHARS} characters",
+                         "stop")
     return tuple(stops)
 
 
@@ -189,7 +245,7 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int | None) -> int | None
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
         allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-        raise BadRequest(f"{name} must be {allowed}, got {v!r}", name)
+        raise BadRequest(f"{name} must be {allowed}, got {_shown(v)}", name)
     return v
 
 
@@ -198,10 +254,11 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: floa
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v > hi or v < lo or (
-            low_open and v == lo):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+            (isinstance(v, float) and not math.isfinite(v)) or \
+            v > hi or v < lo or (low_open and v == lo):
         raise BadRequest(f"{name} must be a number in {'(' if low_open else '['}{lo}, {hi}], "
-                         f"got {v!r}", name)
+                         f"got {_shown(v)}", name)
     return float(v)
 
 
@@ -210,8 +267,14 @@ def _bool(body: dict[str, Any], name: str, default: bool, param: str | None = No
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise BadRequest(f"{param or name} must be true or false, got {v!r}", param or name)
+        raise BadRequest(f"{param or name} must be true or false, got {_shown(v)}", param or name)
     return v
+
+
+def _shown(v: Any) -> str:
+    """A hostile value, short enough to quote in an error message."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- responses ----------------------------------------------------------------------------

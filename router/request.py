@@ -8,6 +8,7 @@ HTTP) convert their wire format to these types at one point.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.logprobs import Logprob
@@ -63,13 +64,26 @@ class GenerationError(Exception):
         self.code, self.message, self.param = code, message, param
 
 
+PROMPT_CHARS_PER_TOKEN = 16
+"""The default prompt-size limit: this many characters per token of context, far
+more than any tokenizer packs into a token, so only prompts that cannot fit fail."""
+
+
+def prompt_chars_limit(max_model_len: int, configured: int | None) -> int:
+    return configured if configured is not None else PROMPT_CHARS_PER_TOKEN * max_model_len
+
+
 def validate_request(req: GenerateRequest, model_id: str, tokenizer: PromptTokenizer,
-                     max_model_len: int) -> tuple[list[int], SamplingParams]:
-    """The prompt's token ids and the params to run it with, else ``GenerationError``."""
+                     max_model_len: int, max_prompt_chars: int | None = None,
+                     ) -> tuple[list[int], SamplingParams]:
+    """The prompt's token ids and the params to run it with, else ``GenerationError``.
+    Tokenizes: run it off the event loop."""
     if req.model and req.model != model_id:
         raise GenerationError("NOT_FOUND", f"The model `{req.model}` does not exist "
                               f"(this server serves `{model_id}`).", "model")
     param = "messages" if req.messages is not None else "prompt"
+    _check_size(req, param, prompt_chars_limit(max_model_len, max_prompt_chars), max_model_len)
+    _check_ids("stop_token_ids", req.params.stop_token_ids, tokenizer.vocab_size)
     try:
         prompt = _tokenize(req, tokenizer)
     except ValueError as e:
@@ -77,10 +91,7 @@ def validate_request(req: GenerateRequest, model_id: str, tokenizer: PromptToken
     if not prompt:
         raise GenerationError("INVALID_ARGUMENT", "prompt must contain at least 1 token, "
                               "got an empty prompt", param)
-    bad = next((t for t in prompt if not 0 <= t < tokenizer.vocab_size), None)
-    if bad is not None:
-        raise GenerationError("INVALID_ARGUMENT", f"prompt token ids must be in "
-                              f"[0, {tokenizer.vocab_size}), got {bad}", param)
+    _check_ids("prompt token ids", prompt, tokenizer.vocab_size, param)
     n, p, params = max_model_len, len(prompt), req.params
     if req.fill_context and p < n:
         params = dataclasses.replace(params, max_tokens=max(n - p, params.min_tokens))
@@ -94,6 +105,27 @@ def validate_request(req: GenerateRequest, model_id: str, tokenizer: PromptToken
         raise GenerationError("INVALID_ARGUMENT", f"prompt has {p} tokens; it must be "
                               f"shorter than the context (max_model_len={n})", param)
     return prompt, params
+
+
+def _check_size(req: GenerateRequest, param: str, max_chars: int, max_model_len: int) -> None:
+    """Before tokenizing: a prompt that cannot fit the context is refused at once
+    rather than after seconds of tokenizer time."""
+    if req.token_ids is not None:
+        size, unit, limit = len(req.token_ids), "tokens", max_model_len
+    else:
+        size = len(req.text or "") + sum(len(m.get("content", "")) + len(m.get("role", ""))
+                                         for m in req.messages or [])
+        unit, limit = "characters", max_chars
+    if size > limit:
+        raise GenerationError("INVALID_ARGUMENT", f"{param} is too long: {size} {unit}, at "
+                              f"most {limit} accepted (max_model_len={max_model_len})", param)
+
+
+def _check_ids(field: str, ids: Sequence[int], vocab_size: int, param: str | None = None) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise GenerationError("INVALID_ARGUMENT", f"{field} must be in [0, {vocab_size}), "
+                              f"got {bad}", param or field)
 
 
 def _tokenize(req: GenerateRequest, tokenizer: PromptTokenizer) -> list[int]:

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--local-prefill-below", type=int, default=_DEFAULT.local_prefill_below,
                    help="prompts shorter than this are prefilled on the decode worker")
     p.add_argument("--max-model-len", type=int, default=_DEFAULT.max_model_len)
+    p.add_argument("--max-prompt-chars", type=int, default=_DEFAULT.max_prompt_chars,
+                   help="longest prompt in characters, checked before tokenizing "
+                        "(default: 16 per token of --max-model-len)")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY") or _DEFAULT.api_key,
                    help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)")
     p.add_argument("--health-interval", type=float, default=_DEFAULT.health_interval_s,
@@ -83,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             served_model_name=a.served_model_name, decode=tuple(a.decode),
             prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
             local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
-            api_key=a.api_key, health_interval_s=a.health_interval,
+            max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, health_interval_s=a.health_interval,
             drain_grace_s=a.drain_grace, request_timeout_s=a.request_timeout_s,
             migration=a.migration, migration_limit=a.migration_limit,
             health_port=a.health_port,
@@ -160,7 +163,8 @@ async def start_router(config: RouterConfig) -> Router:
     generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config), max_len,
                           decode, metrics, health, prefill_health=prefill_health,
                           request_timeout_s=config.request_timeout_s,
-                          migration_limit=config.migration_limit if config.migration else 0)
+                          migration_limit=config.migration_limit if config.migration else 0,
+                          max_prompt_chars=config.max_prompt_chars)
     api_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(generator), server.server)
     await server.start()
     await server.set_serving(False)

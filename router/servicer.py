@@ -13,7 +13,7 @@ from contextlib import aclosing
 
 import grpc
 
-from pdserve._proto.pdserve.v1 import api_pb2, api_pb2_grpc
+from pdserve._proto.pdserve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from pdserve.params_pb import logprob_to_pb, params_from_pb
 from router.generation import Generator
 from router.request import Delta, GenerateRequest, GenerationError
@@ -48,7 +48,11 @@ class RouterServicer(api_pb2_grpc.GenerationServicer):
 
 
 def _request_from_pb(r: api_pb2.GenerateRequest, timeout: float | None) -> GenerateRequest:
+    """Raises ValueError naming the field for out-of-range values."""
     kind = r.WhichOneof("prompt")
+    if r.kv_encoding not in common_pb2.KVEncoding.values():
+        raise ValueError(f"kv_encoding must be a KVEncoding "
+                         f"{sorted(common_pb2.KVEncoding.values())}, got {r.kv_encoding}")
     return GenerateRequest(
         params=params_from_pb(r.params), request_id=r.request_id, model=r.model,
         text=r.text if kind == "text" else None,

@@ -24,8 +24,19 @@ def decode_attention(
     kvh = k_cache.shape[2]
     # index_select, not fancy indexing: several times faster for whole-block copies.
     flat = block_tables.view(-1)
-    k = k_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
-    v = v_cache.index_select(0, flat).view(d, -1, kvh, hd).transpose(1, 2)  # (D, kvh, T, hd)
+    k = k_cache.index_select(0, flat).view(d, -1, kvh, hd)  # (D, T, kvh, hd)
+    v = v_cache.index_select(0, flat).view(d, -1, kvh, hd)  # (D, T, kvh, hd)
+    # Slots past a request's length (and padding blocks) hold whatever a block's previous
+    # owner left, NaN or Inf included, and the mask does not stop them: a NaN key gives a
+    # NaN score that SDPA's mask does not replace, a NaN value meets its zero weight in
+    # probs @ V (0 * NaN = NaN). So every non-finite value becomes 0 (a select, not a
+    # multiply); what is left there is finite and the mask weighs it 0. Slots a request
+    # owns are finite already (computed here, or imported and checked finite), and
+    # nan_to_num_ is one plain pass over the gathered copies, ~6x cheaper than a masked
+    # fill with a broadcast mask.
+    torch.nan_to_num_(k, nan=0.0, posinf=0.0, neginf=0.0)
+    torch.nan_to_num_(v, nan=0.0, posinf=0.0, neginf=0.0)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (D, kvh, T, hd)
     # Grouped-query attention without repeating K/V: the G query heads that share
     # a KV head become G query rows of that head (no causal mask is needed, the
     # query is the newest token).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -121,9 +122,8 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens; it must be shorter than the context "
                 f"(max_model_len={self.max_model_len}) to leave room for output"
             )
-        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token ids must be in [0, {self.spec.vocab_size}), got {bad}")
+        self.check_token_ids("prompt token ids", ids)
+        self.check_token_ids("stop_token_ids", params.stop_token_ids)
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         need = self.blocks.blocks_for_tokens(total)
         if need > self.blocks.num_blocks:
@@ -131,6 +131,14 @@ class LLMEngine:
                 f"prompt + max_tokens needs {need} KV blocks but the pool has "
                 f"{self.blocks.num_blocks}; lower max_tokens or raise kv_cache_gb"
             )
+
+    def check_token_ids(self, field: str, ids: Iterable[int]) -> None:
+        """Every id must index the vocabulary: one outside it crashes the sampler (or
+        the embedding) inside a step and with it every request of the engine."""
+        v = self.spec.vocab_size
+        bad = next((t for t in ids if not 0 <= t < v), None)
+        if bad is not None:
+            raise ValueError(f"{field} must be in [0, {v}), got {bad}")
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
@@ -170,8 +178,13 @@ class LLMEngine:
 
     def commit_import(self, request_id: str, first_token_id: int,
                       logprob: Logprob | None = None) -> None:
-        """The prompt's KV is complete: join the decode batch with the first token."""
+        """The prompt's KV is complete: join the decode batch with the first token.
+        Raises ValueError (the request stays importing) for a token id a peer made up."""
         req = self._importing(request_id)
+        self.check_token_ids("first token id", [first_token_id])
+        if logprob is not None:
+            self.check_token_ids("first token logprob ids",
+                                 [logprob.token_id, *(t for t, _ in logprob.top)])
         req.commit_import(first_token_id)
         self._append(req, first_token_id, logprob)
         if not req.is_finished:

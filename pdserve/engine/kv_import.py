@@ -11,10 +11,11 @@ States (each import is in exactly one)::
 - RESERVED: the engine holds blocks for the prompt (and its first token) in an
   IMPORTING request; nothing written yet (or, after ``_retry``, nothing that can
   survive: see below).
-- RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded
-  and written into those blocks on the engine thread.
-- COMMITTED: every layer complete, the first token known: the request joins the
-  decode batch; its blocks are freed when it finishes.
+- RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded,
+  must be finite (else DATA_LOSS) and is written into those blocks on the engine thread.
+- COMMITTED: every layer complete, the first token known (and inside the
+  vocabulary, else ABORTED with INVALID_ARGUMENT): the request joins the decode
+  batch; its blocks are freed when it finishes.
 - ``_retry``: the peer failed the stream and it was its own fault (``PEER_FAULTS``:
   unreachable or died, silent for ``idle_timeout_s`` and not answering its health
   probe (``still_alive``), full, message too large, its own deadline) and another
@@ -46,7 +47,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.kvwire.receiver import Liveness, TransferStats, receive_kv
-from pdserve.kvwire.stream import FirstToken, KVEvent, KVHeader, KVStreamValidator, PeerFailed
+from pdserve.kvwire.stream import (
+    FirstToken,
+    KVEvent,
+    KVHeader,
+    KVStreamError,
+    KVStreamValidator,
+    PeerFailed,
+)
 
 if TYPE_CHECKING:
     from pdserve.engine.async_engine import AsyncEngine
@@ -139,8 +147,12 @@ class KVImport:
     async def _commit(self, first: FirstToken) -> None:
         assert self.state is ImportState.RECEIVING, self.state
         lp = first.token if self._want_logprobs else None
-        await self.engine.call(self.engine.engine.commit_import, self.request_id,
-                               first.token.token_id, lp)
+        try:
+            await self.engine.call(self.engine.engine.commit_import, self.request_id,
+                                   first.token.token_id, lp)
+        except ValueError as e:  # the peer's first token is outside the vocabulary
+            raise KVStreamError("INVALID_ARGUMENT", f"prefill peer sent a bad first token: {e}") \
+                from None
         self.state = ImportState.COMMITTED
 
     def _retry(self) -> None:

@@ -22,6 +22,7 @@ def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"decode": ("nocolon",)}, "decode"), ({"prefill": ("p",)}, "prefill"),
     ({"policy": "random"}, "policy"), ({"local_prefill_below": -1}, "local_prefill_below"),
     ({"max_model_len": 1}, "max_model_len"), ({"api_key": ""}, "api_key"),
+    ({"max_prompt_chars": 0}, "max_prompt_chars"),
     ({"health_interval_s": 0}, "health_interval_s"), ({"drain_grace_s": -1}, "drain_grace_s"),
     ({"tls": TLSConfig(ca="ca.pem", require_client_cert=False)}, "tls"),
     ({"health_port": 65536}, "health_port"),
@@ -45,14 +46,16 @@ def test_every_flag_lands_in_its_field() -> None:
         "--host", "0.0.0.0", "--port", "5", "--http-port", "0", "--model", "/m",
         "--served-model-name", "mm", "--decode", "d:1", "--decode", "d:2", "--prefill", "p:1",
         "--policy", "load_aware", "--local-prefill-below", "3", "--max-model-len", "99",
-        "--api-key", "k", "--health-interval", "0.5", "--drain-grace", "2", "--members-stdin",
+        "--max-prompt-chars", "1000", "--api-key", "k", "--health-interval", "0.5",
+        "--drain-grace", "2", "--members-stdin",
         "--request-timeout-s", "7", "--no-migration", "--migration-limit", "1",
         "--tls-ca", "ca.pem", "--tls-cert", "r.pem", "--tls-key", "r-key.pem",
         "--tls-require-client-cert", "--health-port", "7"])
     assert config == RouterConfig(
         host="0.0.0.0", port=5, http_port=0, model="/m", served_model_name="mm",
         decode=("d:1", "d:2"), prefill=("p:1",), policy="load_aware", local_prefill_below=3,
-        max_model_len=99, api_key="k", health_interval_s=0.5, drain_grace_s=2.0,
+        max_model_len=99, max_prompt_chars=1000, api_key="k", health_interval_s=0.5,
+        drain_grace_s=2.0,
         members_stdin=True, request_timeout_s=7.0, migration=False, migration_limit=1,
         health_port=7,
         tls=TLSConfig(ca="ca.pem", cert="r.pem", key="r-key.pem", require_client_cert=True))
