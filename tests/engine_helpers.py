@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,17 @@ def assert_engine_empty(engine: LLMEngine) -> None:
     assert engine.blocks.all_free(), f"{engine.blocks.num_free_blocks}/{engine.blocks.num_blocks}"
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert not engine.requests
+
+
+async def wait_engines_empty(*engines: LLMEngine, within_s: float = 10.0) -> None:
+    """Aborts reach an engine thread asynchronously: wait (a loaded box can take
+    seconds) until every engine is idle, then assert it is empty."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and not all(
+            e.blocks.all_free() and not e.requests for e in engines):
+        await asyncio.sleep(0.01)
+    for e in engines:
+        assert_engine_empty(e)
 
 
 def run_all(engine: LLMEngine) -> dict[str, RequestOutput]:

@@ -31,7 +31,7 @@ from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import assert_engine_empty, run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))  # 70 tokens
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -92,13 +92,8 @@ def _run(model: Path, scenario) -> None:  # type: ignore[no-untyped-def]
         p.start()
         try:
             await scenario(d, p)
-            for _ in range(200):
-                if all(e.engine.blocks.all_free() and not e.engine.requests for e in (d, p)):
-                    break
-                await asyncio.sleep(0.01)
-            for e in (d, p):
-                assert_engine_empty(e.engine)
-                assert not e.open_requests
+            await wait_engines_empty(d.engine, p.engine)
+            assert not d.open_requests and not p.open_requests
         finally:
             d.stop()
             p.stop()
@@ -167,11 +162,7 @@ def _worker_config(model: Path, role: str) -> WorkerConfig:
 
 
 async def _settled(w: RunningWorker) -> None:
-    for _ in range(100):
-        if w.engine.engine.blocks.all_free() and not w.engine.engine.requests:
-            break
-        await asyncio.sleep(0.01)
-    assert_engine_empty(w.engine.engine)
+    await wait_engines_empty(w.engine.engine)
 
 
 def test_finding1_workers_answer_invalid_argument_for_stop_ids_outside_vocab(

@@ -34,7 +34,7 @@ from pdserve.kvwire.stream import (
 from pdserve.logs import current_request_id
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import start_worker
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))  # 70 tokens: 3 prefill chunks of at most 32
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -70,13 +70,8 @@ def _run(model: Path, scenario: Scenario) -> None:
 
 
 async def _settled(*engines: AsyncEngine) -> None:
-    """Aborts reach the engine thread asynchronously: wait for them (at most 2 s)."""
-    for _ in range(200):
-        if all(e.engine.blocks.all_free() and not e.engine.requests for e in engines):
-            break
-        await asyncio.sleep(0.01)
+    await wait_engines_empty(*(e.engine for e in engines))
     for e in engines:
-        assert_engine_empty(e.engine)
         assert not e.open_requests
 
 

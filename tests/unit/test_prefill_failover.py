@@ -24,7 +24,7 @@ from pdserve.sampling_params import SamplingParams
 from pdserve.worker_errors import failed_role
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))
 PARAMS = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -92,13 +92,7 @@ async def _generate(decode: RunningWorker, candidates: list[str], rid: str,
 
 
 async def _settled(*workers: RunningWorker) -> None:
-    for _ in range(200):
-        if all(w.engine.engine.blocks.all_free() and not w.engine.engine.requests
-               for w in workers):
-            return
-        await asyncio.sleep(0.01)
-    for w in workers:
-        assert_engine_empty(w.engine.engine)
+    await wait_engines_empty(*(w.engine.engine for w in workers))
 
 
 def test_a_silent_prefill_worker_hands_over_to_the_next_then_to_local(tiny_llama: Path) -> None:

@@ -20,7 +20,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))
 PARAMS = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -55,14 +55,7 @@ def _offline(model: Path) -> list[int]:
 
 
 async def _settled(*workers: RunningWorker) -> None:
-    """Aborts travel to the engine thread asynchronously: wait for them (at most 1 s)."""
-    for _ in range(100):
-        if all(w.engine.engine.blocks.all_free() and not w.engine.engine.requests
-               for w in workers):
-            return
-        await asyncio.sleep(0.01)
-    for w in workers:
-        assert_engine_empty(w.engine.engine)
+    await wait_engines_empty(*(w.engine.engine for w in workers))
 
 
 def test_remote_and_local_plans_match_the_offline_engine(tiny_llama: Path) -> None:
