@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 MAX_PREFILL_CANDIDATES = 8  # a request names at most this many prefill workers
 _PROBE_TIMEOUT_S = 1.0  # a silent prefill worker must answer its health probe this fast
+# A silent prefill worker that answers its health probe is busy (queued prefill) for
+# this many idle timeouts at most; past that its stream is wedged and it has failed.
+SILENT_PROBES = 3
 _BLAME_PREFILL = failed_role_metadata("prefill")
 
 
@@ -183,7 +186,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                  for a in plan.prefill_addresses]
         try:
             await kv_import.run(first, fall_back=self.config.prefill_fallback == "local",
-                                retries=rest, idle_timeout_s=idle, still_alive=alive)
+                                retries=rest, idle_timeout_s=idle, still_alive=alive,
+                                max_silent_s=SILENT_PROBES * idle)
         except KVStreamError as e:
             self._note_peer_failures(kv_import, plan)
             if e not in kv_import.failures:  # hostile data, or a status not the peer's fault

@@ -154,7 +154,8 @@ class WorkerConfig:
     """Decode: longest wait for a remote prefill when the call has no deadline."""
     kv_idle_timeout_s: float = 5.0
     """Decode: a prefill worker that sends nothing (header, KV chunk, first token) for
-    this long has failed the transfer: the next candidate is asked, then the fallback."""
+    this long and does not answer its health probe has failed the transfer (one that
+    answers gets two more such periods): the next candidate is asked, then the fallback."""
     prefill_fallback: str = "local"  # one of PREFILL_FALLBACKS
     """Decode: when every prefill worker asked failed by its own fault (unreachable,
     died, silent, full), ``local`` prefills here instead; ``fail`` ends the request

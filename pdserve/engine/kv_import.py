@@ -94,15 +94,18 @@ class KVImport:
     async def run(self, events: AsyncGenerator[KVEvent, None], fall_back: bool,
                   retries: Sequence[AsyncGenerator[KVEvent, None]] = (),
                   idle_timeout_s: float | None = None,
-                  still_alive: Sequence[Liveness] = ()) -> None:
+                  still_alive: Sequence[Liveness] = (),
+                  max_silent_s: float | None = None) -> None:
         """Receive ``events`` into the reserved blocks and commit. A stream the peer
         fails by its own fault is followed by the next of ``retries``, then by a local
         prefill when ``fall_back``; anything else aborts and raises. ``still_alive[i]``
         asks stream i's peer whether it lives when it is silent for ``idle_timeout_s``
-        (none given: silent is failed). Streams not started are closed."""
+        (none given: silent is failed); one alive but silent for ``max_silent_s`` has
+        failed too. Streams not started are closed."""
         streams = [events, *retries]
         try:
-            await self._receive_first_good(streams, fall_back, idle_timeout_s, still_alive)
+            await self._receive_first_good(streams, fall_back, idle_timeout_s, still_alive,
+                                           max_silent_s)
         except BaseException:  # bad stream, cancelled call: no block may stay reserved
             self._abort()
             raise
@@ -112,14 +115,15 @@ class KVImport:
 
     async def _receive_first_good(self, streams: list[AsyncGenerator[KVEvent, None]],
                                   fall_back: bool, idle_timeout_s: float | None,
-                                  still_alive: Sequence[Liveness]) -> None:
+                                  still_alive: Sequence[Liveness],
+                                  max_silent_s: float | None) -> None:
         for i, events in enumerate(streams):
             self._receiving()
             validator = KVStreamValidator(self._expected)
             alive = still_alive[i] if i < len(still_alive) else None
             try:  # receive_kv closes the stream (cancels its call) whatever happens
                 first, self.stats = await receive_kv(events, validator, self._write,
-                                                     idle_timeout_s, alive)
+                                                     idle_timeout_s, alive, max_silent_s)
             except PeerFailed as e:
                 if e.code not in PEER_FAULTS:
                     raise

@@ -52,16 +52,19 @@ class TransferStats:
 
 async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamValidator,
                      write: KVWriter, idle_timeout_s: float | None = None,
-                     still_alive: Liveness | None = None) -> tuple[FirstToken, TransferStats]:
+                     still_alive: Liveness | None = None,
+                     max_silent_s: float | None = None) -> tuple[FirstToken, TransferStats]:
     """Consume ``events`` up to the first token; raises ``KVStreamError`` on a bad or
     short stream, ``PeerFailed`` DEADLINE_EXCEEDED when no event comes for
     ``idle_timeout_s`` (None: wait as long as the call lasts) and the peer is not
-    ``still_alive`` (None: not asked). The events are closed (their call cancelled)
-    whatever happens."""
+    ``still_alive`` (None: not asked), or when it stays silent for ``max_silent_s``
+    even though it says it lives (a wedged stream behind a healthy health service).
+    The events are closed (their call cancelled) whatever happens."""
     e = validator.expected
     t0: float | None = None
     async with aclosing(events):
-        while (event := await _next(events, idle_timeout_s, still_alive)) is not None:
+        while (event := await _next(events, idle_timeout_s, still_alive,
+                                    max_silent_s)) is not None:
             if isinstance(event, KVHeader):
                 validator.check_header(event)
             elif isinstance(event, KVChunk):
@@ -80,18 +83,23 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
 
 
 async def _next(events: AsyncGenerator[KVEvent, None], idle_timeout_s: float | None,
-                still_alive: Liveness | None) -> KVEvent | None:
+                still_alive: Liveness | None, max_silent_s: float | None) -> KVEvent | None:
     """The next event, None at the end. The wait runs in a task of its own so that
     asking the peer whether it lives does not cancel it; giving up cancels the
     peer's generator where it waits (its call with it)."""
     if idle_timeout_s is None:
         return await anext(events, None)
     pending = asyncio.ensure_future(anext(events, None))
+    silent_since = time.monotonic()
     try:
         while not (await asyncio.wait({pending}, timeout=idle_timeout_s))[0]:
             if still_alive is None or not await still_alive():
                 raise PeerFailed("DEADLINE_EXCEEDED", f"sent nothing for {idle_timeout_s:g} s "
                                  "and does not answer its health probe (kv_idle_timeout_s)")
+            silent = time.monotonic() - silent_since
+            if max_silent_s is not None and silent >= max_silent_s:
+                raise PeerFailed("DEADLINE_EXCEEDED", f"answers its health probe but sent "
+                                 f"nothing for {silent:.1f} s")
         return pending.result()
     finally:
         if not pending.done():

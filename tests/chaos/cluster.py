@@ -140,7 +140,9 @@ class ChaosCluster:
         cfg = worker_config(role, host=HOST, port=port, metrics_port=metrics_port,
                             model=self.spec.model, dtype=self.spec.dtype,
                             threads=self.spec.threads, pin="off",
-                            kv_cache_gb=self.spec.kv_cache_gb)
+                            kv_cache_gb=self.spec.kv_cache_gb,
+                            # tight, as under an SLA: a wedged peer costs 3 x 2 s at most
+                            kv_idle_timeout_s=2.0)
         self.procs[name] = Proc(name, role, worker_command(cfg), port, metrics_port,
                                 env=role_env())
 

@@ -5,7 +5,8 @@ again on the same port after ``duration_s``) or ``sigstop`` (SIGSTOP, SIGCONT af
 ``duration_s``). ``FaultRunner`` applies a schedule against a ``ChaosCluster``, each
 fault PENDING → WAITING (not before ``at_s``; while its target, or for a decode
 worker any other decode worker, is still impaired: one decode worker always serves)
-→ ACTIVE (applied; the window opens) → OVER (serving again: the window closes).
+→ ACTIVE (applied; the window opens) → OVER (serving again and seen so by the
+router's health probes: the window closes).
 Faults still pending when the load ends are skipped. Hostile peers and misbehaving
 clients are faults too, but they ride on the requests (tests/chaos/load.py).
 """
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from tests.chaos.cluster import ChaosCluster
 
 KINDS = ("kill9", "sigstop")
+# The router sees a worker back only at its next health probe (1 s apart): the
+# window stays open that long after the worker serves again, so two faults never
+# leave the router without a decode worker it knows is up.
+ROUTER_SEES_IT_S = 2.5
 
 
 @dataclass
@@ -88,6 +93,7 @@ class FaultRunner:
             c.sigstop(f.target)
             await asyncio.sleep(f.duration_s)
             c.sigcont(f.target)
+        await asyncio.sleep(ROUTER_SEES_IT_S)
         f.t_end = time.time()
 
     def applied(self) -> list[Fault]:
