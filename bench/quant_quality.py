@@ -9,7 +9,7 @@ Reports, for bf16, int8 (LM head quantized too) and int8 with a bf16 LM head:
   - weight memory: bytes resident, and bytes one decode step reads;
   - speed: W1, W2, W3 (bench/workloads.py) timed in the same process;
   - ``--crossover``: the int8 kernel against dequantize-then-GEMM per batch size M
-    (sets linear.INT8_SMALL_BATCH).
+    (sets int8_linear.INT8_SMALL_BATCH).
 
 Figures go to bench/results/int8_quality.json.
 Run: ``python -m bench.quant_quality [--threads N] [--repeats R] [--no-speed]``.
@@ -146,7 +146,8 @@ def speed(variants: list[str], threads: int, repeats: int) -> dict[str, Any]:
 def crossover(threads: int) -> dict[str, Any]:
     """ms per call of the int8 kernel and of dequantize + GEMM, SmolLM2's gate|up
     (3072 x 576) and down (576 x 1536), by batch rows M; and bf16's Linear."""
-    from pdserve.engine.linear import Int8Linear, Linear, compute_dtype_for
+    from pdserve.engine.int8_linear import Int8Linear
+    from pdserve.engine.linear import Linear, compute_dtype_for
 
     torch.set_num_threads(threads)
     compute = compute_dtype_for(torch.bfloat16, torch.device("cpu"))
