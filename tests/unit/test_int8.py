@@ -202,3 +202,20 @@ def test_cluster_yaml_quantization_reaches_every_worker(tmp_path: Path) -> None:
         "int8", "int8"]
     with pytest.raises(ValueError, match="quantization"):
         ClusterConfig(launcher="process", quantization="awq")
+
+
+@needs_kernels
+def test_auto_times_the_kernel_against_dequantize_and_gemm_once(tmp_path: Path) -> None:
+    from pdserve.engine import kernel_choice
+
+    _, w = _case(1, 24, 64)
+    try:
+        kernel_choice.use_cache(kernel_choice.ChoiceCache(tmp_path / "c.json"))
+        lin = Int8Linear(w, None, torch.float32, kernels="auto")
+        choice = kernel_choice.cache().get(
+            f"linear_int8w_packed n=24 k=64 threads={torch.get_num_threads()}")
+        assert choice in ("cpu", "torch")
+        assert (lin._kernel is not None) == (choice == "cpu")
+        assert Int8Linear(w, None, torch.float32, kernels="torch")._kernel is None
+    finally:
+        kernel_choice.use_cache(None)
