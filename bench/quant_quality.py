@@ -8,8 +8,10 @@ Reports, for bf16, int8 (LM head quantized too) and int8 with a bf16 LM head:
     model's own forward with logits at every position (the serving path unchanged);
   - weight memory: bytes resident, and bytes one decode step reads;
   - speed: W1, W2, W3 (bench/workloads.py) timed in the same process;
+  - ``--decode-step``: the batch-1 decode step (model forward) of bf16 and int8,
+    interleaved in one process, so their ratio holds on a busy machine;
   - ``--crossover``: the int8 kernel against dequantize-then-GEMM per batch size M
-    (sets linear.INT8_SMALL_BATCH).
+    (sets int8_linear.INT8_SMALL_BATCH).
 
 Figures go to bench/results/int8_quality.json.
 Run: ``python -m bench.quant_quality [--threads N] [--repeats R] [--no-speed]``.
@@ -18,6 +20,7 @@ Run: ``python -m bench.quant_quality [--threads N] [--repeats R] [--no-speed]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import json
@@ -146,7 +149,8 @@ def speed(variants: list[str], threads: int, repeats: int) -> dict[str, Any]:
 def crossover(threads: int) -> dict[str, Any]:
     """ms per call of the int8 kernel and of dequantize + GEMM, SmolLM2's gate|up
     (3072 x 576) and down (576 x 1536), by batch rows M; and bf16's Linear."""
-    from pdserve.engine.linear import Int8Linear, Linear, compute_dtype_for
+    from pdserve.engine.int8_linear import Int8Linear
+    from pdserve.engine.linear import Linear, compute_dtype_for
 
     torch.set_num_threads(threads)
     compute = compute_dtype_for(torch.bfloat16, torch.device("cpu"))
@@ -165,7 +169,32 @@ def crossover(threads: int) -> dict[str, Any]:
     return out
 
 
-def _ms(f: Any, x: torch.Tensor, reps: int = 30) -> float:
+def decode_step(threads: int, rounds: int = 7, reps: int = 10, context: int = 72
+                ) -> dict[str, Any]:
+    """ms of one batch-1 decode forward, bf16 and int8 taking turns (``rounds`` turns of
+    ``reps`` steps each; the median step of each turn, then the median over turns)."""
+    from bench.decode_step_bench import BLOCK, _decode_batch
+    from pdserve.engine.kv_cache import KVCache
+
+    models = {v: make_llm(v, threads).engine.model for v in ("bf16", "int8")}
+    torch.set_num_threads(threads)
+    fb = _decode_batch(1, context)
+    turns: dict[str, list[float]] = {v: [] for v in models}
+    for _ in range(rounds):
+        for v, model in models.items():
+            s = model.spec
+            kv = KVCache(s.num_layers, -(-context // BLOCK), BLOCK, s.num_kv_heads, s.head_dim,
+                         model.dtype, torch.device("cpu"))
+            with torch.inference_mode():
+                turns[v].append(_ms(functools.partial(model.forward, kv=kv), fb, reps))
+    out: dict[str, Any] = {f"{v}_ms": statistics.median(t) for v, t in turns.items()}
+    out["int8_over_bf16_time"] = out["int8_ms"] / out["bf16_ms"]
+    out["threads"], out["rounds"], out["context"] = threads, rounds, context
+    print("decode step", out, flush=True)
+    return out
+
+
+def _ms(f: Any, x: Any, reps: int = 30) -> float:
     for _ in range(3):
         f(x)
     ts = []
@@ -183,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--crossover", action="store_true")
+    p.add_argument("--decode-step", action="store_true")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                          "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported())}
     if args.crossover:
         result["crossover"] = crossover(args.threads)
+    if args.decode_step:
+        result["decode_step"] = decode_step(args.threads)
     if not args.no_quality:
         result["quality"] = quality_all(args.variants, args.threads)
     if not args.no_speed:

@@ -57,9 +57,9 @@ class EngineConfig:
     this machine, timed once and cached; kernels apply on CPU with float32 compute),
     torch (plain torch ops everywhere) or cpu (every self-checked kernel, required)."""
     quantization: str | None = None
-    """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (symmetric
-    int8 per output channel, fp32 scales; activations stay in the compute dtype; see
-    pdserve/engine/linear.py). Needs dtype bfloat16 or float32."""
+    """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (int8 with
+    an fp16 scale and zero per group of 32 inputs; activations stay in the compute
+    dtype; see pdserve/engine/int8_linear.py). Needs dtype bfloat16 or float32."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)

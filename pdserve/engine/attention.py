@@ -57,18 +57,54 @@ def prefill_attention(
 ) -> torch.Tensor:  # (L, H*hd)
     n, h, hd = q.shape
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, L, hd)
+    k = k_new.transpose(0, 1).unsqueeze(0)  # (1, kvh, L, hd)
+    v = v_new.transpose(0, 1).unsqueeze(0)
     if num_context == 0:
         # First chunk: its own K/V are all the keys; no need to read the pool.
-        k = k_new.transpose(0, 1).unsqueeze(0)  # (1, kvh, L, hd)
-        v = v_new.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        kvh = k_cache.shape[2]
-        total = num_context + n
-        k = k_cache.index_select(0, block_table).view(-1, kvh, hd)[:total]  # (T, kvh, hd)
-        v = v_cache.index_select(0, block_table).view(-1, kvh, hd)[:total]
-        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # (1, kvh, T, hd)
-        # Query i (absolute position num_context + i) sees keys 0..num_context + i.
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(num_context)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        kvh, bs = k_cache.shape[2], k_cache.shape[1]
+        ctx_blocks = block_table[: -(-num_context // bs)]
+        k_ctx = k_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]  # (C, kvh, hd)
+        v_ctx = v_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]
+        k_ctx, v_ctx = k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0)
+        if q.device.type == "cpu" and _CPU_FLASH is not None:
+            out = _context_then_chunk(qh, k_ctx, v_ctx, k, v, scale)
+        else:
+            out = _masked(qh, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), num_context,
+                          scale)
     return out[0].transpose(0, 1).reshape(n, h * hd)
+
+
+# torch's tiled CPU attention, which also returns each query's log-sum-exp of scores.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _context_then_chunk(
+    qh: torch.Tensor,  # (1, H, L, hd)
+    k_ctx: torch.Tensor,  # (1, kvh, C, hd): every key before the chunk, all visible
+    v_ctx: torch.Tensor,
+    k: torch.Tensor,  # (1, kvh, L, hd): the chunk's own keys, causal
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # (1, H, L, hd)
+    """Exact chunked-prefill attention from two tiled calls, neither with a mask:
+    the queries are the last L of C + L keys, a causal mask aligned bottom-right,
+    which torch's ``is_causal`` (aligned top-left) is not. So the context part runs
+    unmasked, the chunk part causal, and the two softmaxes merge by their
+    log-sum-exps: out = o_ctx * σ(lse_ctx - lse_chunk) + o_chunk * σ(lse_chunk - lse_ctx).
+    Nothing of size L x (C + L) is built (a mask would be, and converted to floats)."""
+    assert _CPU_FLASH is not None
+    o_ctx, lse_ctx = _CPU_FLASH(qh, k_ctx, v_ctx, scale=scale)  # (1, H, L, hd), (1, H, L)
+    o_new, lse_new = _CPU_FLASH(qh, k, v, is_causal=True, scale=scale)
+    w_ctx = torch.sigmoid(lse_ctx - lse_new).unsqueeze(-1)  # (1, H, L, 1), fp32
+    return torch.lerp(o_new.float(), o_ctx.float(), w_ctx).to(qh.dtype)
+
+
+def _masked(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_context: int,
+            scale: float) -> torch.Tensor:
+    """The reference form (any device): query i (absolute position num_context + i)
+    sees keys 0..num_context + i, through an explicit (L, T) mask."""
+    n, total = qh.shape[2], k.shape[2]
+    mask = torch.ones(n, total, dtype=torch.bool, device=qh.device).tril(num_context)
+    return F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -110,13 +110,16 @@ def _check_linear(m: Any, gen: torch.Generator) -> None:
 
 
 def _check_linear_int8(m: Any, gen: torch.Generator) -> None:
-    from pdserve.engine.linear import pack_int8, quantize_int8  # linear imports this module
+    from pdserve.engine import int8_linear as i8  # int8_linear imports this module
 
-    q, scales = quantize_int8(_randn(gen, 13, 64), "self-check")
-    packed = pack_int8(q)
-    for rows in (1, 2, 3, 4, 7):
-        x = _randn(gen, rows, 64)
-        _close(m.linear_int8w_packed(x, packed, scales, 13), F.linear(x, q.float() * scales[:, None]))
+    w = _randn(gen, 13, 96)  # 13: a partly padded last block; 3 groups of 32
+    w[:, 32:64] = w[:, 32:64].abs() + 1.0  # a group off zero: the asymmetric grid
+    q, scales, zeros, shift = i8.quantize_int8(w, "self-check")
+    packed, sz = i8.pack_int8(q), i8.pack_scales(scales, zeros)
+    expected_w = i8.dequantize_int8(q, scales, zeros, shift)
+    for rows in (1, 2, 3, 4, 7):  # each batch-row path and a mix of them
+        x = _randn(gen, rows, 96)
+        _close(m.linear_int8w_packed(x, packed, sz, 13, 2.0**-shift), F.linear(x, expected_w))
 
 
 def _torch_ops() -> Any:

@@ -16,7 +16,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& seq_lens, double scale);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
-                                  const torch::Tensor& scales, int64_t N);
+                                  const torch::Tensor& scales, int64_t N, double unscale);
 void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& qkv,
                   const torch::Tensor& attn, const torch::Tensor& gate_up,
                   const torch::Tensor& act, const torch::Tensor& tmp,
@@ -53,5 +53,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
   m.def("decode_layer", &decode_layer, "one decoder layer for the decode rows of a step");
   m.def("linear_int8w_packed", &linear_int8w_packed,
-        "fp32 x times a packed int8 weight, times per-output-channel scales");
+        "fp32 x times a packed int8 weight with fp16 scales and zeros per group of 32");
 }
