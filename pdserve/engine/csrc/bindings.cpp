@@ -42,16 +42,19 @@ std::string compiled_isa() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16w", &linear_bf16w, "fp32 x times bf16 weight (transposed), fp32 out");
-  m.def("pack_bf16_weight", &pack_bf16_weight, "bf16 (N, K) -> the packed layout");
-  m.def("linear_bf16w_packed", &linear_bf16w_packed, "fp32 x times a packed bf16 weight");
-  m.def("rms_norm", &rms_norm, "x += delta (in place, if given); return rms_norm(x) * w");
-  m.def("rope_store_kv", &rope_store_kv, "rotate q|k of qkv in place, store k and v in slots");
-  m.def("paged_decode_attention", &paged_decode_attention,
+  // Kernels touch no Python object: let other threads (the worker's event loop, its
+  // health answers) run while one computes, as torch's own ops do.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear_bf16w", &linear_bf16w, nogil, "fp32 x times bf16 weight (transposed), fp32 out");
+  m.def("pack_bf16_weight", &pack_bf16_weight, nogil, "bf16 (N, K) -> the packed layout");
+  m.def("linear_bf16w_packed", &linear_bf16w_packed, nogil, "fp32 x times a packed bf16 weight");
+  m.def("rms_norm", &rms_norm, nogil, "x += delta (in place, if given); return rms_norm(x) * w");
+  m.def("rope_store_kv", &rope_store_kv, nogil, "rotate q|k of qkv in place, store k and v in slots");
+  m.def("paged_decode_attention", &paged_decode_attention, nogil,
         "one query token per request against its paged K/V");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (N, 2I) gate|up output");
+  m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of a fused (N, 2I) gate|up output");
   m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
-  m.def("decode_layer", &decode_layer, "one decoder layer for the decode rows of a step");
-  m.def("linear_int8w_packed", &linear_int8w_packed,
+  m.def("decode_layer", &decode_layer, nogil, "one decoder layer for the decode rows of a step");
+  m.def("linear_int8w_packed", &linear_int8w_packed, nogil,
         "fp32 x times a packed int8 weight with fp16 scales and zeros per group of 32");
 }
