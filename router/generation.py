@@ -99,6 +99,7 @@ class _Flight:
     t_dispatch: float = 0.0
     t_last: float = 0.0
     output: list[int] = field(default_factory=list)  # token ids streamed so far
+    text: str = ""  # text streamed so far
     migrations: int = 0
     failure: GenerationError | None = None  # what sent it back to ROUTING, if it failed
     deadline_timer: asyncio.TimerHandle | None = None  # cancels the call at the deadline
@@ -270,11 +271,25 @@ class Generator:
             self.metrics.itl.observe(now - f.t_last)
         f.t_last = now
         f.output += msg.token_ids
+        text = msg.text if not f.migrations else self._migrated_text(f, msg)
+        f.text += text
         self.metrics.generation_tokens.inc(len(msg.token_ids))
-        out = Delta(f.request_id, msg.token_ids, msg.text, msg.logprobs, msg.finish_reason)
+        out = Delta(f.request_id, msg.token_ids, text, msg.logprobs, msg.finish_reason)
         if msg.finish_reason:
             self._finish(f, out, now)
         return out
+
+    def _migrated_text(self, f: _Flight, msg: DecodeDelta) -> str:
+        """After a migration the new worker's detokenizer starts at the moved tokens, so
+        a character split across the move would come out garbled: the router decodes
+        the whole output instead (held back while it ends in an incomplete character).
+        A stop string cut the worker's text: that text stands."""
+        if msg.finish_reason == "stop" and f.request.params.stop:
+            return msg.text
+        full = self.tokenizer.decode(f.output, f.request.params.skip_special_tokens)
+        if full.endswith("\ufffd"):  # held back, even at the end, as the worker does
+            return ""
+        return full[len(f.text):]
 
     def _first_token(self, f: _Flight, msg: DecodeDelta, now: float) -> None:
         f.stage = Stage.STREAMING

@@ -15,9 +15,10 @@ What is preserved: greedy output is identical to an undisturbed run (the new
 worker recomputes the same KV and continues from the same sequence); token ids
 are never duplicated or missed. What is not: a seeded sampled request draws its
 remaining tokens from a generator seeded afresh on the new worker (a valid
-sample, not the undisturbed run's tokens); text the dead worker held back (an
-incomplete UTF-8 character) and a stop string spanning the migration point are
-not seen by the new worker. Each migration counts in
+sample, not the undisturbed run's tokens); a stop string spanning the migration
+point is not seen by the new worker. The text after a migration is decoded by the
+router from every output token (``Generator._migrated_text``), so a character split
+across the move comes out whole. Each migration counts in
 ``pdserve:request_migrations_total`` and is logged with the request id.
 """
 

@@ -25,6 +25,8 @@ class PromptTokenizer(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
+    def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str: ...
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
 
 
@@ -50,6 +52,10 @@ class RouterTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token as text (logprobs name tokens this way)."""
         return str(self.tok.decode([token_id], skip_special_tokens=False))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        """Output tokens as text (a migrated request's text, see router/migration.py)."""
+        return str(self.tok.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if self.template is None:

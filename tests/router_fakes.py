@@ -37,6 +37,9 @@ class FakeTokenizer:
     def token_text(self, token_id: int) -> str:
         return f"<{token_id}>"
 
+    def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return "".join(f" t{t}" for t in token_ids)  # what FakeDecodeWorker streams
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 

@@ -53,6 +53,10 @@ SKIP = {
                                                       "(tests/unit/test_front_door_units.py)",
     ".venv/bin/pdserve generate \"Hello\" --offline": "loads the model in-process (~20 s "
                                                       "here); tests/unit cover the engine",
+    ".venv/bin/pdserve certs": "writes ./pki into the working tree; tests/unit/test_tls.py and "
+                               "test_tls_cluster.py run it into a temporary directory",
+    ".venv/bin/pdserve generate \"Hello\" --tls-ca": "needs a cluster up with --certs "
+                                                      "(tests/integration/test_tls_cluster.py)",
     ".venv/bin/pdserve chat": "interactive; tests/integration/test_chat_cli.py drives "
                               "chat --address through a pty",
     ".venv/bin/pdserve bench": "minutes of benchmarking, or placeholder file names",
