@@ -1,12 +1,12 @@
 """``pdserve bench --chaos`` and ``pdserve bench --soak``: a cluster of real processes
 (router, prefill worker, decode workers, a hostile prefill peer; the default model
-unless ``--model``) driven by the chaos harness of tests/chaos.
+unless ``--model``) driven by the chaos harness (bench/chaos/, shared with tests/chaos).
 
 ``--chaos``: the fault-free outputs of a prompt pool first, then ``--requests`` requests
 (gRPC and OpenAI HTTP, some streamed, some hostile-tagged or misbehaving clients) while
 workers and peers are killed (-9, then restarted), stopped and resumed. Prints and
 writes: requests, faulted, completed identical, failed with a clear status, hung,
-leaked blocks, migrated; exit 1 when an invariant broke (tests/chaos/invariants.py).
+leaked blocks, migrated; exit 1 when an invariant broke (bench/chaos/invariants.py).
 
 ``--soak``: no faults. A warm-up (the fault-free outputs, then a closed loop that
 measures capacity in requests/s), then ``--duration`` seconds (default 1200) at
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.chaos.cluster import ChaosCluster, ClusterSpec
+from bench.chaos.invariants import Report, check, idle_workers
+from bench.chaos.load import LoadGenerator, Prompt, RequestSpec, prompt_pool
+from bench.chaos.scenario import TRANSPORTS, ChaosPlan, reference, run_chaos
 from bench.chaos_args import SOAK_DURATION_S
-from tests.chaos.cluster import ChaosCluster, ClusterSpec
-from tests.chaos.invariants import Report, check, idle_workers
-from tests.chaos.load import LoadGenerator, Prompt, RequestSpec, prompt_pool
-from tests.chaos.scenario import TRANSPORTS, ChaosPlan, reference, run_chaos
 
 SOAK_LOAD_SHARE = 0.7
 RSS_TOLERANCE = 0.05

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.cluster import ChaosCluster, ClusterSpec
-from tests.chaos.invariants import Reference
-from tests.chaos.load import LoadGenerator, Prompt, prompt_pool
-from tests.chaos.scenario import ChaosPlan, reference
+from bench.chaos.cluster import ChaosCluster, ClusterSpec
+from bench.chaos.invariants import Reference
+from bench.chaos.load import LoadGenerator, Prompt, prompt_pool
+from bench.chaos.scenario import ChaosPlan, reference
 
 PLAN = ChaosPlan()
 

@@ -2,18 +2,18 @@
 hostile peers and misbehaving clients. Afterwards every request completed with the
 fault-free tokens or ended with a clear status within its deadline, every live
 worker has every block free, and the router never restarted
-(tests/chaos/invariants.py)."""
+(bench/chaos/invariants.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.chaos.cluster import ChaosCluster
+from bench.chaos.cluster import ChaosCluster
+from bench.chaos.hostile_modes import MODES
+from bench.chaos.invariants import Reference
+from bench.chaos.load import Prompt
+from bench.chaos.scenario import hostile_sweep, run_chaos
 from tests.chaos.conftest import PLAN
-from tests.chaos.hostile_modes import MODES
-from tests.chaos.invariants import Reference
-from tests.chaos.load import Prompt
-from tests.chaos.scenario import hostile_sweep, run_chaos
 
 
 @pytest.mark.chaos

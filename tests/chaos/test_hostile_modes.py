@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.chaos.hostile_modes import MODES, Expect, Honest, crc_of, mode_of
 from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2
 from pdserve.convert import parse_prefill_response
 from pdserve.kvwire.stream import KVChunk, KVStreamError
-from tests.chaos.hostile_modes import MODES, Expect, Honest, crc_of, mode_of
 
 FP32 = common_pb2.KV_ENCODING_FP32
 LAYERS, HEADS, HEAD_DIM, TOKENS, VOCAB = 2, 2, 16, 5, 320

@@ -8,7 +8,7 @@ worker any other decode worker, is still impaired: one decode worker always serv
 → ACTIVE (applied; the window opens) → OVER (serving again and seen so by the
 router's health probes: the window closes).
 Faults still pending when the load ends are skipped. Hostile peers and misbehaving
-clients are faults too, but they ride on the requests (tests/chaos/load.py).
+clients are faults too, but they ride on the requests (bench/chaos/load.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tests.chaos.cluster import ChaosCluster
+from bench.chaos.cluster import ChaosCluster
 
 KINDS = ("kill9", "sigstop")
 # The router sees a worker back only at its next health probe (1 s apart): the

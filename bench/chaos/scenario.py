@@ -3,7 +3,7 @@
 REFERENCE (every prompt of the pool once per transport, no fault: the outputs every
 later answer must equal) → CHAOS (the load, a share of it hostile-tagged or
 misbehaving, while the fault schedule kills and stops workers and peers) → SETTLE
-(whatever the harness killed is serving again) → CHECKED (tests/chaos/invariants.py).
+(whatever the harness killed is serving again) → CHECKED (bench/chaos/invariants.py).
 
 ``hostile_sweep`` is the deterministic half: every hostile mode once through a router
 whose only prefill worker is a hostile peer (one after the other, the stalling ones
@@ -18,11 +18,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from tests.chaos.cluster import ChaosCluster
-from tests.chaos.faults import Fault, FaultRunner, schedule
-from tests.chaos.hostile_modes import MODES
-from tests.chaos.invariants import Reference, Report, check, reference_key
-from tests.chaos.load import CLIENT_FAULTS, LoadGenerator, Outcome, Prompt, RequestSpec
+from bench.chaos.cluster import ChaosCluster
+from bench.chaos.faults import Fault, FaultRunner, schedule
+from bench.chaos.hostile_modes import MODES
+from bench.chaos.invariants import Reference, Report, check, reference_key
+from bench.chaos.load import CLIENT_FAULTS, LoadGenerator, Outcome, Prompt, RequestSpec
 
 TRANSPORTS = ("grpc", "grpc", "http", "http_stream")
 

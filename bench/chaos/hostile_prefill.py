@@ -1,7 +1,7 @@
 """A hostile prefill worker, as a real process: it speaks ``PrefillWorker.Prefill``
 (proto/pdserve/v1/worker.proto), relays each request to the real prefill worker at
 ``--upstream``, and sends the decode worker that stream malformed as the request id
-asks (``...~h=MODE``; tests/chaos/hostile_modes.py lists the modes); a request id
+asks (``...~h=MODE``; bench/chaos/hostile_modes.py lists the modes); a request id
 without a mode is relayed honestly. It serves ``grpc.health.v1`` SERVING, so a
 router that probes prefill workers keeps it in the pool.
 
@@ -10,7 +10,7 @@ worker; its failure is relayed as its own status, logged as mode
 ``upstream_failed``) → SENDING (the mode's script; logged to ``--log``: request id,
 mode) → ENDED (OK, a status, or a stall that lasts until the caller cancels).
 
-    python -m tests.chaos.hostile_prefill --upstream 127.0.0.1:PORT --vocab-size 320 \
+    python -m bench.chaos.hostile_prefill --upstream 127.0.0.1:PORT --vocab-size 320 \
         --log /tmp/hostile.jsonl [--port 0]
 
 prints its port on stdout once it serves.
@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.chaos.hostile_modes import HUGE_BYTES, MODES, Honest, Script, mode_of
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
-from tests.chaos.hostile_modes import HUGE_BYTES, MODES, Honest, Script, mode_of
 
 OPTIONS = [("grpc.max_send_message_length", 2 * HUGE_BYTES),
            ("grpc.max_receive_message_length", 2 * HUGE_BYTES)]
@@ -101,7 +101,7 @@ async def serve(upstream: str, vocab_size: int, log_path: str, host: str, port: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.chaos.hostile_prefill")
+    p = argparse.ArgumentParser(prog="python -m bench.chaos.hostile_prefill")
     p.add_argument("--upstream", required=True, help="host:port of a real prefill worker")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--log", required=True, help="JSON lines: one per request received")

@@ -28,10 +28,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.chaos.cluster import ChaosCluster
-from tests.chaos.faults import Fault
-from tests.chaos.hostile_modes import MODES, Expect
-from tests.chaos.load import Outcome
+from bench.chaos.cluster import ChaosCluster
+from bench.chaos.faults import Fault
+from bench.chaos.hostile_modes import MODES, Expect
+from bench.chaos.load import Outcome
 
 VIOLATIONS = ("mismatch", "unclear", "hung", "bad_prefix", "not_recovered", "unnamed")
 

@@ -115,7 +115,7 @@ class ChaosCluster:
         upstream = self.procs["prefill-0"].address
         for i in range(self.spec.hostile_peers):
             port = free_port()
-            argv = [sys.executable, "-m", "tests.chaos.hostile_prefill", "--upstream", upstream,
+            argv = [sys.executable, "-m", "bench.chaos.hostile_prefill", "--upstream", upstream,
                     "--vocab-size", str(self.vocab_size), "--port", str(port),
                     "--log", str(self.log_dir / f"hostile-{i}.jsonl")]
             self.procs[f"hostile-{i}"] = Proc(f"hostile-{i}", "hostile", argv, port)
