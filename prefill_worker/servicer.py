@@ -10,6 +10,7 @@ serving a request carries its id.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
 from pdserve.convert import event_to_pb, kv_request_from_pb, response_bytes
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
-from pdserve.engine.kv_export import export_kv
+from pdserve.engine.kv_export import PrefillEndedEarly, export_kv
 from pdserve.kvwire.chunk_message import encode_chunk_message
 from pdserve.kvwire.codec import Encoding
 from pdserve.kvwire.stream import FirstToken, KVHeader
@@ -37,6 +38,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.config = config
         self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
         self.metrics: WorkerMetrics = None  # type: ignore[assignment]
+        self._calls = 0
 
     def register(self, server: grpc.aio.Server) -> None:
         add_prefill_servicer(self, server)
@@ -56,6 +58,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 kv_request = kv_request_from_pb(request)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            # The engine's id is this call's own: a retry or a relayed copy of the same
+            # request may arrive while an earlier call of it is still being torn down.
+            self._calls += 1
+            kv_request = dataclasses.replace(
+                kv_request, request_id=f"{kv_request.request_id}#{self._calls}")
             log.info("prefill started", extra={"prompt_tokens": len(kv_request.prompt),
                                                "encoding": kv_request.encoding.name})
             stream = _Sent()
@@ -64,6 +71,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                     yield self._message(event, stream)
             except ValueError as e:  # the engine refused the prompt
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except PrefillEndedEarly as e:  # this worker's own failure: the caller may retry
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             finally:
                 log.info("prefill done", extra={"chunks": stream.chunks, "bytes": stream.bytes,
                                                 "first_token": stream.done})

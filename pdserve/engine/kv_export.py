@@ -15,9 +15,14 @@ from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
 
 
+class PrefillEndedEarly(RuntimeError):
+    """The engine ended the prefill without a token (aborted while it ran)."""
+
+
 async def export_kv(engine: AsyncEngine, request: KVRequest,
                     ) -> AsyncGenerator[KVHeader | KVPiece | FirstToken, None]:
-    """Raises ValueError (after the header) when the engine refuses the prompt."""
+    """Raises ValueError (after the header) when the engine refuses the prompt,
+    ``PrefillEndedEarly`` when it finishes the request without a token."""
     prompt = request.prompt
     yield engine.engine.kv_header(request.encoding, len(prompt))
     # Only the first token is sampled here; the receiver does the rest.
@@ -25,6 +30,8 @@ async def export_kv(engine: AsyncEngine, request: KVRequest,
     async for item in engine.generate(request.request_id, prompt, params, export_kv=True):
         if isinstance(item, KVPiece):
             yield item
+        elif item.finished and not item.token_ids:
+            raise PrefillEndedEarly(f"prefill ended without a token ({item.finish_reason})")
         elif item.finished:
             yield _first_token(item, len(prompt))
 

@@ -192,3 +192,27 @@ def test_prefill_process_killed_mid_transfer_decode_prefills_locally(tiny_llama:
             await p.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_two_prefill_calls_with_one_request_id_both_complete(tiny_llama: Path) -> None:
+    """A retry (or a relayed copy) of a request can reach a prefill worker while an
+    earlier call of it is still there: each call is its own engine request (found by
+    the chaos bench: the second got INVALID_ARGUMENT "already in use")."""
+
+    async def prefill(address: str) -> list[worker_pb2.PrefillResponse]:
+        async with grpc.aio.insecure_channel(address) as ch:
+            req = worker_pb2.PrefillRequest(request_id="same", prompt_token_ids=PROMPT,
+                                            params=PARAMS)
+            return [m async for m in worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(req)]
+
+    async def main() -> None:
+        p = await start_worker(_config(tiny_llama, "prefill"), PrefillServicer)
+        try:
+            a, b = await asyncio.gather(prefill(p.address), prefill(p.address))
+            assert a[-1].first_token.token.token_id == b[-1].first_token.token.token_id
+            assert len(a) == len(b) > 2  # header, chunks, first token
+            await _settled(p)
+        finally:
+            await p.stop(0)
+
+    asyncio.run(main())
