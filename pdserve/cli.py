@@ -179,6 +179,9 @@ def _up_args(u: argparse.ArgumentParser) -> None:
                    help="CPU pinning of the workers (default auto)")
     u.add_argument("--certs", default=None,
                    help="mTLS on every hop with the certificates of `pdserve certs DIR`")
+    u.add_argument("--no-migration", dest="migration", action="store_false", default=None,
+                   help="a decode worker dying mid-stream fails its requests instead of "
+                        "moving them to another decode worker")
     u.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help="every role's log lines: auto (text on a terminal, else JSON), json "
                         "or text (default: $PDSERVE_LOG_FORMAT or auto)")
@@ -205,6 +208,8 @@ def _up(args: argparse.Namespace) -> int:
         ("pin", args.pin), ("api_key", args.api_key), ("certs", args.certs)) if v}
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
+    if args.migration is not None:
+        overrides["migration"] = args.migration
     if args.address:
         overrides["ray"] = dataclasses.replace(config.ray, address=args.address)
         overrides.setdefault("launcher", "ray")

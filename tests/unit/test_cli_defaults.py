@@ -55,6 +55,13 @@ def test_up_without_address_keeps_the_local_defaults(monkeypatch: pytest.MonkeyP
     assert len(got[0].prefill) == 2
 
 
+def test_up_no_migration_reaches_the_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    got = _captured_up(monkeypatch)
+    assert main(["up"]) == 0 and main(["up", "--no-migration"]) == 0
+    assert got[0].migration is True and got[1].migration is False
+    assert got[1].router(["h:1"], []).migration is False
+
+
 def test_packaged_config_is_found_by_launcher_name() -> None:
     assert launchers.packaged_config("ray") == str(PACKAGED)
     assert launchers.packaged_config("process") is None
