@@ -9,7 +9,8 @@ Per request (``Stage``; the router holds it as a ``_Flight`` from ROUTING on)::
     RECEIVED ─_receive─▶ ROUTING ─_dispatch─▶ DISPATCHED ─_first_token─▶ STREAMING ─_finish─▶ DONE
                                                          ─_resumed─────▶ (after a migration)
 
-    ROUTING                ─_route────▶ FAILED     no decode worker left to try
+    ROUTING                ─_route────▶ FAILED     no decode worker left to try (a migrating
+                                                   request first waits up to 10 s for one)
     DISPATCHED             ─_retry────▶ ROUTING    the worker was full (RESOURCE_EXHAUSTED)
     DISPATCHED, STREAMING  ─_migrate──▶ ROUTING    the decode worker died (UNAVAILABLE)
     DISPATCHED, STREAMING  ─_aborted──▶ ABORTED    ``abort``: the call was cancelled
@@ -60,7 +61,7 @@ from pdserve.logs import request_scope
 from pdserve.metrics import RouterMetrics
 from router.decode_backend import DecodeBackend, DecodeDelta, DecodeJob, DecodeStream, WorkerError
 from router.health import DecodeHealth
-from router.migration import can_migrate, next_call, nothing_left
+from router.migration import MIGRATION_WAIT_S, RETRY_TRIED_AFTER_S, can_migrate, next_call, nothing_left
 from router.policy import Choice, RoutingPolicy
 from router.request import Delta, GenerateRequest, GenerationError, Timings, validate_request
 from router.tokenizer import PromptTokenizer
@@ -186,7 +187,7 @@ class Generator:
             f = await self._receive(rid, req, t0)
             try:
                 while f.stage is Stage.ROUTING:
-                    stream = self._dispatch(f, self._route(f))
+                    stream = self._dispatch(f, await self._route_or_wait(f))
                     try:
                         async for msg in stream:
                             yield self._relay(f, msg)
@@ -223,6 +224,25 @@ class Generator:
             raise GenerationError("ALREADY_EXISTS", f"request_id {rid!r} is in use", "request_id")
 
     # ROUTING → DISPATCHED (or FAILED)
+
+    async def _route_or_wait(self, f: _Flight) -> Choice:
+        """``_route``; a migrating request that finds no decode worker up waits (at most
+        ``MIGRATION_WAIT_S`` of its deadline) for a restarted one to be seen serving.
+        After ``RETRY_TRIED_AFTER_S`` (two health probes: a dead worker is DOWN by then)
+        the workers it already tried count again: one that died and came back is as
+        good as any, and health keeps out those still down."""
+        t0 = time.perf_counter()
+        give_up = t0 + min(MIGRATION_WAIT_S, f.time_left())
+        while True:
+            try:
+                return self._route(f)
+            except GenerationError:
+                if not f.migrations or f.aborted or time.perf_counter() >= give_up:
+                    raise
+            f.stage = Stage.ROUTING
+            if time.perf_counter() - t0 >= RETRY_TRIED_AFTER_S:
+                f.tried &= f.full
+            await asyncio.sleep(0.2)
 
     def _route(self, f: _Flight) -> Choice:
         down = self.health.down() if self.health is not None else set()

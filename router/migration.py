@@ -29,6 +29,10 @@ import dataclasses
 from pdserve.sampling_params import SamplingParams
 from router.decode_backend import WorkerError
 
+# A migrating request finding no decode worker up waits this long for one to return
+# (a restart is seconds; the router sees it at its next health probe).
+MIGRATION_WAIT_S = 10.0
+RETRY_TRIED_AFTER_S = 2.0
 # A call failing with these on the decode worker's own account means it is gone.
 MIGRATING_CODES = frozenset({"UNAVAILABLE"})
 

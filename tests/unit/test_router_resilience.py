@@ -116,11 +116,24 @@ def test_without_migration_or_past_its_limit_the_decode_workers_failure_is_the_a
 
 def test_a_dying_worker_with_no_other_to_move_to_fails_naming_it() -> None:
     backend = FakeDecodeBackend([FakeDecodeWorker("d:1", fail_after=2, fail_code="UNAVAILABLE")])
-    g = generator(backend, ["d:1"])
+    g = generator(backend, ["d:1"], migration_limit=1)
     with pytest.raises(GenerationError) as e:
         run(collect(g.generate(request())))
     assert e.value.code == "UNAVAILABLE"
     assert e.value.message == "decode worker d:1: the decode worker broke"  # not "full"
+    assert len(backend.workers["d:1"].jobs) == 2  # waited for it, moved back once
+    assert_idle(g, backend)
+
+
+def test_a_migrating_request_waits_for_its_only_worker_to_come_back() -> None:
+    """No other decode worker up: the request waits for the restarted one (found by
+    pdserve bench --chaos: both decode workers killed within one health probe)."""
+    backend = FakeDecodeBackend([FakeDecodeWorker("d:1", fail_after=2, fail_code="UNAVAILABLE")])
+    g = generator(backend, ["d:1"])
+    deltas = run(collect(g.generate(request(max_tokens=5))))
+    assert [t for d in deltas for t in d.token_ids] == [100, 101, 102, 103, 104]
+    assert backend.workers["d:1"].jobs[1].prompt == [*PROMPT, 100, 101]
+    assert sample(g, "request_migrations_total") == 2
     assert_idle(g, backend)
 
 
