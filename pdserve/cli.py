@@ -150,7 +150,7 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
 
 
 def _up_args(u: argparse.ArgumentParser) -> None:
-    from pdserve.config import QUANTIZATIONS, RouterConfig
+    from pdserve.config import DEVICES, QUANTIZATIONS, RouterConfig
     from pdserve.launchers import names
     from pdserve.logs import LOG_FORMATS
     from pdserve.placement import PIN_MODES
@@ -174,6 +174,11 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--address", default=None,
                    help="join this Ray cluster (e.g. auto or HOST:6379) instead of starting one")
     u.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
+    u.add_argument("--prefill-device", choices=DEVICES, default=None,
+                   help="prefill workers' device (default auto: CUDA when present)")
+    u.add_argument("--decode-device", choices=DEVICES, default=None,
+                   help="decode workers' device (default auto); --prefill-device cuda "
+                        "--decode-device cpu: GPU prefill, CPU decode on one machine")
     u.add_argument("--decode", type=int, default=None, help="number of decode workers")
     u.add_argument("--pin", choices=PIN_MODES, default=None,
                    help="CPU pinning of the workers (default auto)")
@@ -204,7 +209,8 @@ def _up(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(path) if path else ClusterConfig()
     overrides: dict[str, Any] = {k: v for k, v in (
         ("model", args.model), ("dtype", args.dtype), ("quantization", args.quantization),
-        ("launcher", args.launcher),
+        ("launcher", args.launcher), ("prefill_device", args.prefill_device),
+        ("decode_device", args.decode_device),
         ("pin", args.pin), ("api_key", args.api_key), ("certs", args.certs)) if v}
     if args.http_port is not None:
         overrides["http_port"] = args.http_port

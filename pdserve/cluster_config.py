@@ -88,6 +88,12 @@ class ClusterConfig:
     quantization: str | None = EngineConfig.quantization
     """Every worker's weight quantization: None or int8 (see EngineConfig)."""
     kv_encoding: str = WorkerConfig.kv_encoding
+    prefill_device: str = EngineConfig.device
+    """Prefill workers' device: auto (CUDA when present), cpu or cuda."""
+    decode_device: str = EngineConfig.device
+    """Decode workers' device. ``prefill_device: cuda`` with ``decode_device: cpu`` is
+    the cloud-prefill / local-decode split on one machine: prefill pins next to the
+    GPU, decode to the CPUs outside the GPU's NUMA node (pdserve/placement.py)."""
     host: str = RouterConfig.host
     router_port: int = RouterConfig.port
     http_port: int = RouterConfig.http_port
@@ -139,10 +145,15 @@ class ClusterConfig:
         decode worker may dial ``prefill_pool`` only (default: ``prefill_addresses()``)."""
         tls = self.tls(role)
         pool = self.prefill_addresses() if prefill_pool is None else prefill_pool
+        # Every worker on this machine (prefill first): the prefill slots hold the GPU.
+        split = self.prefill_device != "cpu" and self.decode_device == "cpu"
+        gpu_workers = len(self.prefill) if split and slots == len(self.members()) else 0
         return worker_config(role, host=self.host, port=m.port, metrics_port=m.metrics_port,
                              model=self.model, dtype=self.dtype, quantization=self.quantization,
                              threads=m.threads, cpus=m.cpus,
-                             pin=self.pin, slot=slot, slots=slots, kv_encoding=self.kv_encoding,
+                             device=self.prefill_device if role == "prefill" else self.decode_device,
+                             pin=self.pin, slot=slot, slots=slots, gpu_workers=gpu_workers,
+                             kv_encoding=self.kv_encoding,
                              prefill_fallback=self.prefill_fallback,
                              kv_idle_timeout_s=self.kv_idle_timeout_s,
                              tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,

@@ -19,6 +19,11 @@ Where the CPUs come from, first match wins:
    ``slot % nodes`` and its share of that node's allowed CPUs. On a 2-CPU box
    with two workers: slot 0 (prefill) → CPU 0, slot 1 (decode) → CPU 1.
 
+GPU prefill beside CPU decode on one machine (``gpu_workers``: the first that many
+slots compute on the GPU): the GPU workers take the GPU's NUMA node and the CPU
+workers spread over the CPUs outside it. Where that node holds every allowed CPU
+(one NUMA node), all of them spread as in 3, so neither side tramples the other.
+
 Every step intersects with ``os.sched_getaffinity`` (cgroups, taskset, Ray);
 a source whose CPUs all fall outside it is rejected with a logged reason.
 """
@@ -53,12 +58,18 @@ class PlacementRequest:
     """torch threads; None = one per chosen CPU."""
     gpu: bool = False
     """The worker computes on a GPU: place it next to that GPU."""
+    gpu_workers: int = 0
+    """Slots ``[0, gpu_workers)`` of this machine compute on the GPU, the rest on CPUs
+    (0: no such split is known; a GPU worker then takes its whole node)."""
 
     def __post_init__(self) -> None:
         if self.mode not in PIN_MODES:
             raise ValueError(f"pin must be one of {PIN_MODES}, got {self.mode!r}")
         if not 0 <= self.slot < self.slots:
             raise ValueError(f"slot must be in [0, slots={self.slots}), got {self.slot}")
+        if not 0 <= self.gpu_workers <= self.slots:
+            raise ValueError(f"gpu_workers must be in [0, slots={self.slots}], "
+                             f"got {self.gpu_workers}")
         if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
             raise ValueError(f"cpus must be a non-empty list of CPU ids, got {self.cpus!r}")
 
@@ -68,7 +79,7 @@ class Decision:
     role: str
     cpus: tuple[int, ...] | None  # None = not pinned
     threads: int | None
-    source: str  # explicit | gpu-numa-id | gpu-affinity | gpu-pci | spread | off
+    source: str  # explicit | gpu-numa-id | gpu-affinity | gpu-pci | beside-gpu | spread | off
     numa_node: int | None = None
     rejected: tuple[str, ...] = ()
 
@@ -178,20 +189,42 @@ def plan(req: PlacementRequest, nodes: dict[int, frozenset[int]], allowed: froze
             raise ValueError(f"cpus {list(req.cpus)} are not among this process's allowed "
                              f"CPUs {sorted(allowed)}")
         return _decide(req, chosen, "explicit", None, rejected)
-    if req.gpu and gpu is not None:
-        for source, node, cpus in gpu.candidates():
-            if cpus is None:
-                cpus = nodes.get(node, frozenset()) if node is not None else frozenset()
-            usable = cpus & allowed
-            if not cpus:
-                rejected.append(f"{source}: NUMA node {node} has no CPUs")
-            elif not usable:
-                rejected.append(f"{source}: CPUs {sorted(cpus)} are outside the allowed set")
-            else:
-                return _decide(req, usable, source, node, rejected)
-        if not rejected:
-            rejected.append("gpu: NVML absent or the GPU not found")
+    split = 0 < req.gpu_workers < req.slots  # GPU and CPU workers share this machine
+    near = _near_gpu(nodes, allowed, gpu, rejected) if gpu is not None and (
+        req.gpu or split) else None
+    if near is not None:
+        source, node, cpus = near
+        rest = allowed - cpus
+        if split and not rest:
+            rejected.append(f"{source}: NUMA node {node} holds every allowed CPU; "
+                            "GPU and CPU workers share it by spread")
+        elif req.gpu:
+            return _decide(req, cpus, source, node, rejected)
+        elif split:  # a CPU worker: the CPUs the GPU workers leave
+            cpu_req = PlacementRequest(req.role, req.mode, None, req.slot - req.gpu_workers,
+                                       req.slots - req.gpu_workers, req.threads)
+            d = _spread(cpu_req, {n: c & rest for n, c in nodes.items()}, rest, rejected)
+            return Decision(req.role, d.cpus, d.threads, "beside-gpu", d.numa_node, d.rejected)
     return _spread(req, nodes, allowed, rejected)
+
+
+def _near_gpu(nodes: dict[int, frozenset[int]], allowed: frozenset[int], gpu: GpuLocality,
+              rejected: list[str]) -> tuple[str, int | None, frozenset[int]] | None:
+    """(source, node, usable CPUs) of the GPU's NUMA node, from the first source that
+    names CPUs this process may use; None (reasons in ``rejected``) when none does."""
+    for source, node, cpus in gpu.candidates():
+        if cpus is None:
+            cpus = nodes.get(node, frozenset()) if node is not None else frozenset()
+        usable = cpus & allowed
+        if not cpus:
+            rejected.append(f"{source}: NUMA node {node} has no CPUs")
+        elif not usable:
+            rejected.append(f"{source}: CPUs {sorted(cpus)} are outside the allowed set")
+        else:
+            return source, node, usable
+    if not rejected:
+        rejected.append("gpu: NVML absent or the GPU not found")
+    return None
 
 
 def _spread(req: PlacementRequest, nodes: dict[int, frozenset[int]], allowed: frozenset[int],
@@ -219,7 +252,8 @@ def _decide(req: PlacementRequest, cpus: frozenset[int], source: str, node: int 
 
 def pin(req: PlacementRequest, sysfs: Path = Path("/sys")) -> Decision:
     """Plan, apply to this process and log; call before torch starts threads."""
-    gpu = GpuLocality.load(sysfs) if req.gpu and req.mode != "off" else None
+    wants_gpu = req.gpu or 0 < req.gpu_workers < req.slots
+    gpu = GpuLocality.load(sysfs) if wants_gpu and req.mode != "off" else None
     decision = plan(req, read_numa_nodes(sysfs), frozenset(os.sched_getaffinity(0)), gpu)
     if decision.cpus is not None:
         os.sched_setaffinity(0, decision.cpus)

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from pdserve.config import (
+    KERNEL_CHOICES,
     PREFILL_FALLBACKS,
     ROLE_DEFAULTS,
     EngineConfig,
@@ -28,12 +29,14 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   dtype: str = EngineConfig.dtype, threads: int | None = None,
                   cpus: tuple[int, ...] | None = None, pin: str = PlacementRequest.mode,
                   slot: int = PlacementRequest.slot, slots: int = PlacementRequest.slots,
+                  gpu_workers: int = PlacementRequest.gpu_workers,
                   device: str = EngineConfig.device, kv_cache_gb: float = EngineConfig.kv_cache_gb,
                   max_num_batched_tokens: int | None = None,
                   kv_encoding: str = WorkerConfig.kv_encoding,
                   prefill_fallback: str = WorkerConfig.prefill_fallback,
                   kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s,
                   quantization: str | None = EngineConfig.quantization,
+                  kernels: str = EngineConfig.kernels,
                   tls_ca: str | None = None, tls_cert: str | None = None,
                   tls_key: str | None = None,
                   prefill_allowlist: tuple[str, ...] = WorkerConfig.prefill_allowlist,
@@ -45,11 +48,12 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
     defaults = ROLE_DEFAULTS[role]
     engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
                           kv_cache_gb=kv_cache_gb, quantization=quantization,
-                          max_num_batched_tokens=(defaults.max_num_batched_tokens
+                          kernels=kernels, max_num_batched_tokens=(defaults.max_num_batched_tokens
                                                   if max_num_batched_tokens is None
                                                   else max_num_batched_tokens))
     placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
-                                 threads=threads, gpu=device != "cpu")
+                                 threads=threads, gpu=device != "cpu",
+                                 gpu_workers=gpu_workers)
     return WorkerConfig(role=role, engine=engine, host=host,
                         port=defaults.port if port is None else port, metrics_port=metrics_port,
                         placement=placement, kv_encoding=kv_encoding,
@@ -79,11 +83,16 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype")
     p.add_argument("--quantization", help="weight quantization: int8 (default: none)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--kernels", choices=KERNEL_CHOICES,
+                   help="CPU kernels per op: auto (default), torch or cpu (see EngineConfig)")
     p.add_argument("--cpus", type=_cpu_list, help="comma-separated CPU ids to pin to")
     p.add_argument("--pin", choices=PIN_MODES, help="auto (see pdserve/placement.py) or off")
     p.add_argument("--slot", type=int,
                    help="this worker's index among --slots workers on this machine")
     p.add_argument("--slots", type=int)
+    p.add_argument("--gpu-workers", type=int,
+                   help="the first N of the --slots workers on this machine compute on its "
+                        "GPU (CPU workers then keep off the GPU's NUMA node)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--kv-cache-gb", type=float)
     p.add_argument("--max-num-batched-tokens", type=int,
@@ -130,7 +139,7 @@ def worker_argv(config: WorkerConfig) -> list[str]:
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--kv-encoding", config.kv_encoding, "--prefill-fallback", config.prefill_fallback,
             "--kv-idle-timeout-s", repr(config.kv_idle_timeout_s),
-            "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
+            "--kernels", e.kernels, "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
     if e.model is not None:
         argv += ["--model", e.model]
     if e.num_threads is not None:
@@ -139,6 +148,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--quantization", e.quantization]
     if p.cpus is not None:
         argv += ["--cpus", ",".join(map(str, p.cpus))]
+    if p.gpu_workers:
+        argv += ["--gpu-workers", str(p.gpu_workers)]
     argv += _tls_argv(config)
     if parse_args(config.role, argv) != config:
         raise ValueError(f"a {config.role} worker's command line cannot express {config}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,14 +14,15 @@ from pdserve.engine.outputs import RequestOutput
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int,
-              dtype: torch.dtype = torch.float32) -> list[list[int]]:
+              dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[list[int]]:
     """transformers' own greedy continuation (EOS suppressed for n tokens), one by one."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    hf: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    hf = hf.to(device)
     outs = []
     for ids in prompts:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=device)
         y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
                         min_new_tokens=n, do_sample=False, pad_token_id=0)
         outs.append(y[0, len(ids):].tolist())

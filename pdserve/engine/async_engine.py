@@ -37,6 +37,7 @@ import torch
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_import import KVImport
+from pdserve.engine.kv_staging import HostStaging, wait_ready
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvwire.codec import Encoding
 from pdserve.sampling_params import SamplingParams
@@ -47,12 +48,17 @@ T = TypeVar("T")
 
 @dataclass
 class KVPiece:
-    """One layer of one computed chunk of a prompt (a private copy)."""
+    """One layer of one computed chunk of a prompt (a private host copy; on CUDA
+    still being written until ``ready`` returns, see kv_staging.py)."""
 
     layer: int
     start: int
-    k: torch.Tensor  # (n, kvh, hd)
+    k: torch.Tensor  # (n, kvh, hd), on the host
     v: torch.Tensor
+    done: Any = None  # the CUDA event of the device → host copy; None: written
+
+    async def ready(self) -> None:
+        await wait_ready(self.done)
 
 
 class EngineDeadError(RuntimeError):
@@ -65,8 +71,9 @@ DEATH_HOOK_TIMEOUT_S = 2.0  # on_death must not hold the failing of the callers 
 class _QueueExporter:
     """Ships each prompt token's KV of each layer once, in order."""
 
-    def __init__(self, deliver: Callable[[object], None]) -> None:
+    def __init__(self, deliver: Callable[[object], None], staging: HostStaging) -> None:
         self.deliver = deliver
+        self.staging = staging
         self.sent: dict[int, int] = {}  # layer -> tokens shipped
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -75,7 +82,7 @@ class _QueueExporter:
             return
         skip = max(skip, 0)
         self.sent[layer] = start + k.shape[0]
-        self.deliver(KVPiece(layer, start + skip, k[skip:].clone(), v[skip:].clone()))
+        self.deliver(KVPiece(layer, start + skip, *self.staging.stage(k[skip:], v[skip:])))
 
 
 class RequestStream:
@@ -93,7 +100,7 @@ class RequestStream:
         """Queue the request for prefill here; ``export_kv`` ships its prompt's KV as
         ``KVPiece``s ahead of its outputs. Raises ValueError for a bad prompt."""
         e = self.engine
-        exporter = _QueueExporter(e._deliverer(self.request_id)) if export_kv else None
+        exporter = _QueueExporter(e._deliverer(self.request_id), e.staging) if export_kv else None
         await e.call(e.engine.add_request, self.request_id, prompt, params, exporter)
 
     async def reserve_import(self, prompt: list[int], params: SamplingParams,
@@ -120,6 +127,7 @@ class AsyncEngine:
                  on_death: Callable[[BaseException], Awaitable[None]] | None = None) -> None:
         self.engine = engine
         self.on_death = on_death
+        self.staging = HostStaging(engine.device)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[object]] = {}
         self._calls: set[asyncio.Future[Any]] = set()  # pending ``call``s, failed on death

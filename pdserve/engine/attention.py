@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def decode_attention(
@@ -59,21 +60,57 @@ def prefill_attention(
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, L, hd)
     k = k_new.transpose(0, 1).unsqueeze(0)  # (1, kvh, L, hd)
     v = v_new.transpose(0, 1).unsqueeze(0)
-    if num_context == 0:
+    if q.device.type == "cuda":
+        k, v = _with_context(k, v, k_cache, v_cache, block_table, num_context)
+        out = fused_causal_attention(qh, k, v, scale)
+    elif num_context == 0:
         # First chunk: its own K/V are all the keys; no need to read the pool.
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        kvh, bs = k_cache.shape[2], k_cache.shape[1]
-        ctx_blocks = block_table[: -(-num_context // bs)]
-        k_ctx = k_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]  # (C, kvh, hd)
-        v_ctx = v_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]
-        k_ctx, v_ctx = k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0)
-        if q.device.type == "cpu" and _CPU_FLASH is not None:
+        k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context)
+        if _CPU_FLASH is not None:
             out = _context_then_chunk(qh, k_ctx, v_ctx, k, v, scale)
         else:
             out = _masked(qh, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), num_context,
                           scale)
     return out[0].transpose(0, 1).reshape(n, h * hd)
+
+
+def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+             num_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's K/V of the ``num_context`` tokens before a chunk: (1, kvh, C, hd) each."""
+    bs, kvh, hd = k_cache.shape[1:]
+    ctx_blocks = block_table[: -(-num_context // bs)]
+    k_ctx = k_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]  # (C, kvh, hd)
+    v_ctx = v_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]
+    return k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0)
+
+
+def _with_context(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, block_table: torch.Tensor,
+                  num_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key a chunk attends to, context first: (1, kvh, C + L, hd) each."""
+    if num_context == 0:
+        return k, v
+    k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context)
+    return torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2)
+
+
+def fused_causal_attention(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float) -> torch.Tensor:  # (1, H, L, hd)
+    """The GPU form: queries qh (1, H, L, hd) are the last L of the T keys (1, kvh, T, hd),
+    causal aligned bottom-right. ``causal_lower_right`` is a mask SDPA's fused kernels
+    (flash, memory-efficient) apply tile by tile, so neither an L x T mask nor the
+    score matrix is built. K/V are widened to H heads first: the fused kernels take no
+    grouped-query form (``enable_gqa`` would send them to the unfused math kernel)."""
+    n, t = qh.shape[2], k.shape[2]
+    g = qh.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (1, H, T, hd)
+    if t == n:
+        return F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(qh, k, v, attn_mask=causal_lower_right(n, t),
+                                          scale=scale)
 
 
 # torch's tiled CPU attention, which also returns each query's log-sum-exp of scores.

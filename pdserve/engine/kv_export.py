@@ -29,6 +29,7 @@ async def export_kv(engine: AsyncEngine, request: KVRequest,
     params = _first_token_only(request.params)
     async for item in engine.generate(request.request_id, prompt, params, export_kv=True):
         if isinstance(item, KVPiece):
+            await item.ready()  # on CUDA: its device → host copy is done
             yield item
         elif item.finished and not item.token_ids:
             raise PrefillEndedEarly(f"prefill ended without a token ({item.finish_reason})")

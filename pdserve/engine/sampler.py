@@ -3,8 +3,11 @@
 Greedy rows take the argmax; the others apply temperature, top-k and top-p and
 draw with the exponential-race trick (argmax of p / Exp(1)), which needs no
 host sync. A request's draw at output position t uses a generator seeded from
-(seed, t): the same seed gives the same tokens on any engine, including after
-its KV moved to another worker.
+(seed, t): the same seed gives the same tokens on any engine of the same device
+type, including after its KV moved to another worker. The generator lives on the
+logits' device (one per device, made on first use): a CPU generator cannot draw
+into a CUDA tensor, and CUDA's Philox stream differs from the CPU's, so a seeded
+request reproduces per device type, not across CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
-        self._gen = torch.Generator()
+        self._gens: dict[torch.device, torch.Generator] = {}
         self._base_seed = seed
         self._num_unseeded = 0
 
@@ -38,12 +41,10 @@ class Sampler:
         self._suppress_stops(logits, reqs)
         greedy = [r.params.greedy for r in reqs]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)  # (R,)
+            token_list: list[int] = logits.argmax(dim=-1).tolist()  # one host sync
         else:
-            tokens = torch.empty(len(reqs), dtype=torch.int64)
-            for i, r in enumerate(reqs):
-                tokens[i] = logits[i].argmax() if greedy[i] else self._draw(logits[i], r)
-        token_list = tokens.tolist()
+            token_list = [int(logits[i].argmax()) if greedy[i] else self._draw(logits[i], r)
+                          for i, r in enumerate(reqs)]
         return SampleResult(token_list, self._logprobs(logits, reqs, token_list))
 
     def _suppress_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
@@ -64,18 +65,26 @@ class Sampler:
         if p.top_p < 1.0:
             row = _top_p_filter(row, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        gen = self._generator_for(r)
+        gen = self._generator_for(r, probs.device)
         race = torch.empty_like(probs).exponential_(generator=gen)
         return int(torch.argmax(probs / race))
 
-    def _generator_for(self, r: Request) -> torch.Generator:
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This sampler's generator on ``device`` (the device of the logits it draws for)."""
+        gen = self._gens.get(device)
+        if gen is None:
+            gen = self._gens[device] = torch.Generator(device=device)
+        return gen
+
+    def _generator_for(self, r: Request, device: torch.device) -> torch.Generator:
         if r.params.seed is None:
             self._num_unseeded += 1
             seed = self._base_seed * 1_000_003 + self._num_unseeded
         else:
             seed = r.params.seed
-        self._gen.manual_seed((seed * _MIX + r.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF)
-        return self._gen
+        gen = self.generator(device)
+        gen.manual_seed((seed * _MIX + r.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF)
+        return gen
 
     def _logprobs(
         self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]

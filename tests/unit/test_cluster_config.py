@@ -175,3 +175,22 @@ def test_certs_turn_on_mtls_for_every_role_and_round_trip(tmp_path: Path,
 def test_certs_directory_must_hold_every_role(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ca.pem is missing; make the directory with"):
         _cluster(certs=str(tmp_path))
+
+
+def test_gpu_prefill_cpu_decode_split_reaches_each_worker(tmp_path: Path) -> None:
+    """``prefill_device: cuda`` + ``decode_device: cpu``: each role gets its device, and
+    every worker on the machine knows the prefill slots hold the GPU (placement.py)."""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("launcher: process\nprefill_device: cuda\ndecode_device: cpu\n")
+    c = ClusterConfig.from_yaml(yaml_file)
+    members = c.members()
+    workers = [c.worker(r, m, i, len(members)) for i, (r, m) in enumerate(members)]
+    assert [(w.role, w.engine.device, w.placement.gpu) for w in workers] == [
+        ("prefill", "cuda", True), ("decode", "cpu", False)]
+    assert {w.placement.gpu_workers for w in workers} == {1}
+    for w in workers:
+        assert parse_args(w.role, worker_argv(w)) == w
+    # Workers spread over other hosts (Ray): no split is assumed.
+    assert c.worker("decode", c.decode[0], 0, 1).placement.gpu_workers == 0
+    both_gpu = _cluster(prefill_device="cuda", decode_device="cuda")
+    assert both_gpu.worker("decode", both_gpu.decode[0], 1, 2).placement.gpu_workers == 0

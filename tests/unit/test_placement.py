@@ -139,3 +139,34 @@ def test_off_and_validation(tmp_path: Path) -> None:
 def test_no_numa_in_sysfs_means_one_node(tmp_path: Path) -> None:
     nodes = read_numa_nodes(tmp_path)
     assert list(nodes) == [0] and nodes[0]
+
+
+def test_gpu_prefill_takes_the_gpus_node_cpu_decode_the_rest(tmp_path: Path) -> None:
+    """The cloud-prefill / local-decode split on one machine: GPU on socket 1."""
+    nodes = read_numa_nodes(fake_sysfs(tmp_path, TWO_SOCKETS))
+    gpu = GpuLocality(FakeNvml(numa_id=1), tmp_path, visible="0")
+    prefill = plan(PlacementRequest("prefill", slot=0, slots=3, gpu=True, gpu_workers=1),
+                   nodes, ALL8, gpu)
+    decode = [plan(PlacementRequest("decode", slot=s, slots=3, gpu_workers=1), nodes, ALL8, gpu)
+              for s in (1, 2)]
+    assert (prefill.cpus, prefill.source) == ((4, 5, 6, 7), "gpu-numa-id")
+    assert [(d.cpus, d.source) for d in decode] == [((0, 1), "beside-gpu"), ((2, 3), "beside-gpu")]
+
+
+def test_gpu_prefill_on_one_numa_node_shares_by_spread(tmp_path: Path) -> None:
+    """One node holds every CPU: the GPU worker does not take them all from decode."""
+    nodes = read_numa_nodes(fake_sysfs(tmp_path, {0: "0-7"}))
+    gpu = GpuLocality(FakeNvml(numa_id=0), tmp_path, visible="0")
+    got = [plan(PlacementRequest(slot=s, slots=2, gpu=s == 0, gpu_workers=1), nodes, ALL8, gpu)
+           for s in range(2)]
+    assert [(d.cpus, d.source) for d in got] == [((0, 1, 2, 3), "spread"), ((4, 5, 6, 7), "spread")]
+    assert "holds every allowed CPU" in got[0].rejected[0]
+
+
+def test_cpu_worker_without_a_gpu_split_ignores_the_gpu(tmp_path: Path) -> None:
+    nodes = read_numa_nodes(fake_sysfs(tmp_path, TWO_SOCKETS))
+    gpu = GpuLocality(FakeNvml(numa_id=1), tmp_path, visible="0")
+    d = plan(PlacementRequest("decode", slot=1, slots=2), nodes, ALL8, gpu)
+    assert (d.cpus, d.source) == ((4, 5, 6, 7), "spread")
+    with pytest.raises(ValueError, match="gpu_workers"):
+        PlacementRequest(slots=2, gpu_workers=3)

@@ -69,3 +69,15 @@ def test_a_chunk_after_context_runs_tiled_and_builds_nothing_chunk_by_keys() -> 
     total = num_context + n
     shapes = [s for e in events for s in e.input_shapes if s]
     assert [n, total] not in shapes and [total, n] not in shapes
+
+
+@pytest.mark.parametrize(("num_context", "n"), [(0, 9), (37, 50), (100, 1)])
+def test_the_gpu_form_is_the_same_attention(num_context: int, n: int) -> None:
+    """``fused_causal_attention`` (what CUDA runs: widened KV heads, a bottom-right
+    causal bias SDPA's fused kernels apply by tiles) computed here on the CPU."""
+    q, k, v, *_ = _case(num_context, n, torch.float32)
+    qh = q.transpose(0, 1)[None]
+    kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, kvh, T, hd)
+    out = attention.fused_causal_attention(qh, kh, vh, HD**-0.5)[0].transpose(0, 1)
+    torch.testing.assert_close(out.reshape(n, H * HD), _reference(q, k, v, num_context),
+                               rtol=1e-5, atol=1e-5)

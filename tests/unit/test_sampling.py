@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
@@ -34,6 +35,26 @@ def test_seed_reproducible_and_seeds_differ(engine: LLMEngine) -> None:
     c = _one(engine, SamplingParams(temperature=1.0, max_tokens=20, seed=8, ignore_eos=True))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
+
+
+def test_draws_ask_for_a_generator_on_the_logits_device(
+        engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU generator cannot draw into CUDA logits ("Expected a 'cuda' device type for
+    generator"): every generator the sampler makes must name the logits' device. A
+    sampler that makes ``torch.Generator()`` (device unnamed: always CPU) fails here,
+    on a CPU-only machine too."""
+    real = torch.Generator
+    asked: list[object] = []
+
+    def recording(*args: object, **kw: object) -> torch.Generator:
+        asked.append(kw.get("device", args[0] if args else None))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    p = SamplingParams(temperature=1.0, max_tokens=4, seed=3, ignore_eos=True)
+    _one(engine, p)
+    assert asked and all(d is not None and torch.device(d) == engine.device for d in asked)
+    assert engine.sampler.generator(engine.device).device == engine.device
 
 
 def test_top_k_1_is_greedy(engine: LLMEngine) -> None:
