@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +32,52 @@ LENGTHS = (2048, 8192)
 ENCODINGS: dict[str, Any] = {"bf16 (model)": common_pb2.KV_ENCODING_UNSPECIFIED,
                              "int8": common_pb2.KV_ENCODING_INT8}
 REPEATS = 3
-PREFILL_PORT, DECODE_PORT = 50961, 50971
+DECODE_PORT = 50971
+
+
+@dataclass(frozen=True)
+class PrefillVariant:
+    """One prefill worker the decode worker is pointed at, in turn."""
+
+    name: str
+    device: str
+    port: int
+    lengths: tuple[int, ...] = LENGTHS
+    encodings: tuple[str, ...] = tuple(ENCODINGS)
+    switch_interval_s: float | None = None
+    """Python's GIL switch interval in the prefill worker (None: Python's 5 ms); its
+    engine thread launches kernels while the event loop encodes and sends."""
+
+
+VARIANTS = (
+    PrefillVariant("gpu", "cuda", 50961),
+    PrefillVariant("gpu, GIL switch 0.5 ms", "cuda", 50962, switch_interval_s=0.0005),
+    PrefillVariant("cpu prefill (baseline)", "cpu", 50963, lengths=(2048,),
+                   encodings=("bf16 (model)",)),
+)
 
 
 def _worker(role: str, model: Path, port: int, device: str, slot: int, log: Path,
-            ) -> subprocess.Popen[bytes]:
+            switch_interval_s: float | None = None) -> subprocess.Popen[bytes]:
     # One machine, prefill slot 0 on the GPU, decode slot 1 on the CPUs outside the
     # GPU's NUMA node (pdserve/placement.py); torch ops on the CPU side, so no native
     # kernels are compiled on the lent machine.
-    argv = [sys.executable, "-m", f"{role}_worker", "--model", str(model), "--device", device,
-            "--dtype", "bfloat16", "--port", str(port), "--slot", str(slot), "--slots", "2",
-            "--gpu-workers", "1", "--kernels", "torch", "--kv-cache-gb", "2",
-            "--log-format", "json"]
-    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = ["--model", str(model), "--device", device, "--dtype", "bfloat16",
+            "--port", str(port), "--slot", str(slot), "--slots", "2", "--gpu-workers", "1",
+            "--kernels", "torch", "--kv-cache-gb", "2", "--log-format", "json"]
+    module = f"{role}_worker"
+    launch = ["-m", module] if switch_interval_s is None else [
+        "-c", f"import runpy, sys; sys.setswitchinterval({switch_interval_s}); "
+              f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]
+    return subprocess.Popen([sys.executable, *launch, *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-async def _one(stub: Any, prompt: list[int], encoding: Any, rid: str) -> dict[str, float]:
+async def _one(stub: Any, prompt: list[int], encoding: Any, prefill: str,
+               rid: str) -> dict[str, float]:
     params = common_pb2.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, params=params,
-                                   prefill_address=f"127.0.0.1:{PREFILL_PORT}",
-                                   encoding=encoding)
+                                   prefill_address=prefill, encoding=encoding)
     t0 = time.perf_counter()
     first: worker_pb2.DecodeResponse | None = None
     ttft = 0.0
@@ -63,18 +89,19 @@ async def _one(stub: Any, prompt: list[int], encoding: Any, rid: str) -> dict[st
             "kv_transfer_s": first.kv_transfer_s, "kv_bytes": float(first.kv_bytes)}
 
 
-async def _measure(vocab: int) -> dict[str, Any]:
+async def _measure(variant: PrefillVariant, vocab: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    prefill = f"127.0.0.1:{variant.port}"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{DECODE_PORT}") as ch:
         stub = worker_pb2_grpc.DecodeWorkerStub(ch)
-        for n in LENGTHS:
+        for n in variant.lengths:
             prompt = [3 + (i * 7919) % (vocab - 3) for i in range(n)]
-            for name, enc in ENCODINGS.items():
-                runs = [await _one(stub, prompt, enc, f"{n}-{enc}-{i}") for i in range(1 + REPEATS)]
+            for name in variant.encodings:
+                enc = ENCODINGS[name]
+                runs = [await _one(stub, prompt, enc, prefill, f"{variant.port}-{n}-{enc}-{i}")
+                        for i in range(1 + REPEATS)]
                 out[f"{n} tokens, {name}"] = _summary(runs[1:])  # the first warms up
     return out
-
-
 def _summary(runs: list[dict[str, float]]) -> dict[str, float]:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     exposed = med["ttft_s"] - med["prefill_compute_s"]
@@ -94,23 +121,35 @@ def _placements(log: Path) -> list[dict[str, Any]]:
     return found
 
 
-def measure_kv_stream(model: Path, work: Path) -> dict[str, Any]:
+def measure_kv_stream(model: Path, work: Path,
+                      variants: tuple[PrefillVariant, ...] = VARIANTS) -> dict[str, Any]:
+    """One decode worker for the whole run; each variant's prefill worker in turn."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    logs = {r: work / f"{r}.log" for r in ("prefill", "decode")}
-    procs = [_worker("prefill", model, PREFILL_PORT, "cuda", 0, logs["prefill"]),
-             _worker("decode", model, DECODE_PORT, "cpu", 1, logs["decode"])]
+    decode_log = work / "decode.log"
+    decode = _worker("decode", model, DECODE_PORT, "cpu", 1, decode_log)
+    out: dict[str, Any] = {"placement": {}, "runs": {}}
     try:
-        for port in (PREFILL_PORT, DECODE_PORT):
-            wait_serving(f"127.0.0.1:{port}", 180, procs)
-        result = asyncio.run(_measure(vocab))
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
+        wait_serving(f"127.0.0.1:{DECODE_PORT}", 180, [decode])
+        for i, v in enumerate(variants):
+            log = work / f"prefill-{i}.log"
+            prefill = _worker("prefill", model, v.port, v.device, 0, log, v.switch_interval_s)
             try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return {"placement": {r: _placements(f) for r, f in logs.items()}, "runs": result}
+                wait_serving(f"127.0.0.1:{v.port}", 180, [decode, prefill])
+                out["runs"][v.name] = asyncio.run(_measure(v, vocab))
+            finally:
+                _stop(prefill)
+            out["placement"][f"prefill ({v.name})"] = _placements(log)
+    finally:
+        _stop(decode)
+    out["placement"]["decode"] = _placements(decode_log)
+    return out
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    p.terminate()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()

@@ -39,7 +39,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_import import KVImport
 from pdserve.engine.kv_staging import HostStaging, wait_ready
 from pdserve.engine.outputs import RequestOutput
-from pdserve.kvwire.codec import Encoding
+from pdserve.kvwire.codec import Encoding, WireRows
 from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ class KVPiece:
 
     layer: int
     start: int
-    k: torch.Tensor  # (n, kvh, hd), on the host
-    v: torch.Tensor
+    k: WireRows  # (n, kvh, hd), on the host
+    v: WireRows
     done: Any = None  # the CUDA event of the device → host copy; None: written
 
     async def ready(self) -> None:
@@ -71,9 +71,10 @@ DEATH_HOOK_TIMEOUT_S = 2.0  # on_death must not hold the failing of the callers 
 class _QueueExporter:
     """Ships each prompt token's KV of each layer once, in order."""
 
-    def __init__(self, deliver: Callable[[object], None], staging: HostStaging) -> None:
+    def __init__(self, deliver: Callable[[object], None], staging: HostStaging,
+                 wire: Encoding) -> None:
         self.deliver = deliver
-        self.staging = staging
+        self.staging, self.wire = staging, wire
         self.sent: dict[int, int] = {}  # layer -> tokens shipped
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -82,7 +83,8 @@ class _QueueExporter:
             return
         skip = max(skip, 0)
         self.sent[layer] = start + k.shape[0]
-        self.deliver(KVPiece(layer, start + skip, *self.staging.stage(k[skip:], v[skip:])))
+        self.deliver(KVPiece(layer, start + skip,
+                             *self.staging.stage(k[skip:], v[skip:], self.wire)))
 
 
 class RequestStream:
@@ -96,11 +98,13 @@ class RequestStream:
         self.finished = False
 
     async def add(self, prompt: list[int], params: SamplingParams,
-                  export_kv: bool = False) -> None:
-        """Queue the request for prefill here; ``export_kv`` ships its prompt's KV as
-        ``KVPiece``s ahead of its outputs. Raises ValueError for a bad prompt."""
+                  export_kv: Encoding | None = None) -> None:
+        """Queue the request for prefill here; ``export_kv`` (the wire encoding, MODEL
+        resolved) ships its prompt's KV as ``KVPiece``s ahead of its outputs. Raises
+        ValueError for a bad prompt."""
         e = self.engine
-        exporter = _QueueExporter(e._deliverer(self.request_id), e.staging) if export_kv else None
+        exporter = (None if export_kv is None else
+                    _QueueExporter(e._deliverer(self.request_id), e.staging, export_kv))
         await e.call(e.engine.add_request, self.request_id, prompt, params, exporter)
 
     async def reserve_import(self, prompt: list[int], params: SamplingParams,
@@ -211,7 +215,8 @@ class AsyncEngine:
             self.send(lambda: self._abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       export_kv: bool = False) -> AsyncIterator[RequestOutput | KVPiece]:
+                       export_kv: Encoding | None = None,
+                       ) -> AsyncIterator[RequestOutput | KVPiece]:
         async with self.request(request_id) as stream:
             await stream.add(prompt, params, export_kv)
             async for item in stream.outputs():

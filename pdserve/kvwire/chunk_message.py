@@ -26,7 +26,7 @@ import struct
 import crc32c
 import torch
 
-from pdserve.kvwire.codec import EncodedKV, Encoding, encode_into, expected_sizes
+from pdserve.kvwire.codec import EncodedKV, Encoding, WireRows, encode_into, expected_sizes
 from pdserve.kvwire.stream import KVChunk, KVStreamError
 
 _CHUNK = 2  # PrefillResponse.chunk
@@ -48,7 +48,7 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_chunk_message(seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
+def encode_chunk_message(seq: int, layer: int, start: int, k: WireRows, v: WireRows,
                          encoding: Encoding) -> tuple[bytes, int]:
     """One layer's K/V (n, kvh, hd) → (serialized ``PrefillResponse{chunk}``, payload bytes)."""
     n, kvh, hd = k.shape

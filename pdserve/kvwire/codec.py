@@ -86,22 +86,53 @@ def _as(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
     return torch.frombuffer(view, dtype=dtype).view(shape)
 
 
-def encode_into(x: torch.Tensor, encoding: Encoding, data: memoryview,
+@dataclass(frozen=True)
+class Int8Rows:
+    """K or V of n tokens quantized for the wire: int8 values and one fp32 scale per
+    token and KV head."""
+
+    q: torch.Tensor  # (n, kvh, hd) int8
+    scale: torch.Tensor  # (n, kvh) fp32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+WireRows = torch.Tensor | Int8Rows  # K or V (n, kvh, hd), float or quantized
+
+
+def quantize_int8(x: torch.Tensor) -> Int8Rows:
+    """Symmetric int8 per token and head, on ``x``'s device."""
+    x = x.detach().float()
+    scale = x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0  # (n, kvh)
+    q = torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return Int8Rows(q, scale)
+
+
+def to_wire(x: torch.Tensor, encoding: Encoding) -> WireRows:
+    """K or V (n, kvh, hd) as ``encoding`` puts it on the wire, on ``x``'s device (a GPU
+    converts before its device → host copy, so the host only copies bytes)."""
+    if encoding is Encoding.INT8:
+        return quantize_int8(x)
+    return x.detach().to(_FLOAT[encoding])
+
+
+def encode_into(x: WireRows, encoding: Encoding, data: memoryview,
                 scales: memoryview) -> None:
     """One layer's K or V (n, kvh, hd) written in ``encoding`` into ``data`` (and, for
-    int8, its per-token, per-head scales into ``scales``): one conversion pass."""
-    x = x.detach()
+    int8, its per-token, per-head scales into ``scales``): one conversion pass, or a
+    plain copy when ``x`` is in the wire's form already (``to_wire``)."""
     if encoding is Encoding.INT8:
-        x = x.float()
-        scale = x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0  # (n, kvh)
-        _as(scales, torch.float32, tuple(scale.shape)).copy_(scale)
-        q = torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127)
-        _as(data, torch.int8, tuple(x.shape)).copy_(q)
+        rows = x if isinstance(x, Int8Rows) else quantize_int8(x)
+        _as(scales, torch.float32, tuple(rows.scale.shape)).copy_(rows.scale)
+        _as(data, torch.int8, tuple(rows.q.shape)).copy_(rows.q)
         return
-    _as(data, _FLOAT[encoding], tuple(x.shape)).copy_(x)
+    assert isinstance(x, torch.Tensor), "quantized rows go out as int8 only"
+    _as(data, _FLOAT[encoding], tuple(x.shape)).copy_(x.detach())
 
 
-def encode(k: torch.Tensor, v: torch.Tensor, encoding: Encoding) -> EncodedKV:
+def encode(k: WireRows, v: WireRows, encoding: Encoding) -> EncodedKV:
     """K/V (n, kvh, hd) of one layer → bytes in ``encoding`` (never MODEL here)."""
     data, scales = expected_sizes(encoding, *k.shape)
     parts = [bytearray(size) for size in (data, data, scales, scales)]

@@ -15,6 +15,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_staging import HostStaging
 from pdserve.engine.layer_ops import TorchOps
 from pdserve.engine.outputs import RequestOutput
+from pdserve.kvwire.codec import Encoding, Int8Rows, encode, quantize_int8
 from pdserve.sampling_params import SamplingParams
 from tests.engine_helpers import assert_engine_empty, hf_greedy, run_all
 
@@ -104,9 +105,29 @@ def test_staged_kv_is_an_exact_pinned_host_copy_once_ready() -> None:
     staging = HostStaging(torch.device("cuda"))
     x = torch.arange(64 * 6 * 64, dtype=torch.float32, device="cuda").view(64, 6, 64)
     want_k, want_v = x[:, :3].cpu(), x[:, 3:].cpu()
-    hk, hv, done = staging.stage(x[:, :3], x[:, 3:])  # views, as the forward pass gives them
+    hk, hv, done = staging.stage(x[:, :3], x[:, 3:], Encoding.FP32)  # views, as layers give them
     del x  # freed on the compute stream; record_stream keeps it until the copy ran
     torch.empty(64 * 6 * 64, device="cuda").fill_(-1.0)  # would take the freed memory
     done.synchronize()
     assert hk.is_pinned() and hv.is_pinned() and not hk.is_cuda
     assert torch.equal(hk, want_k) and torch.equal(hv, want_v)
+
+
+def test_kv_is_quantized_on_the_gpu_before_it_leaves() -> None:
+    """int8 on the wire: int8 + scales cross PCIe, and are what the host encoder makes
+    from the float rows (to one quantization level: GPU and CPU may round a division's
+    last bit apart)."""
+    staging = HostStaging(torch.device("cuda"))
+    k, v = torch.randn(40, 3, 64, device="cuda"), torch.randn(40, 3, 64, device="cuda")
+    hk, hv, done = staging.stage(k, v, Encoding.INT8)
+    done.synchronize()
+    assert isinstance(hk, Int8Rows) and isinstance(hv, Int8Rows)
+    assert hk.q.dtype == torch.int8 and hk.q.is_pinned() and hk.scale.is_pinned()
+    for got, x in ((hk, k), (hv, v)):
+        ref = quantize_int8(x.cpu())
+        torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)
+        assert (got.q.int() - ref.q.int()).abs().max() <= 1
+    bk, bv, done = staging.stage(k, v, Encoding.BF16)
+    done.synchronize()
+    assert bk.dtype == torch.bfloat16 and encode(bk, bv, Encoding.BF16) == encode(
+        k.cpu(), v.cpu(), Encoding.BF16)

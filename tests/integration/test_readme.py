@@ -62,6 +62,11 @@ SKIP = {
     ".venv/bin/pdserve bench": "minutes of benchmarking, or placeholder file names",
     "pdserve bench": "minutes of benchmarking against the cluster",
     "pdserve generate": "talks to a cluster on a Ray head (HEAD_IP) or started by ray job",
+    "python -m prefill_worker --device cuda": "needs a CUDA GPU (tests/gpu run the GPU "
+                                              "prefill worker where one is)",
+    "python -m decode_worker --device cpu --port 50071 --prefill-allowlist GPU_HOST":
+        "dials a prefill worker on another machine (GPU_HOST is a placeholder)",
+    "bash bench/gpu_check.sh": "needs a CUDA GPU: the gpu tests and bench/gpu_check.py",
     "grep Cpus_allowed_list": "<pid> is a placeholder (pinning: test_ray_up.py)",
     "source .venv/bin/activate": "shell set-up",
     "export RAY_AUTH_MODE": "shell set-up",
