@@ -41,9 +41,11 @@ def decode_attention(
     # Grouped-query attention without repeating K/V: the G query heads that share
     # a KV head become G query rows of that head (no causal mask is needed, the
     # query is the newest token).
-    qg = q.view(d, kvh, h // kvh, hd)  # (D, kvh, G, hd)
+    # In the pool's dtype: a wide bf16 step (model.py) reading an fp32 pool converts its
+    # few queries, not the gathered keys and values.
+    qg = q.view(d, kvh, h // kvh, hd).to(k.dtype)  # (D, kvh, G, hd)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(d, h * hd)
+    return out.reshape(d, h * hd).to(q.dtype)
 
 
 def prefill_attention(
@@ -57,6 +59,11 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:  # (L, H*hd)
     n, h, hd = q.shape
+    out_dtype = q.dtype
+    if num_context and q.dtype != k_cache.dtype:
+        # A wide bf16 step over an fp32 pool (model.py): the chunk joins the context's
+        # dtype (L rows converted, not C; the CPU's tiled kernel runs as fast in fp32).
+        q, k_new, v_new = (t.to(k_cache.dtype) for t in (q, k_new, v_new))
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, L, hd)
     k = k_new.transpose(0, 1).unsqueeze(0)  # (1, kvh, L, hd)
     v = v_new.transpose(0, 1).unsqueeze(0)
@@ -67,22 +74,24 @@ def prefill_attention(
         # First chunk: its own K/V are all the keys; no need to read the pool.
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context)
+        k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context, q.dtype)
         if _CPU_FLASH is not None:
             out = _context_then_chunk(qh, k_ctx, v_ctx, k, v, scale)
         else:
             out = _masked(qh, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), num_context,
                           scale)
-    return out[0].transpose(0, 1).reshape(n, h * hd)
+    return out[0].transpose(0, 1).reshape(n, h * hd).to(out_dtype)
 
 
 def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-             num_context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pool's K/V of the ``num_context`` tokens before a chunk: (1, kvh, C, hd) each."""
+             num_context: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's K/V of the ``num_context`` tokens before a chunk, in the chunk's
+    ``dtype``: (1, kvh, C, hd) each."""
     bs, kvh, hd = k_cache.shape[1:]
     ctx_blocks = block_table[: -(-num_context // bs)]
     k_ctx = k_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]  # (C, kvh, hd)
     v_ctx = v_cache.index_select(0, ctx_blocks).view(-1, kvh, hd)[:num_context]
+    k_ctx, v_ctx = k_ctx.to(dtype), v_ctx.to(dtype)
     return k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0)
 
 
@@ -92,7 +101,7 @@ def _with_context(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     """Every key a chunk attends to, context first: (1, kvh, C + L, hd) each."""
     if num_context == 0:
         return k, v
-    k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context)
+    k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context, k.dtype)
     return torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2)
 
 

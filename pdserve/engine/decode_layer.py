@@ -8,8 +8,8 @@ through the same inner loops, so its numbers are the per-op path's.
 It is chosen once at load (``DecodeLayerKernel.for_model``) and only where every
 layer's weights are in a layout the call takes: packed bf16 (``Linear`` with the
 bf16 kernel) or fp32, no bias (Qwen2's qkv bias), no other linear type (int8).
-Otherwise, and for any step with prefill rows or more than ``SMALL_BATCH`` decode
-rows, the model runs the per-op path.
+Otherwise, and for any step with prefill rows or more decode rows than the model's
+``small_batch``, the model runs the per-op path.
 
 Per step: ``begin(fb)`` -> a ``DecodeStep`` (views of the scratch for this step's
 D rows) -> ``layer(i, x, kv)`` for each layer in order, updating x in place.
@@ -26,7 +26,7 @@ import torch
 from pdserve.engine import kernel_check
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_ops import CpuKernelOps, LayerOps
-from pdserve.engine.linear import SMALL_BATCH, Linear
+from pdserve.engine.linear import Linear
 from pdserve.engine.rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -112,19 +112,21 @@ class DecodeLayerKernel:
     """The native per-layer decode call for one model's layers, with its scratch."""
 
     def __init__(self, kernels: Any, layers: list[_NativeLayer], spec: ModelSpec,
-                 rope: RotaryEmbedding, scale: float) -> None:
+                 rope: RotaryEmbedding, scale: float, max_rows: int) -> None:
         self.kernels, self.layers, self.rope = kernels, layers, rope
+        self.max_rows = max_rows
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.eps, self.scale = spec.rms_norm_eps, scale
         d, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
         widths = (d, (spec.num_heads + 2 * spec.num_kv_heads) * hd, spec.num_heads * hd,
                   2 * inter, inter, d)
         # Allocated once for the largest step this path takes; a step uses the first D rows.
-        self.scratch = [torch.empty(SMALL_BATCH, n, dtype=torch.float32) for n in widths]
+        self.scratch = [torch.empty(max_rows, n, dtype=torch.float32) for n in widths]
 
     @classmethod
     def for_model(cls, ops: LayerOps, layers: Sequence[LayerWeights], spec: ModelSpec,
-                  rope: RotaryEmbedding, scale: float) -> DecodeLayerKernel | None:
+                  rope: RotaryEmbedding, scale: float, max_rows: int,
+                  ) -> DecodeLayerKernel | None:
         """The native path where the per-op path runs pdserve's CPU kernels and every
         layer's weights fit it; None otherwise (the model keeps the per-op path)."""
         if not isinstance(ops, CpuKernelOps) or spec.qkv_bias:
@@ -139,11 +141,10 @@ class DecodeLayerKernel:
         native = [_native_layer(w) for w in layers]
         if any(n is None for n in native):
             return None
-        return cls(kernels, [n for n in native if n is not None], spec, rope, scale)
+        return cls(kernels, [n for n in native if n is not None], spec, rope, scale, max_rows)
 
-    @staticmethod
-    def applies(fb: ForwardBatch) -> bool:
-        return not fb.prefills and 0 < fb.num_decode <= SMALL_BATCH
+    def applies(self, fb: ForwardBatch) -> bool:
+        return not fb.prefills and 0 < fb.num_decode <= self.max_rows
 
     def begin(self, fb: ForwardBatch) -> DecodeStep:
         return DecodeStep(self, fb)

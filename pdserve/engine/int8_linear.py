@@ -189,13 +189,13 @@ class Int8Linear:
             y = self._small_batch(x)
         else:
             y = self._large_batch(x)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _small_batch(self, x: torch.Tensor) -> torch.Tensor:
         assert self._kernel is not None
         y: torch.Tensor = self._kernel(x.float(), self.qweight, self.scales, self.out_features,
                                        self.unscale)
-        return y.to(self._compute)
+        return y.to(x.dtype)
 
     def _large_batch(self, x: torch.Tensor) -> torch.Tensor:  # (M, K) -> (M, N)
         blocks, chunks = self.qweight.shape[:2]
@@ -212,5 +212,8 @@ class Int8Linear:
             wg = w.view(b, _ROWS, groups, GROUP)
             wg.mul_(sz[:, 0]).add_(sz[:, 1])
             rows = min(b * _ROWS, self.out_features - b0 * _ROWS)
-            parts.append(F.linear(x, w.view(b * _ROWS, self.in_features)[:rows]))
+            wq = w.view(b * _ROWS, self.in_features)[:rows]
+            # A wide step on a native-bf16 CPU multiplies in bf16: dequantized exactly
+            # in the compute dtype, rounded once.
+            parts.append(F.linear(x, wq if wq.dtype == x.dtype else wq.to(x.dtype)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

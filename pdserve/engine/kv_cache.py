@@ -32,9 +32,10 @@ class KVCache:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V (N, kvh, hd) of N tokens at ``slots`` (N,)."""
-        self._k_slots[layer].index_copy_(0, slots, k)
-        self._v_slots[layer].index_copy_(0, slots, v)
+        """Store K/V (N, kvh, hd) of N tokens at ``slots`` (N,), in the pool's dtype."""
+        dt = self.data.dtype
+        self._k_slots[layer].index_copy_(0, slots, k.to(dt))
+        self._v_slots[layer].index_copy_(0, slots, v.to(dt))
 
     def k_slots(self, layer: int) -> torch.Tensor:
         return self._k_slots[layer]  # (slots, kvh, hd), a view of the pool

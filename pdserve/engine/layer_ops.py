@@ -53,6 +53,9 @@ class LayerOps(Protocol):
 
 
 class TorchOps:
+    """Any device, any dtype: a step computes in its activations' dtype (the norm
+    weights and RoPE tables follow it; the KV pool converts on write and read)."""
+
     def __init__(self, rope: RotaryEmbedding, num_heads: int, num_kv_heads: int) -> None:
         self.rope, self.num_heads, self.num_kv_heads = rope, num_heads, num_kv_heads
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -62,13 +65,14 @@ class TorchOps:
                  delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if delta is not None:
             x = x + delta
-        return x, F.rms_norm(x, (x.shape[-1],), w, eps)
+        return x, F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
 
     def rope_store(self, qkv: torch.Tensor, fb: ForwardBatch, kv: KVCache, layer: int) -> QKV:
         n, h, kvh = qkv.shape[0], self.num_heads, self.num_kv_heads
         hd = qkv.shape[1] // (h + 2 * kvh)
         if self._positions is not fb.positions:  # once per step, not per layer
-            self._positions, self._cos_sin = fb.positions, self.rope.lookup(fb.positions)
+            cos, sin = self.rope.lookup(fb.positions)
+            self._positions, self._cos_sin = fb.positions, (cos.to(qkv.dtype), sin.to(qkv.dtype))
         assert self._cos_sin is not None
         qk = self.rope.apply(qkv[:, : (h + kvh) * hd].view(n, -1, hd), *self._cos_sin)
         q, k = qk[:, :h], qk[:, h:]  # (N, H, hd), (N, kvh, hd)

@@ -1,12 +1,20 @@
 """Linear layers and the dtype plan of a model on a given device.
 
-``dtype`` is what weights are stored as. Where the hardware has no native bf16
-(CPUs without AVX512-BF16/AMX) a bf16 matmul is emulated and runs several times
-slower than fp32, so there we *compute* in fp32: small batches (decode) read the
-bf16 weights through our kernel (kernel_check.py; its AVX-512 BF16 build serves fp32
-compute over bf16 weights wherever it is chosen), which halves the bytes a memory-bound
-step reads; big batches (prefill) run fp32 GEMM on an fp32 copy of the same
-bf16-rounded values, so both paths multiply by identical weights.
+``dtype`` is what weights are stored as. On CUDA everything computes in it. On a CPU
+a step's activations and the KV pool are fp32 (the ``compute`` dtype), so small
+batches (decode: memory-bound, one pass over the weights) read the bf16 weights
+through our kernel (kernel_check.py; AVX2, or AVX-512 with BF16 dot products), which
+halves the bytes a step reads against fp32 weights. Large batches (prefill:
+compute-bound) run one GEMM in the ``gemm`` dtype:
+
+- on CPUs with native bf16 (AVX512-BF16, AMX) bf16 itself: a step of more than
+  ``SMALL_BATCH_NATIVE`` rows runs in bf16 end to end (model.py), on the stored
+  weights, at the GEMM rate oneDNN reaches there;
+- elsewhere bf16 GEMM is emulated (several times slower than fp32), so large
+  batches run fp32 GEMM on an fp32 copy of the same bf16-rounded values, and the
+  kernel serves up to ``SMALL_BATCH`` rows.
+
+Both paths multiply by identical weights.
 
 ``Int8Linear`` (quantization="int8", int8_linear.py) stores int8 weights with an
 fp16 scale and zero per group of 32 inputs instead: 1.125 bytes a weight, against
@@ -26,9 +34,13 @@ from pdserve.config import QUANTIZATIONS
 from pdserve.engine import kernel_check, kernel_choice
 from pdserve.engine.int8_linear import DequantScratch, Int8Linear
 
-# Rows up to which the bf16 kernel beats fp32 GEMM on the upcast copy (it widens each
-# weight vector once for up to 4 rows; measured on this project's 2-core AVX2 box).
+# Rows up to which the bf16 kernel (it widens each weight vector once for up to 4 rows)
+# beats the large-batch GEMM: fp32 GEMM on the upcast copy (measured on this project's
+# 2-core AVX2 box), or native bf16 GEMM (AMD EPYC with AVX512-BF16, 2 threads, the
+# default model's gate|up 3072x576: ours 107 us vs oneDNN's 140 us at 8 rows, 214 vs
+# 176 us at 16).
 SMALL_BATCH = 32
+SMALL_BATCH_NATIVE = 8
 
 
 def native_low_precision(device: torch.device) -> bool:
@@ -38,27 +50,44 @@ def native_low_precision(device: torch.device) -> bool:
 
 
 def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    if dtype == torch.float32 or native_low_precision(device):
+    """Activations of small steps and the KV pool: ``dtype`` on CUDA, fp32 on a CPU."""
+    return dtype if device.type == "cuda" else torch.float32
+
+
+def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What large batches multiply in: ``dtype`` on CUDA; on a CPU bf16 where it is
+    native, else fp32."""
+    if device.type == "cuda" or (dtype == torch.bfloat16 and native_low_precision(device)):
         return dtype
     return torch.float32
 
 
+def small_batch_for(compute: torch.dtype, gemm: torch.dtype) -> int:
+    """Rows up to which a CPU step runs in ``compute`` through our kernels."""
+    return SMALL_BATCH if gemm == compute else SMALL_BATCH_NATIVE
+
+
 class Linear:
-    """y = x · wᵀ (+ b) with weights stored in ``dtype`` and computed in ``compute``.
+    """y = x · wᵀ (+ b) with weights stored in ``dtype``: up to ``small_batch`` fp32 rows
+    through our bf16 kernel where it applies, else one GEMM in ``gemm`` (x cast to it
+    and back when x comes in another dtype).
 
     ``kernels`` as in layer_ops: ``torch``, ``cpu`` (our bf16 kernel where it applies
     and passed its self-check) or ``auto`` (ours only where it is faster at this shape).
     """
 
-    __slots__ = ("weight", "bias", "_bf16", "_kernel")
+    __slots__ = ("weight", "bias", "small_batch", "_bf16", "_kernel")
     # _bf16 is the stored weight our kernel reads (packed where K % 16 == 0), or None.
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 dtype: torch.dtype, compute: torch.dtype, kernels: str = "auto") -> None:
+                 dtype: torch.dtype, compute: torch.dtype, kernels: str = "auto",
+                 gemm: torch.dtype | None = None) -> None:
         stored = weight.to(dtype)
-        # (N, K) in the compute dtype; for emulated bf16, the bf16-rounded values.
-        self.weight = stored.to(compute).contiguous()
+        gemm = gemm or compute
+        # (N, K) in the GEMM dtype; for emulated bf16, the bf16-rounded values in fp32.
+        self.weight = stored.to(gemm).contiguous()
         self.bias = None if bias is None else bias.to(dtype).to(compute)
+        self.small_batch = small_batch_for(compute, gemm)
         self._bf16: torch.Tensor | None = None
         self._kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         if stored.dtype == torch.bfloat16 and compute == torch.float32 and stored.is_cpu \
@@ -86,8 +115,8 @@ class Linear:
                 w: torch.Tensor) -> bool:
         xs = [torch.randn(rows, self.weight.shape[1]) for rows in (1, 4)]
         ours = [functools.partial(kernel, x, w) for x in xs]
-        theirs = [functools.partial(F.linear, x, self.weight) for x in xs]
-        return kernel_choice.prefer_ours(op, ours, theirs)
+        theirs = [functools.partial(self._gemm, x) for x in xs]
+        return kernel_choice.prefer_ours(f"{op} gemm={_name(self.weight.dtype)}", ours, theirs)
 
     @property
     def out_features(self) -> int:
@@ -103,11 +132,16 @@ class Linear:
         return stored.numel() * stored.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x.shape[0] <= SMALL_BATCH:
+        if self._kernel is not None and x.shape[0] <= self.small_batch:
             assert self._bf16 is not None
-            y = self._kernel(x, self._bf16)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            y = self._kernel(x.float(), self._bf16).to(x.dtype)
+        else:
+            y = self._gemm(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x, w) if x.dtype == w.dtype else F.linear(x.to(w.dtype), w).to(x.dtype)
 
 
 class LinearLayer(Protocol):
@@ -133,7 +167,8 @@ INT8_LM_HEAD = True
 
 
 def linear_factory(quantization: str | None, dtype: torch.dtype, compute: torch.dtype,
-                   kernels: str = "auto") -> Callable[..., LinearLayer]:
+                   kernels: str = "auto", gemm: torch.dtype | None = None,
+                   ) -> Callable[..., LinearLayer]:
     """``make(weight, bias=None, name=..., lm_head=False)`` -> the model's linear layer:
     ``Linear`` in ``dtype``, or ``Int8Linear`` under quantization="int8" (the LM head
     only where INT8_LM_HEAD says so)."""
@@ -146,6 +181,10 @@ def linear_factory(quantization: str | None, dtype: torch.dtype, compute: torch.
              lm_head: bool = False) -> LinearLayer:
         if quantization == "int8" and (INT8_LM_HEAD or not lm_head):
             return Int8Linear(weight, bias, compute, scratch, name, kernels)
-        return Linear(weight, bias, dtype, compute, kernels)
+        return Linear(weight, bias, dtype, compute, kernels, gemm)
 
     return make
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -7,6 +7,12 @@ a handful of large ops; the LM head runs only on the rows that sample. A decode-
 step runs each layer as one native call where the weights allow
 (``decode_layer.py``), else the per-op path (``layer_ops.py``); the choice of path is
 made here, once at load and per step.
+
+Each step runs in one of two precisions (linear.py has the plan): a small step (up to
+``small_batch`` rows) in ``dtype`` (fp32 on a CPU: our kernels over bf16 weights), a
+wide one, on CPUs with native bf16, in ``gemm_dtype`` end to end (torch's ops, the
+GEMM rate). The KV pool stays in ``dtype``: wide steps write into it and read their
+context from it converted.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ from safetensors import safe_open
 from pdserve.engine.attention import prefill_attention
 from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.layer_ops import layer_ops
-from pdserve.engine.linear import Linear, LinearLayer, compute_dtype_for, linear_factory
+from pdserve.engine.layer_ops import LayerOps, TorchOps, layer_ops
+from pdserve.engine.linear import (
+    Linear,
+    LinearLayer,
+    compute_dtype_for,
+    gemm_dtype_for,
+    linear_factory,
+    small_batch_for,
+)
 from pdserve.engine.rope import RotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -131,9 +144,11 @@ class LlamaModel:
     def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device,
                  kernels: str = "auto", quantization: str | None = None):
         self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
-        # Weights are stored in ``dtype``; activations and KV use the compute dtype
-        # (fp32 where the hardware has no native bf16, see linear.py).
+        # Weights are stored in ``dtype``; small steps and the KV pool use the compute
+        # dtype, wide steps the GEMM dtype (see linear.py).
         self.dtype = compute = compute_dtype_for(dtype, device)
+        self.gemm_dtype = gemm = gemm_dtype_for(dtype, device)
+        self.small_batch = small_batch_for(compute, gemm)
         self.device = device
         s = self.spec
         self.scale = s.head_dim**-0.5
@@ -145,7 +160,7 @@ class LlamaModel:
                 raise ValueError(f"model: weight {name!r} missing in {model_dir}")
             return tensors[name].to(device=device, dtype=dtype).to(compute)
 
-        lin = linear_factory(quantization, dtype, compute, kernels)
+        lin = linear_factory(quantization, dtype, compute, kernels, gemm)
         tied = s.tie_word_embeddings or "lm_head.weight" not in tensors
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
         self.lm_head = lin(t(head), name=head, lm_head=True)
@@ -156,17 +171,24 @@ class LlamaModel:
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
                              s.hidden_size, s.intermediate_size)
+        self.wide_ops = TorchOps(self.rope, s.num_heads, s.num_kv_heads)
         # None: every step takes the per-op path.
         self.decode_kernel = DecodeLayerKernel.for_model(self.ops, self.layers, s, self.rope,
-                                                         self.scale)
+                                                         self.scale, self.small_batch)
+
+    def wide(self, fb: ForwardBatch) -> bool:
+        """Whether this step runs in the GEMM dtype (a large step on a native-bf16 CPU)."""
+        return self.gemm_dtype != self.dtype and fb.input_ids.shape[0] > self.small_batch
 
     def forward(
         self, fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> torch.Tensor:  # (R, V) float32 logits
-        eps, ops = self.spec.rms_norm_eps, self.ops
-        x = F.embedding(fb.input_ids, self.embed)  # (N, d)
-        native = self.decode_kernel
+        wide = self.wide(fb)
+        eps, ops = self.spec.rms_norm_eps, self.wide_ops if wide else self.ops
+        act = self.gemm_dtype if wide else self.dtype
+        x = F.embedding(fb.input_ids, self.embed).to(act)  # (N, d)
+        native = None if wide else self.decode_kernel
         step = native.begin(fb) if native is not None and native.applies(fb) else None
         delta: torch.Tensor | None = None  # the last MLP output, added by the next norm
         for i, w in enumerate(self.layers):
@@ -175,35 +197,35 @@ class LlamaModel:
             if step is not None:
                 step.layer(i, x, kv, on_layer_kv)  # updates x in place
             else:
-                x, delta = self._layer(i, w, x, delta, fb, kv, on_layer_kv)
+                x, delta = self._layer(ops, w, i, x, delta, fb, kv, on_layer_kv)
         if delta is not None:
             x = x + delta
         _, h = ops.rms_norm(x.index_select(0, fb.logits_indices), self.norm, eps)  # (R, d)
         return self.lm_head(h).float()  # (R, V)
 
     def _layer(
-        self, i: int, w: _Layer, x: torch.Tensor, delta: torch.Tensor | None, fb: ForwardBatch,
-        kv: KVCache, on_layer_kv: LayerKVHook | None,
+        self, ops: LayerOps, w: _Layer, i: int, x: torch.Tensor, delta: torch.Tensor | None,
+        fb: ForwardBatch, kv: KVCache, on_layer_kv: LayerKVHook | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i`` by the per-op path: (residual x, the MLP output not yet added)."""
-        eps, ops = self.spec.rms_norm_eps, self.ops
+        eps = self.spec.rms_norm_eps
         x, h = ops.rms_norm(x, w.in_norm, eps, delta)
         q, k, v = ops.rope_store(w.qkv(h), fb, kv, i)  # (N, H, hd), (N, kvh, hd) x2
         if on_layer_kv is not None:
             on_layer_kv(i, k, v)
-        attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
+        attn = self._attention(ops, fb, kv, i, q, k, v)  # (N, H*hd)
         x, h = ops.rms_norm(x, w.post_norm, eps, w.o(attn))
         return x, w.down(ops.silu_mul(w.gate_up(h)))  # (N, 2I) -> (N, I) -> (N, d)
 
     def _attention(
-        self, fb: ForwardBatch, kv: KVCache, layer: int,
+        self, ops: LayerOps, fb: ForwardBatch, kv: KVCache, layer: int,
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ) -> torch.Tensor:
         kc, vc = kv.k[layer], kv.v[layer]
         parts = []
         d = fb.num_decode
         if d:
-            parts.append(self.ops.decode_attention(q[:d], kv, layer, fb, self.scale))
+            parts.append(ops.decode_attention(q[:d], kv, layer, fb, self.scale))
         for seg in fb.prefills:
             rows = slice(seg.start, seg.start + seg.length)
             parts.append(

@@ -17,7 +17,6 @@ from pdserve.engine import cpu_kernels
 from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.linear import native_low_precision
 from pdserve.engine.model import ForwardBatch, LlamaModel, PrefillSegment, load_hf_config
 from pdserve.sampling_params import SamplingParams
 from tests.engine_helpers import assert_engine_empty, run_all
@@ -28,16 +27,6 @@ CPU = torch.device("cpu")
 kernels = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(kernels is None or not hasattr(kernels, "decode_layer"),
                                 reason="CPU kernels unavailable here")
-# The fused call computes in fp32. bf16 weights compute in fp32 (and so take it) only
-# where the CPU has no native bf16; on AVX512-BF16/AMX CPUs they compute in bf16 by
-# torch's ops (linear.py), and the per-op path is the only one.
-BF16_NATIVE = native_low_precision(CPU)
-NATIVE_BF16_REASON = "bf16 computes natively on this CPU (AVX512-BF16/AMX): no fp32 fused call"
-
-
-def _skip_if_bf16_native(dtype: torch.dtype | str) -> None:
-    if BF16_NATIVE and str(dtype).removeprefix("torch.") == "bfloat16":
-        pytest.skip(NATIVE_BF16_REASON)
 
 
 def _model(path: Path, dtype: torch.dtype) -> LlamaModel:
@@ -82,7 +71,6 @@ def _step(model: LlamaModel, fb: ForwardBatch, native: bool) -> tuple[torch.Tens
 @pytest.mark.parametrize("lens", [[1], [9, 2, 30], [5, 17, 1, 64, 33, 8, 12, 50]])
 def test_native_step_matches_per_op_step(tiny_llama: Path, dtype: torch.dtype,
                                          lens: list[int]) -> None:
-    _skip_if_bf16_native(dtype)
     model = _model(tiny_llama, dtype)
     assert isinstance(model.decode_kernel, DecodeLayerKernel)  # STEP 1: chosen at load
     fb = _decode_batch(lens, model.spec.vocab_size, seed=len(lens))
@@ -100,7 +88,7 @@ def test_native_step_matches_per_op_step(tiny_llama: Path, dtype: torch.dtype,
 
 def test_steps_with_prefill_rows_or_unfit_weights_take_the_per_op_path(
         tiny_llama: Path, tiny_qwen2: Path) -> None:
-    model = _model(tiny_llama, torch.float32)
+    model = _model(tiny_llama, torch.bfloat16)
     assert model.decode_kernel is not None
     fb = _decode_batch([3, 4], model.spec.vocab_size, seed=0)
     fb.prefills.append(PrefillSegment(2, 5, 0, torch.tensor([7, 8])))
@@ -109,13 +97,10 @@ def test_steps_with_prefill_rows_or_unfit_weights_take_the_per_op_path(
     torch_ops = LlamaModel(tiny_llama, load_hf_config(tiny_llama), torch.float32, CPU,
                            kernels="torch")
     assert torch_ops.decode_kernel is None
-    if BF16_NATIVE:  # bf16 compute: torch's ops, never the fp32 fused call
-        assert _model(tiny_llama, torch.bfloat16).decode_kernel is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_generation_is_identical_by_both_paths(tiny_llama: Path, dtype: str) -> None:
-    _skip_if_bf16_native(dtype)
     prompts = [[5, 9, 40, 7], list(range(3, 40)), [11] * 19]
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)
     outs = []
