@@ -32,9 +32,9 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.kvwire.codec import Encoding, resolve
-from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
 from pdserve.logprobs import Logprob
+from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.model_files import resolve_model
 from pdserve.sampling_params import SamplingParams
 
