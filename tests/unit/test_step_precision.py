@@ -1,0 +1,79 @@
+"""A CPU step's precision follows its rows (linear.py's plan): small steps compute in
+fp32 through our kernels, wide ones, where bf16 is native, in bf16 end to end; the
+KV pool stays fp32 and both kinds of step read and write it.
+
+The native-bf16 plan is forced here so that it runs on any CPU (an AVX2 box emulates
+the bf16 GEMM: slow, same numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine import linear
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.sampling_params import SamplingParams
+from tests.engine_helpers import assert_engine_empty, run_all
+
+PROMPTS = [list(range(5, 45)), list(range(50, 53)), [7] * 20]  # 40 and 20 rows: wide
+
+
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "native_low_precision", lambda device: True)
+
+
+def _engine(model: Path) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model), dtype="bfloat16", num_kv_blocks=64,
+                                  max_num_batched_tokens=64))
+
+
+def _generate(engine: LLMEngine, logprobs: int | None = None) -> list[RequestOutput]:
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, logprobs=logprobs)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    done = run_all(engine)
+    assert_engine_empty(engine)
+    return [done[str(i)] for i in range(len(PROMPTS))]
+
+
+def test_wide_steps_run_bf16_and_small_steps_fp32(
+        tiny_llama: Path, native_bf16: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(tiny_llama)
+    m = engine.model
+    assert (m.dtype, m.gemm_dtype, m.small_batch) == (torch.float32, torch.bfloat16, 8)
+    assert engine.kv.data.dtype == torch.float32
+    seen: list[tuple[int, torch.dtype]] = []  # (rows, activations' dtype) of every QKV call
+    call = linear.Linear.__call__
+
+    def recording(self: linear.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self is m.layers[0].qkv:
+            seen.append((x.shape[0], x.dtype))
+        return call(self, x)
+
+    monkeypatch.setattr(linear.Linear, "__call__", recording)
+    m.decode_kernel = None  # the per-op path, so every step passes the recorder
+    _generate(engine)
+    assert {dt for rows, dt in seen if rows > 8} == {torch.bfloat16}
+    assert {dt for rows, dt in seen if rows <= 8} == {torch.float32}
+    assert any(rows > 8 for rows, _ in seen) and any(rows <= 8 for rows, _ in seen)
+
+
+def test_wide_bf16_steps_follow_the_all_fp32_tokens(tiny_llama: Path, native_bf16: None) -> None:
+    """The same requests with every step in fp32: with the wide steps' bf16 GEMMs,
+    their fp32 KV writes and the later steps' reads of them, each continuation stays
+    on fp32's until a near tie (bf16 rounding differs by CPU, so a tie may flip)."""
+    split = _generate(_engine(tiny_llama))
+    engine = _engine(tiny_llama)
+    engine.model.wide = lambda fb: False  # type: ignore[method-assign]
+    fp32 = _generate(engine, logprobs=5)
+    for a, b in zip(split, fp32, strict=True):
+        pos = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
+                    if x != y), None)
+        if pos is not None:
+            top = dict(b.logprobs[pos].top)
+            assert top[b.token_ids[pos]] - top.get(a.token_ids[pos], float("-inf")) < 1.5
