@@ -41,6 +41,7 @@ _SOURCES = (  # one entry per line
     "decode_ops.cpp",
     "decode_layer.cpp",
     "int8_gemv.cpp",
+    "prefill_attention.cpp",
 )
 _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"

@@ -32,7 +32,10 @@ from pdserve.engine.rope import RotaryEmbedding
 log = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("linear_bf16w_packed", "linear_bf16w", "rms_norm", "rope_store_kv",
-                "paged_decode_attention", "silu_mul", "linear_int8w_packed")
+                "paged_decode_attention", "silu_mul", "linear_int8w_packed",
+                "causal_attention_bf16")
+# Kernels a module has only when built for this ISA level (absent elsewhere, unwarned).
+NEEDS_ISA = {"causal_attention_bf16": "avx512bf16"}
 _RTOL = _ATOL = 1e-4  # fp32 with another summation order, nothing more
 _H, _KVH, _HD, _BS, _BLOCKS = 4, 2, 20, 4, 32  # hd 20: the non-multiple-of-8 tails too
 
@@ -60,9 +63,10 @@ def verified() -> Kernels | None:
         _verified = None if module is None else check(module)
         _done = True
         if _verified is not None:
+            isa = module.compiled_isa()
+            built = [n for n in KERNEL_NAMES if NEEDS_ISA.get(n, isa) == isa]
             log.info("CPU kernels built for %s on %s: %d of %d passed their self-check",
-                     module.compiled_isa(), detect().describe(), len(_verified.ok),
-                     len(KERNEL_NAMES))
+                     isa, detect().describe(), len(_verified.ok), len(built))
     return _verified
 
 
@@ -75,6 +79,8 @@ def forget() -> None:
 def check(module: Any) -> Kernels:
     ok = set()
     for name in KERNEL_NAMES:
+        if NEEDS_ISA.get(name, module.compiled_isa()) != module.compiled_isa():
+            continue
         try:
             _CHECKS[name](module, torch.Generator().manual_seed(0))
             ok.add(name)
@@ -181,6 +187,18 @@ def _check_silu_mul(m: Any, gen: torch.Generator) -> None:
     _close(m.silu_mul(gate_up), _torch_ops().silu_mul(gate_up))
 
 
+def _check_causal_attention(m: Any, gen: torch.Generator) -> None:
+    from pdserve.engine.layer_ops import torch_causal_attention  # it imports this module
+
+    # bf16 in and out: within bf16 rounding of the fp32 reference (as torch's bf16 is).
+    for n, heads, kv_heads in ((1, 4, 2), (5, 4, 4), (37, 6, 2), (70, 3, 1)):
+        qkv = _randn(gen, n, heads + 2 * kv_heads, 64).to(torch.bfloat16)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        ref = torch_causal_attention(q.float(), k.float(), v.float(), 0.125)
+        torch.testing.assert_close(m.causal_attention_bf16(q, k, v, 0.125).float(), ref,
+                                   rtol=2e-2, atol=2e-2)
+
+
 _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
     "linear_bf16w_packed": _check_linear_packed,
     "linear_bf16w": _check_linear,
@@ -189,4 +207,5 @@ _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
     "paged_decode_attention": _check_attention,
     "silu_mul": _check_silu_mul,
     "linear_int8w_packed": _check_linear_int8,
+    "causal_attention_bf16": _check_causal_attention,
 }

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from pdserve.engine.attention import prefill_attention
 from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.layer_ops import LayerOps, TorchOps, layer_ops
+from pdserve.engine.layer_ops import LayerOps, TorchOps, causal_prefill_kernel, layer_ops
 from pdserve.engine.linear import (
     Linear,
     LinearLayer,
@@ -172,6 +172,9 @@ class LlamaModel:
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
                              s.hidden_size, s.intermediate_size)
         self.wide_ops = TorchOps(self.rope, s.num_heads, s.num_kv_heads)
+        # None: first chunks of wide steps take torch's attention.
+        self.causal_kernel = causal_prefill_kernel(kernels, device, gemm, s.num_heads,
+                                                   s.num_kv_heads, s.head_dim)
         # None: every step takes the per-op path.
         self.decode_kernel = DecodeLayerKernel.for_model(self.ops, self.layers, s, self.rope,
                                                          self.scale, self.small_batch)
@@ -213,21 +216,28 @@ class LlamaModel:
         q, k, v = ops.rope_store(w.qkv(h), fb, kv, i)  # (N, H, hd), (N, kvh, hd) x2
         if on_layer_kv is not None:
             on_layer_kv(i, k, v)
-        attn = self._attention(ops, fb, kv, i, q, k, v)  # (N, H*hd)
+        attn = self._attention(fb, kv, i, q, k, v)  # (N, H*hd)
         x, h = ops.rms_norm(x, w.post_norm, eps, w.o(attn))
         return x, w.down(ops.silu_mul(w.gate_up(h)))  # (N, 2I) -> (N, I) -> (N, d)
 
     def _attention(
-        self, ops: LayerOps, fb: ForwardBatch, kv: KVCache, layer: int,
+        self, fb: ForwardBatch, kv: KVCache, layer: int,
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ) -> torch.Tensor:
         kc, vc = kv.k[layer], kv.v[layer]
         parts = []
         d = fb.num_decode
         if d:
-            parts.append(ops.decode_attention(q[:d], kv, layer, fb, self.scale))
+            # Decode rows read the pool in place through the small steps' ops (our paged
+            # kernel where chosen), a wide step's included: no gather of their context.
+            out = self.ops.decode_attention(q[:d].to(self.dtype), kv, layer, fb, self.scale)
+            parts.append(out.to(q.dtype))
         for seg in fb.prefills:
             rows = slice(seg.start, seg.start + seg.length)
+            if seg.num_context == 0 and self.causal_kernel is not None \
+                    and q.dtype == torch.bfloat16:
+                parts.append(self.causal_kernel(q[rows], k[rows], v[rows], self.scale))
+                continue
             parts.append(
                 prefill_attention(
                     q[rows], k[rows], v[rows], kc, vc, seg.block_table, seg.num_context, self.scale

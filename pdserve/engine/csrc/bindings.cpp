@@ -17,6 +17,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
                                   const torch::Tensor& scales, int64_t N, double unscale);
+torch::Tensor causal_attention_bf16(const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v, double scale);
 void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& qkv,
                   const torch::Tensor& attn, const torch::Tensor& gate_up,
                   const torch::Tensor& act, const torch::Tensor& tmp,
@@ -55,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of a fused (N, 2I) gate|up output");
   m.def("compiled_isa", &compiled_isa, "the ISA level this module was built for");
   m.def("decode_layer", &decode_layer, nogil, "one decoder layer for the decode rows of a step");
+  m.def("causal_attention_bf16", &causal_attention_bf16, nogil,
+        "bf16 causal self-attention of a first prefill chunk (AVX-512 BF16 builds only)");
   m.def("linear_int8w_packed", &linear_int8w_packed, nogil,
         "fp32 x times a packed int8 weight with fp16 scales and zeros per group of 32");
 }
