@@ -106,19 +106,26 @@ void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int6
       TORCH_CHECK(len >= 1 && len <= nb * bs, "seq_len out of range for block table");
       const float* qh = qp + d * q_row + h * hd;
       p.resize(len);
+      // Block by block: a key's row is its block's first slot plus its offset (no
+      // integer division per key: at batch 1 two per key cost more than its dot).
+      const int64_t* table = tables + d * nb;
       float mx = -INFINITY;
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t row = (tables[d * nb + i / bs] * bs + i % bs) * kvh + g;
-        p[i] = dot(qh, kc + row * hd, hd) * sc;
-        mx = std::max(mx, p[i]);
+      for (int64_t i0 = 0; i0 < len; i0 += bs) {
+        const float* kb = kc + table[i0 / bs] * bs * kvh * hd + g * hd;
+        for (int64_t i = i0; i < std::min(len, i0 + bs); ++i) {
+          p[i] = dot(qh, kb + (i - i0) * kvh * hd, hd) * sc;
+          mx = std::max(mx, p[i]);
+        }
       }
       float sum = 0.f;
       for (int64_t i = 0; i < len; ++i) sum += (p[i] = std::exp(p[i] - mx));
+      const float inv = 1.f / sum;
       float* oh = op + t * hd;
       std::fill(oh, oh + hd, 0.f);
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t row = (tables[d * nb + i / bs] * bs + i % bs) * kvh + g;
-        axpy(p[i] / sum, vc + row * hd, oh, hd);
+      for (int64_t i0 = 0; i0 < len; i0 += bs) {
+        const float* vb = vc + table[i0 / bs] * bs * kvh * hd + g * hd;
+        for (int64_t i = i0; i < std::min(len, i0 + bs); ++i)
+          axpy(p[i] * inv, vb + (i - i0) * kvh * hd, oh, hd);
       }
     }
   });
