@@ -169,7 +169,7 @@ def prefill(model: Path, ceil: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     hf: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16,
                                                    attn_implementation="sdpa")
-    hf = hf.cuda().eval()
+    hf = hf.cuda()  # from_pretrained leaves it in inference mode
     for n in PREFILL_LENGTHS:
         row: dict[str, Any] = {}
         for budget in sorted({2048, n}):
@@ -230,7 +230,7 @@ def _hf_decode_tok_s(model: Path, prompt: list[int]) -> float:
     from transformers import AutoModelForCausalLM
 
     hf: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    hf = hf.cuda().eval()
+    hf = hf.cuda()  # from_pretrained leaves it in inference mode
     x = torch.tensor([prompt], device="cuda")
     gen = dict(max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
                pad_token_id=0)

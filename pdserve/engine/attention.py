@@ -72,7 +72,7 @@ def prefill_attention(
         out = fused_causal_attention(qh, k, v, scale)
     elif num_context == 0:
         # First chunk: its own K/V are all the keys; no need to read the pool.
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return causal_self_attention(q, k_new, v_new, scale).to(out_dtype)
     else:
         k_ctx, v_ctx = _context(k_cache, v_cache, block_table, num_context, q.dtype)
         if _CPU_FLASH is not None:
@@ -81,6 +81,16 @@ def prefill_attention(
             out = _masked(qh, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), num_context,
                           scale)
     return out[0].transpose(0, 1).reshape(n, h * hd).to(out_dtype)
+
+
+def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """A first chunk on a CPU, by torch's tiled kernel: q (L, H, hd), its own k and v
+    (L, kvh, hd) -> (L, H*hd) (also the reference of our bf16 kernel)."""
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
 def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

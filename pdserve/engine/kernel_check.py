@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine import cpu_kernels
+from pdserve.engine.attention import causal_self_attention
 from pdserve.engine.cpu_features import detect
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.rope import RotaryEmbedding
@@ -63,10 +64,9 @@ def verified() -> Kernels | None:
         _verified = None if module is None else check(module)
         _done = True
         if _verified is not None:
-            isa = module.compiled_isa()
-            built = [n for n in KERNEL_NAMES if NEEDS_ISA.get(n, isa) == isa]
             log.info("CPU kernels built for %s on %s: %d of %d passed their self-check",
-                     isa, detect().describe(), len(_verified.ok), len(built))
+                     module.compiled_isa(), detect().describe(), len(_verified.ok),
+                     len(built_kernels(module)))
     return _verified
 
 
@@ -76,11 +76,15 @@ def forget() -> None:
     _verified, _done = None, False
 
 
+def built_kernels(module: Any) -> list[str]:
+    """The kernels ``module``'s build has (those of other ISA levels left out)."""
+    isa = module.compiled_isa()
+    return [n for n in KERNEL_NAMES if NEEDS_ISA.get(n, isa) == isa]
+
+
 def check(module: Any) -> Kernels:
     ok = set()
-    for name in KERNEL_NAMES:
-        if NEEDS_ISA.get(name, module.compiled_isa()) != module.compiled_isa():
-            continue
+    for name in built_kernels(module):
         try:
             _CHECKS[name](module, torch.Generator().manual_seed(0))
             ok.add(name)
@@ -188,13 +192,11 @@ def _check_silu_mul(m: Any, gen: torch.Generator) -> None:
 
 
 def _check_causal_attention(m: Any, gen: torch.Generator) -> None:
-    from pdserve.engine.layer_ops import torch_causal_attention  # it imports this module
-
     # bf16 in and out: within bf16 rounding of the fp32 reference (as torch's bf16 is).
     for n, heads, kv_heads in ((1, 4, 2), (5, 4, 4), (37, 6, 2), (70, 3, 1)):
         qkv = _randn(gen, n, heads + 2 * kv_heads, 64).to(torch.bfloat16)
         q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
-        ref = torch_causal_attention(q.float(), k.float(), v.float(), 0.125)
+        ref = causal_self_attention(q.float(), k.float(), v.float(), 0.125)
         torch.testing.assert_close(m.causal_attention_bf16(q, k, v, 0.125).float(), ref,
                                    rtol=2e-2, atol=2e-2)
 

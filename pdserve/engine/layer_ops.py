@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pdserve.config import KERNEL_CHOICES
 from pdserve.engine import kernel_check, kernel_choice
-from pdserve.engine.attention import decode_attention
+from pdserve.engine.attention import causal_self_attention, decode_attention
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.rope import RotaryEmbedding
 
@@ -234,16 +234,6 @@ def causal_prefill_kernel(name: str, device: torch.device, wide_dtype: torch.dty
         heads = f"h={num_heads} kvh={num_kv_heads} hd={head_dim} n=512"
         if not kernel_choice.prefer_ours(
                 f"causal_attention_bf16 {heads}", [lambda: kernel(q, k, v, 0.125)],
-                [lambda: torch_causal_attention(q, k, v, 0.125)]):
+                [lambda: causal_self_attention(q, k, v, 0.125)]):
             return None
     return kernel
-
-
-def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """What prefill_attention runs for a first chunk on a CPU: q (L, H, hd), k and v
-    (L, kvh, hd) -> (L, H*hd) (the kernel's reference and timing baseline)."""
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                         enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(q.shape[0], -1)

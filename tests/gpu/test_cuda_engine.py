@@ -17,7 +17,13 @@ from pdserve.engine.layer_ops import TorchOps
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvwire.codec import Encoding, Int8Rows, encode, quantize_int8
 from pdserve.sampling_params import SamplingParams
-from tests.engine_helpers import assert_engine_empty, hf_greedy, run_all
+from tests.engine_helpers import (
+    assert_engine_empty,
+    assert_follows_until_near_tie,
+    generate_all,
+    hf_greedy,
+    run_all,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -39,11 +45,7 @@ def _engine(model: Path, dtype: str = "float32", **kw: object) -> LLMEngine:
 def _run(engine: LLMEngine, prompts: list[list[int]], logprobs: int | None = None,
          ) -> list[RequestOutput]:
     params = SamplingParams(temperature=0, max_tokens=N_NEW, min_tokens=N_NEW, logprobs=logprobs)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    done = run_all(engine)
-    assert_engine_empty(engine)
-    return [done[str(i)] for i in range(len(prompts))]
+    return generate_all(engine, prompts, params)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
@@ -67,16 +69,7 @@ def test_cuda_bf16_follows_fp32_until_a_near_tie(tiny_llama: Path) -> None:
     fp32 = _run(_engine(tiny_llama), prompts, logprobs=5)
     bf16_engine = _engine(tiny_llama, dtype="bfloat16")
     assert bf16_engine.dtype == torch.bfloat16  # native on CUDA: no fp32 compute
-    bf16 = _run(bf16_engine, prompts)
-    for i, (lo, hi) in enumerate(zip(bf16, fp32, strict=True)):
-        pos = next((j for j, (a, b) in enumerate(zip(lo.token_ids, hi.token_ids, strict=True))
-                    if a != b), None)
-        if pos is None:
-            continue
-        top = dict(hi.logprobs[pos].top)
-        assert lo.token_ids[pos] in top, f"prompt {i}: bf16 left fp32's top 5 at {pos}"
-        gap = top[hi.token_ids[pos]] - top[lo.token_ids[pos]]
-        assert gap < BF16_TIE, f"prompt {i}: bf16 left fp32 at a non-tie ({gap:.3f} nats)"
+    assert_follows_until_near_tie(_run(bf16_engine, prompts), fp32, BF16_TIE)
 
 
 def test_cuda_sampling_is_reproducible_per_seed(tiny_llama: Path) -> None:

@@ -8,16 +8,15 @@ import asyncio
 import random
 from pathlib import Path
 
-import grpc
 import pytest
 
 from decode_worker.servicer import DecodeServicer
-from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.placement import PlacementRequest
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import wait_engines_empty
+from tests.engine_helpers import read_decode_stream, wait_engines_empty
 
 pytestmark = pytest.mark.gpu
 
@@ -36,16 +35,9 @@ def _config(model: Path, role: str, device: str) -> WorkerConfig:
 
 async def _generate(decode: RunningWorker, prefill: RunningWorker, prompt: list[int], rid: str,
                     encoding: int = 0) -> tuple[list[int], worker_pb2.DecodeResponse]:
-    async with grpc.aio.insecure_channel(decode.address) as ch:
-        req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, params=PARAMS,
-                                       prefill_address=prefill.address, encoding=encoding)
-        tokens: list[int] = []
-        first = None
-        async for msg in worker_pb2_grpc.DecodeWorkerStub(ch).Generate(req, timeout=60):
-            first = first or msg
-            tokens += msg.token_ids
-        assert first is not None
-        return tokens, first
+    req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, params=PARAMS,
+                                   prefill_address=prefill.address, encoding=encoding)
+    return await read_decode_stream(decode.address, req)
 
 
 async def _cluster_tokens(model: Path, prefill_device: str, prompts: list[list[int]],

@@ -26,7 +26,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
-from tests.engine_helpers import assert_engine_empty, hf_greedy, run_all
+from tests.engine_helpers import first_difference, generate_all, hf_greedy
 
 N_NEW = 64
 QUESTIONS = [
@@ -57,15 +57,7 @@ def _prompts(engine: LLMEngine) -> list[list[int]]:
 
 def _generate(engine: LLMEngine, prompts: list[list[int]], logprobs: int | None) -> list:
     params = SamplingParams(temperature=0, max_tokens=N_NEW, min_tokens=N_NEW, logprobs=logprobs)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    done = run_all(engine)
-    assert_engine_empty(engine)
-    return [done[str(i)] for i in range(len(prompts))]
-
-
-def _first_difference(ours: list[int], ref: list[int]) -> int | None:
-    return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), None)
+    return generate_all(engine, prompts, params)
 
 
 @pytest.mark.integration
@@ -78,7 +70,7 @@ def test_fp32_greedy_matches_transformers_and_bf16_share(default_model_dir: Path
     ref = hf_greedy(default_model_dir, prompts, N_NEW)
     ties = []
     for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
-        pos = _first_difference(o.token_ids, r)
+        pos = first_difference(o.token_ids, r)
         if pos is None:
             continue
         top = dict(o.logprobs[pos].top[:2])  # our top-2 at the first difference
@@ -111,7 +103,7 @@ def _bf16_flip(i: int, bf16: list[int], fp32: RequestOutput) -> dict[str, float]
     """Where bf16's tokens first leave our fp32 run's, and how far below fp32's choice
     bf16's token was there (same prefix up to that point, so fp32's logprobs apply)."""
     ids = fp32.token_ids
-    pos = _first_difference(bf16, ids[:len(bf16)])
+    pos = first_difference(bf16, ids[:len(bf16)])
     if pos is None:
         return None
     top = dict(fp32.logprobs[pos].top)

@@ -12,10 +12,10 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine import kernel_check
+from pdserve.engine.attention import causal_self_attention
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.layer_ops import torch_causal_attention
 from pdserve.sampling_params import SamplingParams
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import assert_follows_until_near_tie, generate_all
 from tests.tiny_models import build_tokenizer
 
 CHECKED = kernel_check.verified()
@@ -38,9 +38,9 @@ def test_within_bf16_rounding_of_torch(n: int, heads: int, kv_heads: int) -> Non
     # Views of one qkv row per token, as the forward pass hands them over.
     qkv = (torch.randn(n, heads + 2 * kv_heads, 64, generator=g) * 2).to(torch.bfloat16)
     q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
-    ref = torch_causal_attention(q.float(), k.float(), v.float(), 0.125)
+    ref = causal_self_attention(q.float(), k.float(), v.float(), 0.125)
     ours = CHECKED.module.causal_attention_bf16(q, k, v, 0.125)
-    theirs = torch_causal_attention(q, k, v, 0.125)  # torch's own bf16
+    theirs = causal_self_attention(q, k, v, 0.125)  # torch's own bf16
     assert ours.shape == (n, heads * 64) and ours.dtype == torch.bfloat16
     err, torch_err = (ours.float() - ref).abs().max(), (theirs.float() - ref).abs().max()
     assert err <= 2 * torch_err + 1e-3, f"ours {err:.4f}, torch's bf16 {torch_err:.4f}"
@@ -74,19 +74,6 @@ def test_wide_steps_take_it_and_keep_the_tokens(tmp_path: Path,
     prompts = [list(range(5, 205)), list(range(40, 60))]  # first chunks of a wide step
     params = SamplingParams(temperature=0, max_tokens=10, logprobs=5)
 
-    def generate(e: LLMEngine) -> list:
-        for i, p in enumerate(prompts):
-            e.add_request(str(i), p, params)
-        done = run_all(e)
-        assert_engine_empty(e)
-        return [done[str(i)] for i in range(len(prompts))]
-
-    ours = generate(engine)
+    ours = generate_all(engine, prompts, params)
     engine.model.causal_kernel = None
-    theirs = generate(engine)
-    for a, b in zip(ours, theirs, strict=True):  # equal until a near tie
-        pos = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
-                    if x != y), None)
-        if pos is not None:
-            top = dict(b.logprobs[pos].top)
-            assert top[b.token_ids[pos]] - top.get(a.token_ids[pos], float("-inf")) < 1.5
+    assert_follows_until_near_tie(ours, generate_all(engine, prompts, params))

@@ -24,7 +24,7 @@ from pdserve.sampling_params import SamplingParams
 from pdserve.worker_errors import failed_role
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import run_all, wait_engines_empty
+from tests.engine_helpers import read_decode_stream, run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))
 PARAMS = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -77,18 +77,10 @@ async def _serve(servicer: worker_pb2_grpc.PrefillWorkerServicer) -> tuple[grpc.
 
 async def _generate(decode: RunningWorker, candidates: list[str], rid: str,
                     ) -> tuple[list[int], worker_pb2.DecodeResponse]:
-    async with grpc.aio.insecure_channel(decode.address) as ch:
-        req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, params=PARAMS,
-                                       plan=worker_pb2.PLAN_REMOTE,
-                                       prefill_address=candidates[0],
-                                       fallback_prefill_addresses=candidates[1:])
-        tokens: list[int] = []
-        first = None
-        async for msg in worker_pb2_grpc.DecodeWorkerStub(ch).Generate(req, timeout=60):
-            first = first or msg
-            tokens += msg.token_ids
-        assert first is not None
-        return tokens, first
+    req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, params=PARAMS,
+                                   plan=worker_pb2.PLAN_REMOTE, prefill_address=candidates[0],
+                                   fallback_prefill_addresses=candidates[1:])
+    return await read_decode_stream(decode.address, req)
 
 
 async def _settled(*workers: RunningWorker) -> None:

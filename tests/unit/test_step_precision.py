@@ -17,7 +17,7 @@ from pdserve.engine import linear
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
-from tests.engine_helpers import assert_engine_empty, run_all
+from tests.engine_helpers import assert_follows_until_near_tie, generate_all
 
 PROMPTS = [list(range(5, 45)), list(range(50, 53)), [7] * 20]  # 40 and 20 rows: wide
 
@@ -34,11 +34,7 @@ def _engine(model: Path) -> LLMEngine:
 
 def _generate(engine: LLMEngine, logprobs: int | None = None) -> list[RequestOutput]:
     params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, logprobs=logprobs)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, params)
-    done = run_all(engine)
-    assert_engine_empty(engine)
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return generate_all(engine, PROMPTS, params)
 
 
 def test_wide_steps_run_bf16_and_small_steps_fp32(
@@ -70,10 +66,4 @@ def test_wide_bf16_steps_follow_the_all_fp32_tokens(tiny_llama: Path, native_bf1
     split = _generate(_engine(tiny_llama))
     engine = _engine(tiny_llama)
     engine.model.wide = lambda fb: False  # type: ignore[method-assign]
-    fp32 = _generate(engine, logprobs=5)
-    for a, b in zip(split, fp32, strict=True):
-        pos = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
-                    if x != y), None)
-        if pos is not None:
-            top = dict(b.logprobs[pos].top)
-            assert top[b.token_ids[pos]] - top.get(a.token_ids[pos], float("-inf")) < 1.5
+    assert_follows_until_near_tie(split, _generate(engine, logprobs=5))

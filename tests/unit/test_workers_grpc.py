@@ -20,7 +20,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import run_all, wait_engines_empty
+from tests.engine_helpers import read_decode_stream, run_all, wait_engines_empty
 
 PROMPT = list(range(5, 75))
 PARAMS = common_pb2.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -35,17 +35,9 @@ def _config(model: Path, role: str) -> WorkerConfig:
 async def _generate(decode: RunningWorker, prefill_address: str = "",
                     rid: str = "r", encoding: int = 0,
                     timeout: float | None = 30) -> tuple[list[int], worker_pb2.DecodeResponse]:
-    async with grpc.aio.insecure_channel(decode.address) as ch:
-        stub = worker_pb2_grpc.DecodeWorkerStub(ch)
-        req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, params=PARAMS,
-                                       prefill_address=prefill_address, encoding=encoding)
-        tokens: list[int] = []
-        first = None
-        async for msg in stub.Generate(req, timeout=timeout):
-            first = first or msg
-            tokens += msg.token_ids
-        assert first is not None
-        return tokens, first
+    req = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, params=PARAMS,
+                                   prefill_address=prefill_address, encoding=encoding)
+    return await read_decode_stream(decode.address, req, timeout)
 
 
 def _offline(model: Path) -> list[int]:
