@@ -204,7 +204,9 @@ class LlamaModel:
         if delta is not None:
             x = x + delta
         _, h = ops.rms_norm(x.index_select(0, fb.logits_indices), self.norm, eps)  # (R, d)
-        return self.lm_head(h).float()  # (R, V)
+        # h in the compute dtype: up to small_batch rows (a wide step's few sampled rows
+        # included) get fp32 logits, not logits rounded to bf16 (which tie near the top).
+        return self.lm_head(h.to(self.dtype)).float()  # (R, V)
 
     def _layer(
         self, ops: LayerOps, w: _Layer, i: int, x: torch.Tensor, delta: torch.Tensor | None,
