@@ -92,41 +92,144 @@ void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float*
   });
 }
 
+namespace {
+
+// exp(x) for 8 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial;
+// ~1 ulp). Inputs below -87.3 give exp(-87.3), a normal float, not a denormal.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// The 8 sums of 8 vectors, lane k = sum of a[k]'s lanes.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                       _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+constexpr int64_t kKeys = 8;  // keys scored together: 8 independent FMA chains
+
+// Scores of one query against 8 keys (rows k[0..7], hd floats each), times sc.
+inline __m256 scores8(const float* q, const float* const* k, int64_t hd, float sc) {
+  __m256 acc[kKeys];
+  for (int64_t j = 0; j < kKeys; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= hd; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int64_t j = 0; j < kKeys; ++j)
+      acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + c), acc[j]);
+  }
+  __m256 s = hsum8(acc);
+  if (c < hd) {  // head dims that are not a multiple of 8
+    alignas(32) float tail[kKeys];
+    for (int64_t j = 0; j < kKeys; ++j) {
+      tail[j] = 0.f;
+      for (int64_t i = c; i < hd; ++i) tail[j] += q[i] * k[j][i];
+    }
+    s = _mm256_add_ps(s, _mm256_load_ps(tail));
+  }
+  return _mm256_mul_ps(s, _mm256_set1_ps(sc));
+}
+
+// The rows of keys [0, len) of one KV head, walked block by block (no division per key).
+class KeyRows {
+ public:
+  KeyRows(const float* cache, const int64_t* table, int64_t bs, int64_t row, int64_t off)
+      : cache_(cache), table_(table), bs_(bs), row_(row), off_(off) {}
+  // Pointers to the next n keys' rows into out[0..n); out[n..8) repeat the last one.
+  void next(int64_t n, const float** out) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = cache_ + (table_[b_] * bs_ + o_) * row_ + off_;
+      if (++o_ == bs_) o_ = 0, ++b_;
+    }
+    for (int64_t j = n; j < kKeys; ++j) out[j] = out[n - 1];
+  }
+
+ private:
+  const float* cache_;
+  const int64_t* table_;
+  int64_t bs_, row_, off_, b_ = 0, o_ = 0;
+};
+
+// Attention of query heads [h0, h0 + nh) of request d, all in KV head g: each key and
+// value row is read once for the nh heads. p: scratch of nh * (len rounded up to 8).
+void attend_group(const float* q, int64_t hd, int64_t h0, int64_t nh,
+                  const float* kc, const float* vc, int64_t bs, int64_t kvh, int64_t g,
+                  const int64_t* table, int64_t len, float sc, float* out, float* p) {
+  const int64_t stride = (len + kKeys - 1) / kKeys * kKeys, row = kvh * hd;
+  const float* keys[kKeys];
+  KeyRows walk(kc, table, bs, row, g * hd);
+  for (int64_t i = 0; i < len; i += kKeys) {
+    walk.next(std::min(kKeys, len - i), keys);
+    for (int64_t j = 0; j < nh; ++j)
+      _mm256_storeu_ps(p + j * stride + i, scores8(q + (h0 + j) * hd, keys, hd, sc));
+  }
+  for (int64_t j = 0; j < nh; ++j) {  // softmax over [0, len) of each head's scores
+    float* pj = p + j * stride;
+    for (int64_t i = len; i < stride; ++i) pj[i] = -INFINITY;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < stride; i += kKeys) mx = _mm256_max_ps(mx, _mm256_loadu_ps(pj + i));
+    alignas(32) float lanes[kKeys];
+    _mm256_store_ps(lanes, mx);
+    const __m256 m = _mm256_set1_ps(*std::max_element(lanes, lanes + kKeys));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < stride; i += kKeys) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + i), m));
+      _mm256_storeu_ps(pj + i, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const float inv = 1.f / hsum(sum);
+    for (int64_t i = 0; i < len; ++i) pj[i] *= inv;
+    std::fill(out + j * hd, out + (j + 1) * hd, 0.f);
+  }
+  KeyRows values(vc, table, bs, row, g * hd);
+  const float* v[kKeys];
+  for (int64_t i = 0; i < len; i += kKeys) {
+    const int64_t n = std::min(kKeys, len - i);
+    values.next(n, v);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < nh; ++j) axpy(p[j * stride + i + t], v[t], out + j * hd, hd);
+  }
+}
+
+}  // namespace
+
 // Query d's head h is at qp + d * q_row + h * hd (q_row: H * hd when packed, wider
 // when q is the head of each qkv row); out (D, H, hd); caches (blocks, bs, kvh, hd).
 void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
                                  int64_t hd, const float* kc, const float* vc, int64_t bs,
                                  int64_t kvh, const int64_t* tables, int64_t nb,
                                  const int64_t* lens, float sc, float* op) {
-  // One task per (request, query head): small enough to balance 2..N threads.
-  at::parallel_for(0, D * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p;
+  for (int64_t d = 0; d < D; ++d)
+    TORCH_CHECK(lens[d] >= 1 && lens[d] <= nb * bs, "seq_len out of range for block table");
+  // A task is (request, KV head): its G query heads share each key read. With too few
+  // of those to keep every thread busy (batch 1: 3 KV heads on 2 threads), one task
+  // per query head instead.
+  const int64_t G = H / kvh;
+  const int64_t per = D * kvh >= 4 * at::get_num_threads() ? G : 1, tasks = D * H / per;
+  int64_t longest = 0;
+  for (int64_t d = 0; d < D; ++d) longest = std::max(longest, lens[d]);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(per * ((longest + kKeys - 1) / kKeys * kKeys));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t d = t / H, h = t % H, g = h / (H / kvh), len = lens[d];
-      TORCH_CHECK(len >= 1 && len <= nb * bs, "seq_len out of range for block table");
-      const float* qh = qp + d * q_row + h * hd;
-      p.resize(len);
-      // Block by block: a key's row is its block's first slot plus its offset (no
-      // integer division per key: at batch 1 two per key cost more than its dot).
-      const int64_t* table = tables + d * nb;
-      float mx = -INFINITY;
-      for (int64_t i0 = 0; i0 < len; i0 += bs) {
-        const float* kb = kc + table[i0 / bs] * bs * kvh * hd + g * hd;
-        for (int64_t i = i0; i < std::min(len, i0 + bs); ++i) {
-          p[i] = dot(qh, kb + (i - i0) * kvh * hd, hd) * sc;
-          mx = std::max(mx, p[i]);
-        }
-      }
-      float sum = 0.f;
-      for (int64_t i = 0; i < len; ++i) sum += (p[i] = std::exp(p[i] - mx));
-      const float inv = 1.f / sum;
-      float* oh = op + t * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (int64_t i0 = 0; i0 < len; i0 += bs) {
-        const float* vb = vc + table[i0 / bs] * bs * kvh * hd + g * hd;
-        for (int64_t i = i0; i < std::min(len, i0 + bs); ++i)
-          axpy(p[i] * inv, vb + (i - i0) * kvh * hd, oh, hd);
-      }
+      const int64_t d = t / (H / per), h0 = t % (H / per) * per;
+      attend_group(qp + d * q_row, hd, h0, per, kc, vc, bs, kvh, h0 / G,
+                   tables + d * nb, lens[d], sc, op + (d * H + h0) * hd, p.data());
     }
   });
 }
