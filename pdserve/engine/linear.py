@@ -63,8 +63,23 @@ def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def small_batch_for(compute: torch.dtype, gemm: torch.dtype) -> int:
-    """Rows up to which a CPU step runs in ``compute`` through our kernels."""
+    """Rows up to which a CPU step runs in ``compute`` through our kernels (the most;
+    ``measured_small_batch`` may lower it where bf16 is native)."""
     return SMALL_BATCH if gemm == compute else SMALL_BATCH_NATIVE
+
+
+def measured_small_batch(lin: Linear, upper: int) -> int:
+    """Where bf16 GEMM is native, the rows up to which our kernel (fp32 activations, one
+    pass over the weights per few rows) beats the GEMM on ``lin``'s shape, timed once
+    per machine (kernel_choice caches it): the crossover differs by CPU. An AMD EPYC
+    with AVX512-BF16: 8 rows. An AMX Xeon, gate|up 3072x576, 2 threads: 108 vs 216 us
+    at 1 row, 270 vs 210 at 4, 506 vs 209 at 8 (AMX tiles make oneDNN's small GEMMs
+    cheap). Powers of two from 2 up to ``upper``; 1 row always runs ours where ``lin``
+    chose it."""
+    rows = 1
+    while rows * 2 <= upper and lin.faster_at(rows * 2):
+        rows *= 2
+    return rows
 
 
 class Linear:
@@ -112,11 +127,18 @@ class Linear:
         self._bf16, self._kernel = w, kernel
 
     def _faster(self, op: str, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                w: torch.Tensor) -> bool:
-        xs = [torch.randn(rows, self.weight.shape[1]) for rows in (1, 4)]
+                w: torch.Tensor, rows: tuple[int, ...] = (1, 4)) -> bool:
+        xs = [torch.randn(r, self.weight.shape[1]) for r in rows]
         ours = [functools.partial(kernel, x, w) for x in xs]
         theirs = [functools.partial(self._gemm, x) for x in xs]
         return kernel_choice.prefer_ours(f"{op} gemm={_name(self.weight.dtype)}", ours, theirs)
+
+    def faster_at(self, rows: int) -> bool:
+        """Whether our kernel beats the GEMM at ``rows`` rows (False without a kernel)."""
+        if self._kernel is None or self._bf16 is None:
+            return False
+        n, k = self.weight.shape
+        return self._faster(f"rows={rows} n={n} k={k}", self._kernel, self._bf16, (rows,))
 
     @property
     def out_features(self) -> int:

@@ -36,6 +36,7 @@ from pdserve.engine.linear import (
     compute_dtype_for,
     gemm_dtype_for,
     linear_factory,
+    measured_small_batch,
     small_batch_for,
 )
 from pdserve.engine.rope import RotaryEmbedding
@@ -121,6 +122,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # (R,) rows whose next token is sampled
 
 
+_LINEARS = ("qkv", "o", "gate_up", "down")
+
+
 class _Layer:
     __slots__ = ("in_norm", "qkv", "o", "post_norm", "gate_up", "down")
 
@@ -169,6 +173,8 @@ class LlamaModel:
                       else t("model.embed_tokens.weight"))  # (V, d)
         self.norm = t("model.norm.weight")
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
+        if kernels == "auto" and gemm != compute and isinstance(self.layers[0].gate_up, Linear):
+            self._set_small_batch(measured_small_batch(self.layers[0].gate_up, self.small_batch))
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
                              s.hidden_size, s.intermediate_size)
         self.wide_ops = TorchOps(self.rope, s.num_heads, s.num_kv_heads)
@@ -178,6 +184,13 @@ class LlamaModel:
         # None: every step takes the per-op path.
         self.decode_kernel = DecodeLayerKernel.for_model(self.ops, self.layers, s, self.rope,
                                                          self.scale, self.small_batch)
+
+    def _set_small_batch(self, rows: int) -> None:
+        """Steps of more rows run wide, and every linear takes the GEMM beyond it."""
+        self.small_batch = rows
+        for lin in [self.lm_head, *(getattr(w, n) for w in self.layers for n in _LINEARS)]:
+            if isinstance(lin, Linear):
+                lin.small_batch = rows
 
     def wide(self, fb: ForwardBatch) -> bool:
         """Whether this step runs in the GEMM dtype (a large step on a native-bf16 CPU)."""

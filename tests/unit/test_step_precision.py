@@ -27,9 +27,10 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linear, "native_low_precision", lambda device: True)
 
 
-def _engine(model: Path) -> LLMEngine:
+def _engine(model: Path, kernels: str = "cpu") -> LLMEngine:
+    # kernels=cpu: the plan's fixed crossover (auto measures it per machine, below).
     return LLMEngine(EngineConfig(model=str(model), dtype="bfloat16", num_kv_blocks=64,
-                                  max_num_batched_tokens=64))
+                                  max_num_batched_tokens=64, kernels=kernels))
 
 
 def _generate(engine: LLMEngine, logprobs: int | None = None) -> list[RequestOutput]:
@@ -67,3 +68,30 @@ def test_wide_bf16_steps_follow_the_all_fp32_tokens(tiny_llama: Path, native_bf1
     engine = _engine(tiny_llama)
     engine.model.wide = lambda fb: False  # type: ignore[method-assign]
     assert_follows_until_near_tie(split, _generate(engine, logprobs=5))
+
+
+class _Timed:
+    """A linear whose kernel beats the GEMM up to ``wins`` rows."""
+
+    def __init__(self, wins: int) -> None:
+        self.wins, self.asked = wins, []  # type: list[int]
+
+    def faster_at(self, rows: int) -> bool:
+        self.asked.append(rows)
+        return rows <= self.wins
+
+
+@pytest.mark.parametrize(("wins", "upper", "rows"), [(0, 8, 1), (3, 8, 2), (4, 8, 4),
+                                                     (64, 8, 8), (64, 4, 4)])
+def test_the_small_batch_is_the_measured_crossover(wins: int, upper: int, rows: int) -> None:
+    timed = _Timed(wins)
+    assert linear.measured_small_batch(timed, upper) == rows  # type: ignore[arg-type]
+    assert max(timed.asked) <= upper
+
+
+def test_auto_kernels_give_every_linear_the_models_small_batch(
+        tiny_llama: Path, native_bf16: None) -> None:
+    m = _engine(tiny_llama, kernels="auto").model
+    assert 1 <= m.small_batch <= linear.SMALL_BATCH_NATIVE
+    linears = [m.lm_head, *(getattr(w, n) for w in m.layers for n in ("qkv", "o", "gate_up", "down"))]
+    assert {lin.small_batch for lin in linears} == {m.small_batch}
