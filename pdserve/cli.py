@@ -150,7 +150,7 @@ def _stream(llm, prompt, params) -> Iterator[str]:  # type: ignore[no-untyped-de
 
 
 def _up_args(u: argparse.ArgumentParser) -> None:
-    from pdserve.config import DEVICES, QUANTIZATIONS, RouterConfig
+    from pdserve.config import DEVICES, KV_CACHE_DTYPES, QUANTIZATIONS, RouterConfig
     from pdserve.launchers import names
     from pdserve.logs import LOG_FORMATS
     from pdserve.placement import PIN_MODES
@@ -163,6 +163,8 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--dtype", default=None)
     u.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="every worker's weight quantization (default: none)")
+    u.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                   help="every worker's KV pool dtype (default: auto, the weights')")
     u.add_argument("--http-port", type=int, default=None,
                    help=f"router's OpenAI-compatible HTTP port (default {RouterConfig.http_port}; "
                         "0 = off)")
@@ -209,6 +211,7 @@ def _up(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(path) if path else ClusterConfig()
     overrides: dict[str, Any] = {k: v for k, v in (
         ("model", args.model), ("dtype", args.dtype), ("quantization", args.quantization),
+        ("kv_cache_dtype", args.kv_cache_dtype),
         ("launcher", args.launcher), ("prefill_device", args.prefill_device),
         ("decode_device", args.decode_device),
         ("pin", args.pin), ("api_key", args.api_key), ("certs", args.certs)) if v}

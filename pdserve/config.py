@@ -17,6 +17,7 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "cpu")
 QUANTIZATIONS: tuple[str, ...] = ("int8",)  # vLLM's names
 QUANTIZABLE_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 
 
 def _require(ok: bool, field: str, allowed: str, value: object) -> None:
@@ -56,6 +57,10 @@ class EngineConfig:
     """CPU kernels per op: auto (per op, the faster of pdserve's kernels and torch's on
     this machine, timed once and cached; kernels apply on CPU with float32 compute),
     torch (plain torch ops everywhere) or cpu (every self-checked kernel, required)."""
+    kv_cache_dtype: str = "auto"
+    """The KV pool's dtype (vLLM's name): auto (the weights' dtype, so bf16 weights keep
+    bf16 KV on a CPU too: half the bytes a decode step's attention reads, widened to
+    fp32 as they are read), bfloat16 or float32."""
     quantization: str | None = None
     """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (int8 with
     an fp16 scale and zero per group of 32 inputs; activations stay in the compute
@@ -81,6 +86,8 @@ class EngineConfig:
             _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)
         _require(self.kernels in KERNEL_CHOICES, "kernels", f"one of {KERNEL_CHOICES}",
                  self.kernels)
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"one of {KV_CACHE_DTYPES}", self.kv_cache_dtype)
         _require(self.quantization is None or self.quantization in QUANTIZATIONS,
                  "quantization", f"None or one of {QUANTIZATIONS}", self.quantization)
         if self.quantization is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pdserve.config import (
     KERNEL_CHOICES,
+    KV_CACHE_DTYPES,
     PREFILL_FALLBACKS,
     ROLE_DEFAULTS,
     EngineConfig,
@@ -36,6 +37,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   prefill_fallback: str = WorkerConfig.prefill_fallback,
                   kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s,
                   quantization: str | None = EngineConfig.quantization,
+                  kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
                   kernels: str = EngineConfig.kernels,
                   tls_ca: str | None = None, tls_cert: str | None = None,
                   tls_key: str | None = None,
@@ -46,11 +48,12 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
     if role not in ROLE_DEFAULTS:
         raise ValueError(f"role must be one of {sorted(ROLE_DEFAULTS)}, got {role!r}")
     defaults = ROLE_DEFAULTS[role]
+    batched = (defaults.max_num_batched_tokens if max_num_batched_tokens is None
+               else max_num_batched_tokens)
     engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
                           kv_cache_gb=kv_cache_gb, quantization=quantization,
-                          kernels=kernels, max_num_batched_tokens=(defaults.max_num_batched_tokens
-                                                  if max_num_batched_tokens is None
-                                                  else max_num_batched_tokens))
+                          kv_cache_dtype=kv_cache_dtype, kernels=kernels,
+                          max_num_batched_tokens=batched)
     placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
                                  threads=threads, gpu=device != "cpu",
                                  gpu_workers=gpu_workers)
@@ -82,6 +85,8 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF directory or .gguf (default: SmolLM2)")
     p.add_argument("--dtype")
     p.add_argument("--quantization", help="weight quantization: int8 (default: none)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="the KV pool's dtype: auto (the weights', default), bfloat16, float32")
     p.add_argument("--threads", type=int)
     p.add_argument("--kernels", choices=KERNEL_CHOICES,
                    help="CPU kernels per op: auto (default), torch or cpu (see EngineConfig)")
@@ -139,7 +144,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--kv-encoding", config.kv_encoding, "--prefill-fallback", config.prefill_fallback,
             "--kv-idle-timeout-s", repr(config.kv_idle_timeout_s),
-            "--kernels", e.kernels, "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
+            "--kernels", e.kernels, "--kv-cache-dtype", e.kv_cache_dtype,
+            "--pin", p.mode, "--slot", str(p.slot), "--slots", str(p.slots)]
     if e.model is not None:
         argv += ["--model", e.model]
     if e.num_threads is not None:

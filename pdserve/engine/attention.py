@@ -61,9 +61,11 @@ def prefill_attention(
     n, h, hd = q.shape
     out_dtype = q.dtype
     if num_context and q.dtype != k_cache.dtype:
-        # A wide bf16 step over an fp32 pool (model.py): the chunk joins the context's
-        # dtype (L rows converted, not C; the CPU's tiled kernel runs as fast in fp32).
-        q, k_new, v_new = (t.to(k_cache.dtype) for t in (q, k_new, v_new))
+        # Chunk and context meet in the wider dtype: a wide bf16 step over an fp32 pool
+        # converts its L rows (not the C of the context; the CPU's tiled kernel runs as
+        # fast in fp32), an fp32 step over a bf16 pool widens the context (_context).
+        wider = torch.promote_types(q.dtype, k_cache.dtype)
+        q, k_new, v_new = (t.to(wider) for t in (q, k_new, v_new))
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, L, hd)
     k = k_new.transpose(0, 1).unsqueeze(0)  # (1, kvh, L, hd)
     v = v_new.transpose(0, 1).unsqueeze(0)

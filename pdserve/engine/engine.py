@@ -24,6 +24,7 @@ import torch
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager, NoFreeBlocksError
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.linear import kv_dtype_for
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
@@ -69,17 +70,18 @@ class LLMEngine:
         self.model_dir = resolve_model(cfg.model)
         hf_config = load_hf_config(self.model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
+        self.kv_dtype = kv_dtype_for(cfg.kv_cache_dtype, self.weight_dtype, self.device)
         self.model = LlamaModel(self.model_dir, hf_config, self.weight_dtype, self.device,
-                                cfg.kernels, cfg.quantization)
-        self.dtype = self.model.dtype  # activations and KV
+                                cfg.kernels, cfg.quantization, self.kv_dtype)
+        self.dtype = self.model.dtype  # activations of small steps
         s = self.spec = self.model.spec
         self.max_model_len = _max_model_len(cfg, s.max_position_embeddings)
         per_block = KVCache.bytes_per_block(
-            s.num_layers, cfg.block_size, s.num_kv_heads, s.head_dim, self.dtype
+            s.num_layers, cfg.block_size, s.num_kv_heads, s.head_dim, self.kv_dtype
         )
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gb * 2**30 // per_block))
         self.kv = KVCache(s.num_layers, num_blocks, cfg.block_size, s.num_kv_heads,
-                          s.head_dim, self.dtype, self.device)
+                          s.head_dim, self.kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
         stops = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
@@ -180,7 +182,7 @@ class LLMEngine:
         pos = torch.arange(start, start + n)
         table = torch.tensor(req.block_ids, dtype=torch.int64)
         slots = (table[pos // bs] * bs + pos % bs).to(self.device)
-        self.kv.write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+        self.kv.write(layer, slots, k.to(self.device), v.to(self.device))  # in the pool's dtype
 
     def commit_import(self, request_id: str, first_token_id: int,
                       logprob: Logprob | None = None) -> None:

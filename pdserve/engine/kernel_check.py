@@ -158,32 +158,43 @@ def _decode_batch(gen: torch.Generator, lens: list[int]) -> Any:
                            decode_block_tables=tables, decode_seq_lens=seq_lens)
 
 
-def _pool(gen: torch.Generator) -> KVCache:
-    kv = KVCache(1, _BLOCKS, _BS, _KVH, _HD, torch.float32, torch.device("cpu"))
+# The KV pool dtypes the kernels that read or write the pool take.
+POOL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _pool(gen: torch.Generator, dtype: torch.dtype = torch.float32) -> KVCache:
+    kv = KVCache(1, _BLOCKS, _BS, _KVH, _HD, dtype, torch.device("cpu"))
     kv.data.copy_(torch.randn(kv.data.shape, generator=gen))
     return kv
 
 
 def _check_rope_store(m: Any, gen: torch.Generator) -> None:
-    ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
-    kv_ref, qkv = _pool(gen), _randn(gen, 3, (_H + 2 * _KVH) * _HD)
-    kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, torch.float32, torch.device("cpu"))
-    kv_ker.data.copy_(kv_ref.data)
-    q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
-    qkv_ker = qkv.clone()
-    m.rope_store_kv(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
-                    kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
-    _close(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
-    _close(kv_ker.data, kv_ref.data)
+    for dtype in POOL_DTYPES:
+        ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
+        kv_ref, qkv = _pool(gen, dtype), _randn(gen, 3, (_H + 2 * _KVH) * _HD)
+        kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, dtype, torch.device("cpu"))
+        kv_ker.data.copy_(kv_ref.data)
+        q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
+        qkv_ker = qkv.clone()
+        m.rope_store_kv(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
+                        kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
+        _close(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
+        # A bf16 pool: the same values rounded once, so at most one bf16 step apart
+        # where fp32 summation order put a value on the other side of a rounding edge.
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(kv_ker.data.float(), kv_ref.data.float(), rtol=tol, atol=tol)
 
 
 def _check_attention(m: Any, gen: torch.Generator) -> None:
-    ref, fb, kv = _torch_ops(), _decode_batch(gen, [1, 6, 19]), _pool(gen)
-    q = _randn(gen, 3, _H, _HD)
-    expected = ref.decode_attention(q, kv, 0, fb, _HD**-0.5)
-    got = m.paged_decode_attention(q, kv.k[0], kv.v[0], fb.decode_block_tables,
-                                   fb.decode_seq_lens, _HD**-0.5)
-    _close(got.view(3, -1), expected)
+    for dtype in POOL_DTYPES:
+        ref, fb, kv = _torch_ops(), _decode_batch(gen, [1, 6, 19]), _pool(gen, dtype)
+        q = _randn(gen, 3, _H, _HD)
+        kv32 = _pool(gen)
+        kv32.data.copy_(kv.data)  # the pool's very values, widened: an fp32 reference
+        expected = ref.decode_attention(q, kv32, 0, fb, _HD**-0.5)
+        got = m.paged_decode_attention(q, kv.k[0], kv.v[0], fb.decode_block_tables,
+                                       fb.decode_seq_lens, _HD**-0.5)
+        _close(got.view(3, -1), expected)
 
 
 def _check_silu_mul(m: Any, gen: torch.Generator) -> None:

@@ -142,9 +142,10 @@ class CpuKernelOps:
 
 def layer_ops(name: str, rope: RotaryEmbedding, num_heads: int, num_kv_heads: int,
               compute: torch.dtype, device: torch.device, hidden_size: int | None = None,
-              intermediate_size: int | None = None) -> LayerOps:
-    """``hidden_size`` and ``intermediate_size`` (default: heads x head_dim, 4x that)
-    are the shapes ``auto`` times each op at."""
+              intermediate_size: int | None = None,
+              kv_dtype: torch.dtype = torch.float32) -> LayerOps:
+    """``hidden_size``, ``intermediate_size`` (default: heads x head_dim, 4x that) and
+    the pool's ``kv_dtype`` are the shapes ``auto`` times each op at."""
     if name not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {name!r}")
     applies = device.type == "cpu" and compute == torch.float32
@@ -158,7 +159,8 @@ def layer_ops(name: str, rope: RotaryEmbedding, num_heads: int, num_kv_heads: in
     ours = CpuKernelOps(kernels.module, rope, num_heads, num_kv_heads, use)
     if name == "auto":
         d = hidden_size or num_heads * 2 * rope.half
-        shapes = _Shapes(d, intermediate_size or 4 * d, num_heads, num_kv_heads, 2 * rope.half)
+        shapes = _Shapes(d, intermediate_size or 4 * d, num_heads, num_kv_heads, 2 * rope.half,
+                         kv_dtype)
         ours.use = frozenset(k for k in use if _faster(k, ours, shapes))
     return ours
 
@@ -169,14 +171,17 @@ class _Shapes:
     ROWS = (1, 4)
     CONTEXT = 256  # tokens each timed decode row attends over
 
-    def __init__(self, d: int, inter: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, d: int, inter: int, heads: int, kv_heads: int, head_dim: int,
+                 kv_dtype: torch.dtype = torch.float32) -> None:
         self.d, self.inter, self.heads, self.kv_heads, self.hd = d, inter, heads, kv_heads, head_dim
         blocks = max(self.ROWS) * self.CONTEXT // 16
-        self.kv = KVCache(1, blocks, 16, kv_heads, head_dim, torch.float32, torch.device("cpu"))
+        self.kv = KVCache(1, blocks, 16, kv_heads, head_dim, kv_dtype, torch.device("cpu"))
 
     def key(self, kernel: str) -> str:
         """The kernel's name and the shapes its time depends on."""
         heads = f"h={self.heads} kvh={self.kv_heads} hd={self.hd}"
+        if self.kv.data.dtype != torch.float32:
+            heads += f" kv={str(self.kv.data.dtype).removeprefix('torch.')}"
         return kernel + " " + {"rms_norm": f"d={self.d}", "silu_mul": f"i={self.inter}",
                                "rope_store_kv": heads,
                                "paged_decode_attention": f"{heads} ctx={self.CONTEXT}"}[kernel]

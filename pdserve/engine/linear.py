@@ -54,6 +54,15 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if device.type == "cuda" else torch.float32
 
 
+def kv_dtype_for(kv_cache_dtype: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's dtype: ``auto`` keeps the weights' bf16 (on a CPU too: the kernels
+    widen it as they read, and a decode step's attention reads half the bytes), else
+    the compute dtype."""
+    if kv_cache_dtype != "auto":
+        return getattr(torch, kv_cache_dtype)  # type: ignore[no-any-return]
+    return dtype if dtype == torch.bfloat16 else compute_dtype_for(dtype, device)
+
+
 def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """What large batches multiply in: ``dtype`` on CUDA; on a CPU bf16 where it is
     native, else fp32."""

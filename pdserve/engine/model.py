@@ -146,7 +146,8 @@ class _Layer:
 
 class LlamaModel:
     def __init__(self, model_dir: Path, config: object, dtype: torch.dtype, device: torch.device,
-                 kernels: str = "auto", quantization: str | None = None):
+                 kernels: str = "auto", quantization: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.spec = ModelSpec.from_hf_config(config, name=model_dir.name)
         # Weights are stored in ``dtype``; small steps and the KV pool use the compute
         # dtype, wide steps the GEMM dtype (see linear.py).
@@ -175,8 +176,9 @@ class LlamaModel:
         self.layers = [_Layer(t, lin, i, s.qkv_bias) for i in range(s.num_layers)]
         if kernels == "auto" and gemm != compute and isinstance(self.layers[0].gate_up, Linear):
             self._set_small_batch(measured_small_batch(self.layers[0].gate_up, self.small_batch))
+        # The pool's dtype (engine.py; None: the compute dtype) sets what kernels=auto times.
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
-                             s.hidden_size, s.intermediate_size)
+                             s.hidden_size, s.intermediate_size, kv_dtype or compute)
         self.wide_ops = TorchOps(self.rope, s.num_heads, s.num_kv_heads)
         # None: first chunks of wide steps take torch's attention.
         self.causal_kernel = causal_prefill_kernel(kernels, device, gemm, s.num_heads,

@@ -1,6 +1,7 @@
 """A CPU step's precision follows its rows (linear.py's plan): small steps compute in
 fp32 through our kernels, wide ones, where bf16 is native, in bf16 end to end; the
-KV pool stays fp32 and both kinds of step read and write it.
+KV pool is bf16 (kv_cache_dtype=auto with bf16 weights, or fp32 when asked) and both
+kinds of step read and write it.
 
 The native-bf16 plan is forced here so that it runs on any CPU (an AVX2 box emulates
 the bf16 GEMM: slow, same numbers)."""
@@ -17,7 +18,7 @@ from pdserve.engine import linear
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
-from tests.engine_helpers import assert_follows_until_near_tie, generate_all
+from tests.engine_helpers import assert_engine_empty, assert_follows_until_near_tie, generate_all
 
 PROMPTS = [list(range(5, 45)), list(range(50, 53)), [7] * 20]  # 40 and 20 rows: wide
 
@@ -27,10 +28,11 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linear, "native_low_precision", lambda device: True)
 
 
-def _engine(model: Path, kernels: str = "cpu") -> LLMEngine:
+def _engine(model: Path, kernels: str = "cpu", kv_cache_dtype: str = "auto") -> LLMEngine:
     # kernels=cpu: the plan's fixed crossover (auto measures it per machine, below).
     return LLMEngine(EngineConfig(model=str(model), dtype="bfloat16", num_kv_blocks=64,
-                                  max_num_batched_tokens=64, kernels=kernels))
+                                  max_num_batched_tokens=64, kernels=kernels,
+                                  kv_cache_dtype=kv_cache_dtype))
 
 
 def _generate(engine: LLMEngine, logprobs: int | None = None) -> list[RequestOutput]:
@@ -43,7 +45,7 @@ def test_wide_steps_run_bf16_and_small_steps_fp32(
     engine = _engine(tiny_llama)
     m = engine.model
     assert (m.dtype, m.gemm_dtype, m.small_batch) == (torch.float32, torch.bfloat16, 8)
-    assert engine.kv.data.dtype == torch.float32
+    assert engine.kv.data.dtype == torch.bfloat16
     seen: list[tuple[int, torch.dtype]] = []  # (rows, activations' dtype) of every QKV call
     call = linear.Linear.__call__
 
@@ -68,6 +70,18 @@ def test_wide_bf16_steps_follow_the_all_fp32_tokens(tiny_llama: Path, native_bf1
     engine = _engine(tiny_llama)
     engine.model.wide = lambda fb: False  # type: ignore[method-assign]
     assert_follows_until_near_tie(split, _generate(engine, logprobs=5))
+
+
+def test_an_fp32_pool_and_a_bf16_pool_give_the_same_tokens_until_a_near_tie(
+        tiny_llama: Path, native_bf16: None) -> None:
+    fp32 = _engine(tiny_llama, kv_cache_dtype="float32")
+    assert fp32.kv.data.dtype == torch.float32
+    bf16 = _engine(tiny_llama)
+    # Half the bytes a block takes: twice the blocks for the same kv_cache_gb.
+    assert bf16.kv.data.element_size() * 2 == fp32.kv.data.element_size()
+    assert_follows_until_near_tie(_generate(bf16), _generate(fp32, logprobs=5))
+    assert_engine_empty(bf16)
+    assert_engine_empty(fp32)
 
 
 class _Timed:

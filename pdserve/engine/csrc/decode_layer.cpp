@@ -17,14 +17,25 @@ void linear_bf16w_packed_into(const float* xp, int64_t M, int64_t K, const uint1
                               int64_t blocks, int64_t N, float* yp);
 void rms_norm_into(float* xp, const float* dp, const float* wp, float* op, int64_t n,
                    int64_t d, double eps);
+// Each for an fp32 pool (float*) and a bf16 one (uint16_t*).
 void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
                         const float* sin, int64_t max_pos, int64_t num_heads,
                         int64_t num_kv_heads, int64_t hd, float* kp, float* vp,
+                        const int64_t* slot);
+void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
+                        const float* sin, int64_t max_pos, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t hd, uint16_t* kp, uint16_t* vp,
                         const int64_t* slot);
 void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
                                  int64_t hd, const float* kc, const float* vc, int64_t bs,
                                  int64_t kvh, const int64_t* tables, int64_t nb,
                                  const int64_t* lens, float sc, float* op);
+void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
+                                 int64_t hd, const uint16_t* kc, const uint16_t* vc,
+                                 int64_t bs, int64_t kvh, const int64_t* tables, int64_t nb,
+                                 const int64_t* lens, float sc, float* op);
+bool check_pool(const torch::Tensor& k, const torch::Tensor& v);
+uint16_t* bf16_ptr(const torch::Tensor& t);
 void silu_mul_into(const float* gp, int64_t n, int64_t inter, float* op);
 
 namespace {
@@ -86,13 +97,19 @@ void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::T
 
   rms_norm_into(xp, nullptr, f32(in_norm, "in_norm"), f32(h, "h"), D, d, eps);
   linear_into(h, qkv_w, qkv);
-  rope_store_kv_into(f32(qkv, "qkv"), D, i64(positions, "positions"), f32(cos, "cos"),
-                     f32(sin, "sin"), cos.size(0), num_heads, kvh, hd, f32(k_cache, "k_cache"),
-                     f32(v_cache, "v_cache"), i64(slot_mapping, "slot_mapping"));
-  paged_decode_attention_into(qkv.data_ptr<float>(), width, D, num_heads, hd,
-                              k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bs, kvh,
-                              i64(block_tables, "block_tables"), nb, i64(seq_lens, "seq_lens"),
-                              static_cast<float>(scale), f32(attn, "attn"));
+  const auto rope_attend = [&](auto* kc, auto* vc) {
+    rope_store_kv_into(f32(qkv, "qkv"), D, i64(positions, "positions"), f32(cos, "cos"),
+                       f32(sin, "sin"), cos.size(0), num_heads, kvh, hd, kc, vc,
+                       i64(slot_mapping, "slot_mapping"));
+    paged_decode_attention_into(qkv.data_ptr<float>(), width, D, num_heads, hd, kc, vc, bs,
+                                kvh, i64(block_tables, "block_tables"), nb,
+                                i64(seq_lens, "seq_lens"), static_cast<float>(scale),
+                                f32(attn, "attn"));
+  };
+  if (check_pool(k_cache, v_cache))
+    rope_attend(bf16_ptr(k_cache), bf16_ptr(v_cache));
+  else
+    rope_attend(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   linear_into(attn, o_w, tmp);
   rms_norm_into(xp, f32(tmp, "tmp"), f32(post_norm, "post_norm"), h.data_ptr<float>(), D, d,
                 eps);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -38,10 +39,62 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// A bf16 pool row's values widened to fp32 (a bf16 is the top half of an fp32).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline void axpy(float a, const uint16_t* x, float* y, int64_t n) {  // y += a * x (bf16 x)
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * widen(x[i]);
+}
+
+// fp32 -> bf16, rounded to nearest even as torch rounds (NaN stays a quiet NaN).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void store_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
               " must be a contiguous float32 tensor");
 }
+
+}  // namespace
+
+// Whether a K/V pool pair is bf16 (else fp32); both contiguous, of one dtype.
+bool check_pool(const torch::Tensor& k, const torch::Tensor& v) {
+  const auto dt = k.scalar_type();
+  TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && v.scalar_type() == dt &&
+                  k.is_contiguous() && v.is_contiguous(),
+              "the K/V pool must be contiguous float32 or bfloat16");
+  return dt == torch::kBFloat16;
+}
+
+uint16_t* bf16_ptr(const torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+namespace {
 
 }  // namespace
 
@@ -65,10 +118,12 @@ void rms_norm_into(float* xp, const float* dp, const float* wp, float* op, int64
 
 // qkv (n, (H + 2 kvh) hd): rotate q|k in place, copy k and v to their slots of
 // kp/vp (slots, kvh, hd); cos/sin (max_pos, hd/2).
-void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
-                        const float* sin, int64_t max_pos, int64_t num_heads,
-                        int64_t num_kv_heads, int64_t hd, float* kp, float* vp,
-                        const int64_t* slot) {
+namespace {
+
+template <typename KV>
+void rope_store_kv_t(float* base, int64_t n, const int64_t* pos, const float* cos,
+                     const float* sin, int64_t max_pos, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t hd, KV* kp, KV* vp, const int64_t* slot) {
   const int64_t half = hd / 2, rotated = num_heads + num_kv_heads;
   const int64_t width = (num_heads + 2 * num_kv_heads) * hd, kv_row = num_kv_heads * hd;
   for (int64_t r = 0; r < n; ++r)
@@ -86,10 +141,26 @@ void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float*
           x[i + half] = x2 * c[i] + x1 * s[i];
         }
       }
-      std::copy(row + num_heads * hd, row + rotated * hd, kp + slot[r] * kv_row);
-      std::copy(row + rotated * hd, row + width, vp + slot[r] * kv_row);
+      store_row(row + num_heads * hd, kv_row, kp + slot[r] * kv_row);
+      store_row(row + rotated * hd, kv_row, vp + slot[r] * kv_row);
     }
   });
+}
+
+}  // namespace
+
+// The pool in fp32 or in bf16 (uint16_t: K/V rounded once as they are stored).
+void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
+                        const float* sin, int64_t max_pos, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t hd, float* kp, float* vp,
+                        const int64_t* slot) {
+  rope_store_kv_t(base, n, pos, cos, sin, max_pos, num_heads, num_kv_heads, hd, kp, vp, slot);
+}
+void rope_store_kv_into(float* base, int64_t n, const int64_t* pos, const float* cos,
+                        const float* sin, int64_t max_pos, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t hd, uint16_t* kp, uint16_t* vp,
+                        const int64_t* slot) {
+  rope_store_kv_t(base, n, pos, cos, sin, max_pos, num_heads, num_kv_heads, hd, kp, vp, slot);
 }
 
 namespace {
@@ -124,22 +195,23 @@ inline __m256 hsum8(const __m256* a) {
 
 constexpr int64_t kKeys = 8;  // keys scored together: 8 independent FMA chains
 
-// Scores of one query against 8 keys (rows k[0..7], hd floats each), times sc.
-inline __m256 scores8(const float* q, const float* const* k, int64_t hd, float sc) {
+// Scores of one query against 8 keys (rows k[0..7], hd values each), times sc.
+template <typename KV>
+inline __m256 scores8(const float* q, const KV* const* k, int64_t hd, float sc) {
   __m256 acc[kKeys];
   for (int64_t j = 0; j < kKeys; ++j) acc[j] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= hd; c += 8) {
     const __m256 qv = _mm256_loadu_ps(q + c);
     for (int64_t j = 0; j < kKeys; ++j)
-      acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + c), acc[j]);
+      acc[j] = _mm256_fmadd_ps(qv, load8(k[j] + c), acc[j]);
   }
   __m256 s = hsum8(acc);
   if (c < hd) {  // head dims that are not a multiple of 8
     alignas(32) float tail[kKeys];
     for (int64_t j = 0; j < kKeys; ++j) {
       tail[j] = 0.f;
-      for (int64_t i = c; i < hd; ++i) tail[j] += q[i] * k[j][i];
+      for (int64_t i = c; i < hd; ++i) tail[j] += q[i] * widen(k[j][i]);
     }
     s = _mm256_add_ps(s, _mm256_load_ps(tail));
   }
@@ -147,12 +219,13 @@ inline __m256 scores8(const float* q, const float* const* k, int64_t hd, float s
 }
 
 // The rows of keys [0, len) of one KV head, walked block by block (no division per key).
+template <typename KV>
 class KeyRows {
  public:
-  KeyRows(const float* cache, const int64_t* table, int64_t bs, int64_t row, int64_t off)
+  KeyRows(const KV* cache, const int64_t* table, int64_t bs, int64_t row, int64_t off)
       : cache_(cache), table_(table), bs_(bs), row_(row), off_(off) {}
   // Pointers to the next n keys' rows into out[0..n); out[n..8) repeat the last one.
-  void next(int64_t n, const float** out) {
+  void next(int64_t n, const KV** out) {
     for (int64_t j = 0; j < n; ++j) {
       out[j] = cache_ + (table_[b_] * bs_ + o_) * row_ + off_;
       if (++o_ == bs_) o_ = 0, ++b_;
@@ -161,19 +234,20 @@ class KeyRows {
   }
 
  private:
-  const float* cache_;
+  const KV* cache_;
   const int64_t* table_;
   int64_t bs_, row_, off_, b_ = 0, o_ = 0;
 };
 
 // Attention of query heads [h0, h0 + nh) of request d, all in KV head g: each key and
 // value row is read once for the nh heads. p: scratch of nh * (len rounded up to 8).
+template <typename KV>
 void attend_group(const float* q, int64_t hd, int64_t h0, int64_t nh,
-                  const float* kc, const float* vc, int64_t bs, int64_t kvh, int64_t g,
+                  const KV* kc, const KV* vc, int64_t bs, int64_t kvh, int64_t g,
                   const int64_t* table, int64_t len, float sc, float* out, float* p) {
   const int64_t stride = (len + kKeys - 1) / kKeys * kKeys, row = kvh * hd;
-  const float* keys[kKeys];
-  KeyRows walk(kc, table, bs, row, g * hd);
+  const KV* keys[kKeys];
+  KeyRows<KV> walk(kc, table, bs, row, g * hd);
   for (int64_t i = 0; i < len; i += kKeys) {
     walk.next(std::min(kKeys, len - i), keys);
     for (int64_t j = 0; j < nh; ++j)
@@ -197,8 +271,8 @@ void attend_group(const float* q, int64_t hd, int64_t h0, int64_t nh,
     for (int64_t i = 0; i < len; ++i) pj[i] *= inv;
     std::fill(out + j * hd, out + (j + 1) * hd, 0.f);
   }
-  KeyRows values(vc, table, bs, row, g * hd);
-  const float* v[kKeys];
+  KeyRows<KV> values(vc, table, bs, row, g * hd);
+  const KV* v[kKeys];
   for (int64_t i = 0; i < len; i += kKeys) {
     const int64_t n = std::min(kKeys, len - i);
     values.next(n, v);
@@ -207,14 +281,11 @@ void attend_group(const float* q, int64_t hd, int64_t h0, int64_t nh,
   }
 }
 
-}  // namespace
-
-// Query d's head h is at qp + d * q_row + h * hd (q_row: H * hd when packed, wider
-// when q is the head of each qkv row); out (D, H, hd); caches (blocks, bs, kvh, hd).
-void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
-                                 int64_t hd, const float* kc, const float* vc, int64_t bs,
-                                 int64_t kvh, const int64_t* tables, int64_t nb,
-                                 const int64_t* lens, float sc, float* op) {
+template <typename KV>
+void paged_decode_attention_t(const float* qp, int64_t q_row, int64_t D, int64_t H,
+                              int64_t hd, const KV* kc, const KV* vc, int64_t bs,
+                              int64_t kvh, const int64_t* tables, int64_t nb,
+                              const int64_t* lens, float sc, float* op) {
   for (int64_t d = 0; d < D; ++d)
     TORCH_CHECK(lens[d] >= 1 && lens[d] <= nb * bs, "seq_len out of range for block table");
   // A task is (request, KV head): its G query heads share each key read. With too few
@@ -232,6 +303,24 @@ void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int6
                    tables + d * nb, lens[d], sc, op + (d * H + h0) * hd, p.data());
     }
   });
+}
+
+}  // namespace
+
+// Query d's head h is at qp + d * q_row + h * hd (q_row: H * hd when packed, wider
+// when q is the head of each qkv row); out (D, H, hd); caches (blocks, bs, kvh, hd),
+// fp32 or bf16 (uint16_t), widened to fp32 as they are read.
+void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
+                                 int64_t hd, const float* kc, const float* vc, int64_t bs,
+                                 int64_t kvh, const int64_t* tables, int64_t nb,
+                                 const int64_t* lens, float sc, float* op) {
+  paged_decode_attention_t(qp, q_row, D, H, hd, kc, vc, bs, kvh, tables, nb, lens, sc, op);
+}
+void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int64_t H,
+                                 int64_t hd, const uint16_t* kc, const uint16_t* vc, int64_t bs,
+                                 int64_t kvh, const int64_t* tables, int64_t nb,
+                                 const int64_t* lens, float sc, float* op) {
+  paged_decode_attention_t(qp, q_row, D, H, hd, kc, vc, bs, kvh, tables, nb, lens, sc, op);
 }
 
 // gate_up (n, 2I) -> out (n, I) = silu(gate) * up, the SwiGLU of a Llama MLP.
@@ -270,14 +359,18 @@ void rope_store_kv(const torch::Tensor& qkv, const torch::Tensor& positions,
   check_f32(qkv, "qkv");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
-  check_f32(k_slots, "k_slots");
-  check_f32(v_slots, "v_slots");
+  const bool bf16 = check_pool(k_slots, v_slots);
   const int64_t hd = k_slots.size(2);
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd, "qkv width mismatch");
-  rope_store_kv_into(qkv.data_ptr<float>(), qkv.size(0), positions.data_ptr<int64_t>(),
-                     cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), num_heads,
-                     num_kv_heads, hd, k_slots.data_ptr<float>(), v_slots.data_ptr<float>(),
-                     slot_mapping.data_ptr<int64_t>());
+  const auto into = [&](auto* kp, auto* vp) {
+    rope_store_kv_into(qkv.data_ptr<float>(), qkv.size(0), positions.data_ptr<int64_t>(),
+                       cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0), num_heads,
+                       num_kv_heads, hd, kp, vp, slot_mapping.data_ptr<int64_t>());
+  };
+  if (bf16)
+    into(bf16_ptr(k_slots), bf16_ptr(v_slots));
+  else
+    into(k_slots.data_ptr<float>(), v_slots.data_ptr<float>());
 }
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -286,19 +379,23 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& seq_lens, double scale) {
   // q (D, H, hd); caches (blocks, bs, kvh, hd); block_tables (D, nb); seq_lens (D,).
   check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
+  const bool bf16 = check_pool(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64");
   const int64_t D = q.size(0), H = q.size(1), hd = q.size(2);
   const int64_t bs = k_cache.size(1), kvh = k_cache.size(2), nb = block_tables.size(1);
   TORCH_CHECK(H % kvh == 0 && k_cache.size(3) == hd, "head shapes mismatch");
   auto out = torch::empty_like(q);
-  paged_decode_attention_into(q.data_ptr<float>(), H * hd, D, H, hd, k_cache.data_ptr<float>(),
-                              v_cache.data_ptr<float>(), bs, kvh,
-                              block_tables.data_ptr<int64_t>(), nb,
-                              seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
-                              out.data_ptr<float>());
+  const auto into = [&](const auto* kc, const auto* vc) {
+    paged_decode_attention_into(q.data_ptr<float>(), H * hd, D, H, hd, kc, vc, bs, kvh,
+                                block_tables.data_ptr<int64_t>(), nb,
+                                seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
+                                out.data_ptr<float>());
+  };
+  if (bf16)
+    into(bf16_ptr(k_cache), bf16_ptr(v_cache));
+  else
+    into(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   return out;
 }
 
