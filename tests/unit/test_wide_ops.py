@@ -118,10 +118,12 @@ def _generate(model: Path, torch_wide_ops: bool, logprobs: int | None = None,
     return generate_all(engine, PROMPTS, params)  # asserts every block free at the end
 
 
-def test_wide_steps_through_our_kernels_follow_torch_ops(tiny_llama: Path,
-                                                         native_bf16: None) -> None:
-    ref = _generate(tiny_llama, torch_wide_ops=True, logprobs=5)
-    assert_follows_until_near_tie(_generate(tiny_llama, torch_wide_ops=False), ref)
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_llama3_rope"])
+def test_wide_steps_through_our_kernels_follow_torch_ops(
+        model: str, native_bf16: None, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model)  # qwen2: a qkv bias; llama3: scaled RoPE tables
+    ref = _generate(path, torch_wide_ops=True, logprobs=5)
+    assert_follows_until_near_tie(_generate(path, torch_wide_ops=False), ref)
 
 
 class _Broken:
