@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -90,6 +91,13 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// Rows per task: torch's grain (32K elements) in rows of ``width`` elements, so a step
+// of a few dozen rows (batched decode) runs on one thread, as torch's own ops do there,
+// instead of paying a thread wake-up for microseconds of work.
+inline int64_t grain_rows(int64_t width) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));
+}
+
 void check_bf16(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kBFloat16 && t.is_contiguous() && t.dim() == 2, name,
               " must be a contiguous 2-d bfloat16 tensor");
@@ -110,7 +118,7 @@ uint16_t* bits_mut(const torch::Tensor& t) {
 // input: upcast, one rounding at the end). w: d fp32 values (already bf16-rounded).
 void rms_norm_bf16_into(uint16_t* xp, const uint16_t* dp, const float* w, uint16_t* op,
                         int64_t n, int64_t d, float eps) {
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, grain_rows(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       uint16_t* x = xp + r * d;
       const uint16_t* dl = dp == nullptr ? nullptr : dp + r * d;
@@ -208,7 +216,7 @@ inline __m512 exp16(__m512 x) {
 // gate_up (n, 2I) bf16 -> out (n, I) = bf16(bf16(silu(gate)) * up), as torch's
 // F.silu(gate) * up in bf16 (silu = x / (1 + exp(-x)) in fp32, rounded, then the mul).
 void silu_mul_bf16_into(const uint16_t* gp, uint16_t* op, int64_t n, int64_t inter) {
-  at::parallel_for(0, n, 4, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, grain_rows(2 * inter), [&](int64_t r0, int64_t r1) {
     const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
     for (int64_t r = r0; r < r1; ++r) {
       const uint16_t* g = gp + r * 2 * inter;
@@ -283,7 +291,7 @@ void rope_store_kv_bf16_into(uint16_t* base, int64_t n, const int64_t* pos, cons
                              int64_t hd, float* kp, float* vp, const int64_t* slot) {
   const int64_t half = hd / 2, width = (num_heads + 2 * num_kv_heads) * hd;
   const int64_t kv_row = num_kv_heads * hd;
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, grain_rows(width), [&](int64_t r0, int64_t r1) {
     std::vector<float> cs(2 * half);
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < half; ++i)
