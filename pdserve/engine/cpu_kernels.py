@@ -42,6 +42,7 @@ _SOURCES = (  # one entry per line
     "decode_layer.cpp",
     "int8_gemv.cpp",
     "prefill_attention.cpp",
+    "wide_ops.cpp",
 )
 _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"

@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("linear_bf16w_packed", "linear_bf16w", "rms_norm", "rope_store_kv",
                 "paged_decode_attention", "silu_mul", "linear_int8w_packed",
-                "causal_attention_bf16")
+                "causal_attention_bf16", "rms_norm_bf16", "silu_mul_bf16", "rope_store_kv_bf16")
 # Kernels a module has only when built for this ISA level (absent elsewhere, unwarned).
 NEEDS_ISA = {"causal_attention_bf16": "avx512bf16"}
 _RTOL = _ATOL = 1e-4  # fp32 with another summation order, nothing more
+# bf16 kernels round where torch's bf16 ops round: a bf16 ulp (2^-8 relative) where the
+# fp32 sum before a rounding differs in its last bit; nothing more.
+_BF16_TOL = 1e-2
 _H, _KVH, _HD, _BS, _BLOCKS = 4, 2, 20, 4, 32  # hd 20: the non-multiple-of-8 tails too
 
 
@@ -212,6 +215,46 @@ def _check_causal_attention(m: Any, gen: torch.Generator) -> None:
                                    rtol=2e-2, atol=2e-2)
 
 
+def _close_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype == torch.bfloat16, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=_BF16_TOL, atol=_BF16_TOL)
+
+
+def _randn_bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return _randn(gen, *shape).to(torch.bfloat16)
+
+
+def _check_rms_norm_bf16(m: Any, gen: torch.Generator) -> None:
+    for n, d in ((3, 48), (2, 37)):  # 37: the non-multiple-of-8 tail
+        x, delta, w = _randn_bf16(gen, n, d), _randn_bf16(gen, n, d), _randn(gen, d)
+        x_ref, h_ref = _torch_ops().rms_norm(x.clone(), w, 1e-5, delta)
+        x_ker = x.clone()
+        _close_bf16(m.rms_norm_bf16(x_ker, delta, w, 1e-5), h_ref)
+        _close_bf16(x_ker, x_ref)
+        _close_bf16(m.rms_norm_bf16(x, None, w, 1e-5), _torch_ops().rms_norm(x, w, 1e-5)[1])
+
+
+def _check_silu_mul_bf16(m: Any, gen: torch.Generator) -> None:
+    for n, inter in ((3, 37), (2, 48)):  # 48: the 16-lane path of AVX-512 builds, no tail
+        gate_up = _randn_bf16(gen, n, 2 * inter) * 3
+        _close_bf16(m.silu_mul_bf16(gate_up), _torch_ops().silu_mul(gate_up))
+
+
+def _check_rope_store_bf16(m: Any, gen: torch.Generator) -> None:
+    for dtype in POOL_DTYPES:
+        ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
+        kv_ref, qkv = _pool(gen, dtype), _randn_bf16(gen, 3, (_H + 2 * _KVH) * _HD)
+        kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, dtype, torch.device("cpu"))
+        kv_ker.data.copy_(kv_ref.data)
+        q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
+        qkv_ker = qkv.clone()
+        m.rope_store_kv_bf16(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
+                             kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
+        _close_bf16(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
+        torch.testing.assert_close(kv_ker.data.float(), kv_ref.data.float(), rtol=_BF16_TOL,
+                                   atol=_BF16_TOL)
+
+
 _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
     "linear_bf16w_packed": _check_linear_packed,
     "linear_bf16w": _check_linear,
@@ -221,4 +264,7 @@ _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
     "silu_mul": _check_silu_mul,
     "linear_int8w_packed": _check_linear_int8,
     "causal_attention_bf16": _check_causal_attention,
+    "rms_norm_bf16": _check_rms_norm_bf16,
+    "silu_mul_bf16": _check_silu_mul_bf16,
+    "rope_store_kv_bf16": _check_rope_store_bf16,
 }

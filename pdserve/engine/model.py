@@ -10,9 +10,10 @@ made here, once at load and per step.
 
 Each step runs in one of two precisions (linear.py has the plan): a small step (up to
 ``small_batch`` rows) in ``dtype`` (fp32 on a CPU: our kernels over bf16 weights), a
-wide one, on CPUs with native bf16, in ``gemm_dtype`` end to end (torch's ops, the
-GEMM rate). The KV pool stays in ``dtype``: wide steps write into it and read their
-context from it converted.
+wide one, on CPUs with native bf16, in ``gemm_dtype`` end to end (torch's GEMMs at
+the GEMM rate; our fused bf16 kernels for its norms, RoPE and SwiGLU, wide_ops.py).
+The KV pool stays in ``dtype``: wide steps write into it and read their context from
+it converted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from safetensors import safe_open
 from pdserve.engine.attention import prefill_attention
 from pdserve.engine.decode_layer import DecodeLayerKernel
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.layer_ops import LayerOps, TorchOps, causal_prefill_kernel, layer_ops
+from pdserve.engine.layer_ops import LayerOps, causal_prefill_kernel, layer_ops
 from pdserve.engine.linear import (
     Linear,
     LinearLayer,
@@ -40,6 +41,7 @@ from pdserve.engine.linear import (
     small_batch_for,
 )
 from pdserve.engine.rope import RotaryEmbedding
+from pdserve.engine.wide_ops import wide_layer_ops
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -179,7 +181,9 @@ class LlamaModel:
         # The pool's dtype (engine.py; None: the compute dtype) sets what kernels=auto times.
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
                              s.hidden_size, s.intermediate_size, kv_dtype or compute)
-        self.wide_ops = TorchOps(self.rope, s.num_heads, s.num_kv_heads)
+        # Wide steps' ops: our fused bf16 kernels where they apply (wide_ops.py).
+        self.wide_ops = wide_layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, gemm,
+                                       device, s.hidden_size, s.intermediate_size)
         # None: first chunks of wide steps take torch's attention.
         self.causal_kernel = causal_prefill_kernel(kernels, device, gemm, s.num_heads,
                                                    s.num_kv_heads, s.head_dim)

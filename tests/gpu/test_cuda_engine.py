@@ -56,6 +56,7 @@ def test_cuda_fp32_greedy_is_token_identical_to_transformers(
     assert engine.device.type == "cuda" and engine.kv.data.is_cuda
     # Nothing CPU-only on this path: torch ops, no native CPU kernel or fused decode call.
     assert isinstance(engine.model.ops, TorchOps) and engine.model.decode_kernel is None
+    assert type(engine.model.wide_ops) is TorchOps  # our wide kernels are CPU only
     prompts = _prompts(engine.spec.vocab_size, LENGTHS)
     # One continuous batch with chunked prefill (budget 64 < the longest prompt).
     ours = [o.token_ids for o in _run(engine, prompts)]

@@ -19,6 +19,13 @@ torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& p
                                   const torch::Tensor& scales, int64_t N, double unscale);
 torch::Tensor causal_attention_bf16(const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, double scale);
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                            const torch::Tensor& w, double eps);
+torch::Tensor silu_mul_bf16(const torch::Tensor& gate_up);
+void rope_store_kv_bf16(const torch::Tensor& qkv, const torch::Tensor& positions,
+                        const torch::Tensor& cos, const torch::Tensor& sin, int64_t num_heads,
+                        int64_t num_kv_heads, const torch::Tensor& k_slots,
+                        const torch::Tensor& v_slots, const torch::Tensor& slot_mapping);
 void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::Tensor& qkv,
                   const torch::Tensor& attn, const torch::Tensor& gate_up,
                   const torch::Tensor& act, const torch::Tensor& tmp,
@@ -59,6 +66,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, nogil, "one decoder layer for the decode rows of a step");
   m.def("causal_attention_bf16", &causal_attention_bf16, nogil,
         "bf16 causal self-attention of a first prefill chunk (AVX-512 BF16 builds only)");
+  m.def("rms_norm_bf16", &rms_norm_bf16, nogil,
+        "bf16 x += delta (in place, if given); return rms_norm(x) * w in bf16");
+  m.def("silu_mul_bf16", &silu_mul_bf16, nogil, "bf16 silu(gate) * up of a fused (N, 2I) gate|up");
+  m.def("rope_store_kv_bf16", &rope_store_kv_bf16, nogil,
+        "rotate q|k of a bf16 qkv in place, store k and v in fp32 slots");
   m.def("linear_int8w_packed", &linear_int8w_packed, nogil,
         "fp32 x times a packed int8 weight with fp16 scales and zeros per group of 32");
 }
