@@ -44,6 +44,7 @@ _SOURCES = (  # one entry per line
     "prefill_attention.cpp",
     "wide_ops.cpp",
 )
+_HEADERS = ("simd_math.h",)  # included by the sources: copied and digested with them
 _NAME = "pdserve_cpu_kernels"
 _ISA_RECORD = "isa"
 _STALE_LOCK_S = 600.0
@@ -141,7 +142,8 @@ def _import(path: Path) -> Any:
 def build_key(level: IsaLevel) -> str:
     """Directory name: torch version, ISA level, sources' digest."""
     csrc = Path(__file__).with_name("csrc")
-    digest = hashlib.sha256(b"".join((csrc / s).read_bytes() for s in _SOURCES)).hexdigest()
+    files = _SOURCES + _HEADERS
+    digest = hashlib.sha256(b"".join((csrc / s).read_bytes() for s in files)).hexdigest()
     return f"torch-{torch.__version__}-{level.name}-{digest[:12]}"
 
 
@@ -153,7 +155,7 @@ def build_dir(level: IsaLevel) -> tuple[Path, list[str]]:
     build = cache_root() / "ext" / build_key(level)
     src = build / "src"
     src.mkdir(parents=True, exist_ok=True)
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         if not (src / name).exists():
             _write_atomic(src / name, (csrc / name).read_bytes())
     if not (build / _ISA_RECORD).exists():

@@ -172,19 +172,27 @@ def _pool(gen: torch.Generator, dtype: torch.dtype = torch.float32) -> KVCache:
 
 
 def _check_rope_store(m: Any, gen: torch.Generator) -> None:
+    _check_a_rope_store(m.rope_store_kv, torch.float32, gen)
+
+
+def _check_a_rope_store(kernel: Callable[..., None], act: torch.dtype,
+                        gen: torch.Generator) -> None:
+    """``kernel`` (rope_store_kv on fp32 rows, rope_store_kv_bf16 on bf16 ones) against
+    TorchOps, into an fp32 and a bf16 pool."""
+    bf16 = act == torch.bfloat16
     for dtype in POOL_DTYPES:
         ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
-        kv_ref, qkv = _pool(gen, dtype), _randn(gen, 3, (_H + 2 * _KVH) * _HD)
+        kv_ref, qkv = _pool(gen, dtype), _randn(gen, 3, (_H + 2 * _KVH) * _HD).to(act)
         kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, dtype, torch.device("cpu"))
         kv_ker.data.copy_(kv_ref.data)
         q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
         qkv_ker = qkv.clone()
-        m.rope_store_kv(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
-                        kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
-        _close(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
-        # A bf16 pool: the same values rounded once, so at most one bf16 step apart
+        kernel(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
+               kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
+        (_close_bf16 if bf16 else _close)(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
+        # Into a bf16 pool fp32 rows are rounded once, so at most one bf16 step apart
         # where fp32 summation order put a value on the other side of a rounding edge.
-        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        tol = _BF16_TOL if bf16 else 1e-4 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(kv_ker.data.float(), kv_ref.data.float(), rtol=tol, atol=tol)
 
 
@@ -241,18 +249,7 @@ def _check_silu_mul_bf16(m: Any, gen: torch.Generator) -> None:
 
 
 def _check_rope_store_bf16(m: Any, gen: torch.Generator) -> None:
-    for dtype in POOL_DTYPES:
-        ref, fb = _torch_ops(), _decode_batch(gen, [1, 6, 19])
-        kv_ref, qkv = _pool(gen, dtype), _randn_bf16(gen, 3, (_H + 2 * _KVH) * _HD)
-        kv_ker = KVCache(1, _BLOCKS, _BS, _KVH, _HD, dtype, torch.device("cpu"))
-        kv_ker.data.copy_(kv_ref.data)
-        q_ref = ref.rope_store(qkv.clone(), fb, kv_ref, 0)[0]
-        qkv_ker = qkv.clone()
-        m.rope_store_kv_bf16(qkv_ker, fb.positions, ref.rope.cos, ref.rope.sin, _H, _KVH,
-                             kv_ker.k_slots(0), kv_ker.v_slots(0), fb.slot_mapping)
-        _close_bf16(qkv_ker[:, : _H * _HD].view(3, _H, _HD), q_ref)
-        torch.testing.assert_close(kv_ker.data.float(), kv_ref.data.float(), rtol=_BF16_TOL,
-                                   atol=_BF16_TOL)
+    _check_a_rope_store(m.rope_store_kv_bf16, torch.bfloat16, gen)
 
 
 _CHECKS: dict[str, Callable[[Any, torch.Generator], None]] = {
