@@ -7,7 +7,8 @@ through the same inner loops, so its numbers are the per-op path's.
 
 It is chosen once at load (``DecodeLayerKernel.for_model``) and only where every
 layer's weights are in a layout the call takes: packed bf16 (``Linear`` with the
-bf16 kernel) or fp32, no bias (Qwen2's qkv bias), no other linear type (int8).
+bf16 kernel), fp32, or packed int8 (``Int8Linear`` with its kernel); no bias (Qwen2's
+qkv bias).
 Otherwise, and for any step with prefill rows or more decode rows than the model's
 ``small_batch``, the model runs the per-op path.
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pdserve.engine import kernel_check
+from pdserve.engine.int8_linear import Int8Linear
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_ops import CpuKernelOps, LayerOps
 from pdserve.engine.linear import Linear
@@ -55,33 +57,47 @@ class LayerWeights(Protocol):
 
 
 @dataclass(frozen=True)
+class NativeWeight:
+    """A linear's weight as the native call takes it: packed bf16, fp32 (N, K), or packed
+    int8 with its fp16 scales and zeros and ``unscale`` (int8_linear.py)."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor = torch.empty(0)  # int8 only
+    unscale: float = 1.0
+
+
+@dataclass(frozen=True)
 class _NativeLayer:
     in_norm: torch.Tensor
-    qkv: torch.Tensor
-    o: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    linears: tuple[NativeWeight, ...]  # qkv, o, gate_up, down
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        qkv, o, gate_up, down = (lin.weight for lin in self.linears)
+        return self.in_norm, qkv, o, self.post_norm, gate_up, down
 
 
-def native_weight(lin: object) -> torch.Tensor | None:
-    """``lin``'s weight as the native call takes it (packed bf16, or fp32 (N, K)), or None."""
+def native_weight(lin: object) -> NativeWeight | None:
+    """``lin``'s weight as the native call takes it, or None."""
+    if type(lin) is Int8Linear:
+        usable = lin.bias is None and lin._kernel is not None
+        return NativeWeight(lin.qweight, lin.scales, lin.unscale) if usable else None
     if type(lin) is not Linear or lin.bias is not None:
         return None
     packed = lin._bf16  # the bf16 kernel's layout, where Linear uses the kernel
     if packed is None:
         w = lin.weight
-        return w if w.dtype == torch.float32 and w.is_cpu and w.is_contiguous() else None
-    return packed if packed.dim() == 4 and lin._kernel is not None else None
+        usable = w.dtype == torch.float32 and w.is_cpu and w.is_contiguous()
+        return NativeWeight(w) if usable else None
+    return NativeWeight(packed) if packed.dim() == 4 and lin._kernel is not None else None
 
 
 def _native_layer(w: LayerWeights) -> _NativeLayer | None:
     mats = [native_weight(lin) for lin in (w.qkv, w.o, w.gate_up, w.down)]
     if any(m is None for m in mats):
         return None
-    qkv, o, gate_up, down = mats
-    assert qkv is not None and o is not None and gate_up is not None and down is not None
-    return _NativeLayer(w.in_norm.contiguous(), qkv, o, w.post_norm.contiguous(), gate_up, down)
+    return _NativeLayer(w.in_norm.contiguous(), w.post_norm.contiguous(),
+                        tuple(m for m in mats if m is not None))
 
 
 class DecodeStep:
@@ -97,9 +113,10 @@ class DecodeStep:
               on_layer_kv: LayerKVHook | None = None) -> None:
         o, fb, w = self.owner, self.fb, self.owner.layers[i]
         o.kernels.decode_layer(
-            x, *self.scratch, w.in_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down,
+            x, *self.scratch, *w.args(),
             fb.positions, o.rope.cos, o.rope.sin, kv.k[i], kv.v[i], fb.slot_mapping,
-            fb.decode_block_tables, fb.decode_seq_lens, o.num_heads, o.eps, o.scale)
+            fb.decode_block_tables, fb.decode_seq_lens, o.num_heads, o.eps, o.scale,
+            [lin.scales for lin in w.linears], [lin.unscale for lin in w.linears])
         if on_layer_kv is not None:
             qkv, h, kvh = self.scratch[1], o.num_heads, o.num_kv_heads
             hd = qkv.shape[1] // (h + 2 * kvh)

@@ -29,13 +29,16 @@ pytestmark = pytest.mark.skipif(kernels is None or not hasattr(kernels, "decode_
                                 reason="CPU kernels unavailable here")
 
 
-def _model(path: Path, dtype: torch.dtype) -> LlamaModel:
-    return LlamaModel(path, load_hf_config(path), dtype, CPU)
+def _model(path: Path, dtype: torch.dtype, quantization: str | None = None) -> LlamaModel:
+    # kernels=cpu: the fixed plan (up to 8 rows take our kernels on every CPU; auto
+    # measures that crossover per machine).
+    return LlamaModel(path, load_hf_config(path), dtype, CPU, kernels="cpu",
+                      quantization=quantization)
 
 
-def _pool(model: LlamaModel) -> KVCache:
+def _pool(model: LlamaModel, dtype: torch.dtype = torch.float32) -> KVCache:
     s = model.spec
-    kv = KVCache(s.num_layers, BLOCKS, BS, s.num_kv_heads, s.head_dim, torch.float32, CPU)
+    kv = KVCache(s.num_layers, BLOCKS, BS, s.num_kv_heads, s.head_dim, dtype, CPU)
     kv.data.copy_(torch.randn(kv.data.shape, generator=torch.Generator().manual_seed(1)))
     return kv
 
@@ -54,12 +57,12 @@ def _decode_batch(lens: list[int], vocab: int, seed: int) -> ForwardBatch:
         decode_seq_lens=seq_lens, prefills=[], logits_indices=torch.arange(len(lens)))
 
 
-def _step(model: LlamaModel, fb: ForwardBatch, native: bool) -> tuple[torch.Tensor, KVCache,
-                                                                     list[torch.Tensor]]:
+def _step(model: LlamaModel, fb: ForwardBatch, native: bool,
+          pool: torch.dtype = torch.float32) -> tuple[torch.Tensor, KVCache, list[torch.Tensor]]:
     """(logits, pool after the step, each layer's k|v the hook saw) by one path."""
     kernel = model.decode_kernel
     model.decode_kernel = kernel if native else None
-    kv, seen = _pool(model), []
+    kv, seen = _pool(model, pool), []
     try:
         logits = model.forward(fb, kv, lambda i, k, v: seen.append(torch.cat([k, v]).clone()))
     finally:
@@ -67,20 +70,23 @@ def _step(model: LlamaModel, fb: ForwardBatch, native: bool) -> tuple[torch.Tens
     return logits, kv, seen
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "quantization", "pool"), [
+    (torch.float32, None, torch.float32), (torch.bfloat16, None, torch.float32),
+    (torch.bfloat16, None, torch.bfloat16), (torch.bfloat16, "int8", torch.bfloat16)])
 @pytest.mark.parametrize("lens", [[1], [9, 2, 30], [5, 17, 1, 64, 33, 8, 12, 50]])
 def test_native_step_matches_per_op_step(tiny_llama: Path, dtype: torch.dtype,
+                                         quantization: str | None, pool: torch.dtype,
                                          lens: list[int]) -> None:
-    model = _model(tiny_llama, dtype)
+    model = _model(tiny_llama, dtype, quantization)
     assert isinstance(model.decode_kernel, DecodeLayerKernel)  # STEP 1: chosen at load
     fb = _decode_batch(lens, model.spec.vocab_size, seed=len(lens))
     assert model.decode_kernel.applies(fb)
     # STEP 2: the same decode step by both paths, each on its own copy of one pool.
-    ref_logits, ref_kv, ref_seen = _step(model, fb, native=False)
-    logits, kv, seen = _step(model, fb, native=True)
+    ref_logits, ref_kv, ref_seen = _step(model, fb, native=False, pool=pool)
+    logits, kv, seen = _step(model, fb, native=True, pool=pool)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert logits.argmax(-1).tolist() == ref_logits.argmax(-1).tolist()
-    torch.testing.assert_close(kv.data, ref_kv.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv.data.float(), ref_kv.data.float(), rtol=1e-5, atol=1e-5)
     assert len(seen) == len(ref_seen) == model.spec.num_layers
     for a, b in zip(seen, ref_seen, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,8 @@ void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::T
                   const torch::Tensor& sin, const torch::Tensor& k_cache,
                   const torch::Tensor& v_cache, const torch::Tensor& slot_mapping,
                   const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                  int64_t num_heads, double eps, double scale);
+                  int64_t num_heads, double eps, double scale,
+                  const std::vector<torch::Tensor>& scales, const std::vector<double>& unscale);
 
 // The instruction set this module was compiled for (cpu_kernels.py records it too,
 // and refuses to import a module the running CPU cannot execute).

@@ -37,6 +37,11 @@ void paged_decode_attention_into(const float* qp, int64_t q_row, int64_t D, int6
 bool check_pool(const torch::Tensor& k, const torch::Tensor& v);
 uint16_t* bf16_ptr(const torch::Tensor& t);
 void silu_mul_into(const float* gp, int64_t n, int64_t inter, float* op);
+void check_int8_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                       const torch::Tensor& scales, int64_t N);
+void linear_int8w_packed_into(const float* xp, int64_t M, int64_t K, const int8_t* wp,
+                              const uint16_t* sp, int64_t blocks, int64_t N, float us,
+                              float* yp);
 
 namespace {
 
@@ -52,10 +57,25 @@ const int64_t* i64(const torch::Tensor& t, const char* name) {
   return t.data_ptr<int64_t>();
 }
 
-// y (M, N) = x (M, K) · wᵀ, w either packed bf16 (see pack_bf16_weight) or fp32 (N, K).
-void linear_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& y) {
+// One linear's weight as the call takes it: packed bf16 (see pack_bf16_weight), fp32
+// (N, K), or packed int8 with its fp16 scales and zeros and the 2^-shift ``unscale``
+// (see pdserve/engine/int8_linear.py).
+struct Weight {
+  const torch::Tensor& w;
+  const torch::Tensor& scales;  // int8 only (empty otherwise)
+  double unscale;
+};
+
+// y (M, N) = x (M, K) · wᵀ.
+void linear_into(const torch::Tensor& x, const Weight& weight, const torch::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-  if (w.scalar_type() == torch::kBFloat16) {
+  const torch::Tensor& w = weight.w;
+  if (w.scalar_type() == torch::kChar) {
+    check_int8_linear(x, w, weight.scales, N);
+    linear_int8w_packed_into(f32(x, "x"), M, K, w.data_ptr<int8_t>(),
+                             reinterpret_cast<const uint16_t*>(weight.scales.data_ptr<at::Half>()),
+                             w.size(0), N, static_cast<float>(weight.unscale), f32(y, "y"));
+  } else if (w.scalar_type() == torch::kBFloat16) {
     TORCH_CHECK(w.dim() == 4 && w.size(1) * 16 == K && w.size(0) * w.size(2) >= N,
                 "packed bf16 weight does not fit");
     linear_bf16w_packed_into(f32(x, "x"), M, K,
@@ -83,7 +103,8 @@ void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::T
                   const torch::Tensor& sin, const torch::Tensor& k_cache,
                   const torch::Tensor& v_cache, const torch::Tensor& slot_mapping,
                   const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                  int64_t num_heads, double eps, double scale) {
+                  int64_t num_heads, double eps, double scale,
+                  const std::vector<torch::Tensor>& scales, const std::vector<double>& unscale) {
   const int64_t D = x.size(0), d = x.size(1);
   const int64_t bs = k_cache.size(1), kvh = k_cache.size(2), hd = k_cache.size(3);
   const int64_t width = (num_heads + 2 * kvh) * hd, nb = block_tables.size(1);
@@ -93,10 +114,14 @@ void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::T
   TORCH_CHECK(block_tables.size(0) == D && seq_lens.size(0) == D && positions.size(0) == D &&
               slot_mapping.size(0) == D, "one position, slot, block table and length per row");
   TORCH_CHECK(num_heads % kvh == 0 && cos.size(1) * 2 == hd, "head shapes");
+  TORCH_CHECK(scales.size() == 4 && unscale.size() == 4,
+              "scales and unscale: one per linear (qkv, o, gate_up, down)");
+  const Weight wqkv{qkv_w, scales[0], unscale[0]}, wo{o_w, scales[1], unscale[1]};
+  const Weight wgu{gate_up_w, scales[2], unscale[2]}, wdown{down_w, scales[3], unscale[3]};
   float* xp = f32(x, "x");
 
   rms_norm_into(xp, nullptr, f32(in_norm, "in_norm"), f32(h, "h"), D, d, eps);
-  linear_into(h, qkv_w, qkv);
+  linear_into(h, wqkv, qkv);
   const auto rope_attend = [&](auto* kc, auto* vc) {
     rope_store_kv_into(f32(qkv, "qkv"), D, i64(positions, "positions"), f32(cos, "cos"),
                        f32(sin, "sin"), cos.size(0), num_heads, kvh, hd, kc, vc,
@@ -110,12 +135,12 @@ void decode_layer(const torch::Tensor& x, const torch::Tensor& h, const torch::T
     rope_attend(bf16_ptr(k_cache), bf16_ptr(v_cache));
   else
     rope_attend(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
-  linear_into(attn, o_w, tmp);
+  linear_into(attn, wo, tmp);
   rms_norm_into(xp, f32(tmp, "tmp"), f32(post_norm, "post_norm"), h.data_ptr<float>(), D, d,
                 eps);
-  linear_into(h, gate_up_w, gate_up);
+  linear_into(h, wgu, gate_up);
   silu_mul_into(f32(gate_up, "gate_up"), D, act.size(1), f32(act, "act"));
-  linear_into(act, down_w, tmp);
+  linear_into(act, wdown, tmp);
   const float* dp = tmp.data_ptr<float>();
   for (int64_t i = 0; i < D * d; ++i) xp[i] += dp[i];
 }

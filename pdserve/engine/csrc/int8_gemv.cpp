@@ -177,17 +177,18 @@ void check_args(const torch::Tensor& x, const torch::Tensor& packed, const torch
 
 }  // namespace
 
-torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
-                                  const torch::Tensor& scales, int64_t N, double unscale) {
+// The checks of linear_int8w_packed, for callers of the raw form below.
+void check_int8_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                       const torch::Tensor& scales, int64_t N) {
   check_args(x, packed, scales, N);
-  auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), groups = K / kGroup;
-  auto y = torch::empty({M, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  const float us = static_cast<float>(unscale);
+}
+
+// y (M, N) = x (M, K) · dequant(w)ᵀ on raw pointers: w packed (blocks, K/16, 6, 16) int8,
+// sp its (blocks, K/32, 12) fp16 scales and zeros (decode_layer.cpp calls this too).
+void linear_int8w_packed_into(const float* xp, int64_t M, int64_t K, const int8_t* wp,
+                              const uint16_t* sp, int64_t blocks, int64_t N, float us,
+                              float* yp) {
+  const int64_t groups = K / kGroup;
   std::vector<float> xs;  // x's sum per group, for the one-row path (M % 4 == 1)
   if (M % 4 == 1) {
     const float* last = xp + (M - 1) * K;
@@ -201,7 +202,7 @@ torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& p
   }
   // Blocks outermost: a block (6 x K bytes) is read from memory once and stays in L1
   // while every activation row passes over it.
-  at::parallel_for(0, packed.size(0), 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* wb = wp + b * K * kRows;
       const uint16_t* szb = sp + b * groups * kSz;
@@ -220,5 +221,16 @@ torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& p
 #endif
     }
   });
+}
+
+torch::Tensor linear_int8w_packed(const torch::Tensor& x, const torch::Tensor& packed,
+                                  const torch::Tensor& scales, int64_t N, double unscale) {
+  check_args(x, packed, scales, N);
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto y = torch::empty({M, N}, xc.options());
+  linear_int8w_packed_into(xc.data_ptr<float>(), M, K, packed.data_ptr<int8_t>(),
+                           reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                           packed.size(0), N, static_cast<float>(unscale), y.data_ptr<float>());
   return y;
 }
