@@ -12,8 +12,8 @@ Each step runs in one of two precisions (linear.py has the plan): a small step (
 ``small_batch`` rows) in ``dtype`` (fp32 on a CPU: our kernels over bf16 weights), a
 wide one, on CPUs with native bf16, in ``gemm_dtype`` end to end (torch's GEMMs at
 the GEMM rate; our fused bf16 kernels for its norms, RoPE and SwiGLU, wide_ops.py).
-The KV pool stays in ``dtype``: wide steps write into it and read their context from
-it converted.
+The KV pool has its own dtype (engine.py: ``kv_cache_dtype``, bf16 for bf16 weights):
+both kinds of step write into it and read their context from it converted.
 """
 
 from __future__ import annotations
@@ -179,11 +179,12 @@ class LlamaModel:
         if kernels == "auto" and gemm != compute and isinstance(self.layers[0].gate_up, Linear):
             self._set_small_batch(measured_small_batch(self.layers[0].gate_up, self.small_batch))
         # The pool's dtype (engine.py; None: the compute dtype) sets what kernels=auto times.
+        pool = kv_dtype or compute
         self.ops = layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, compute, device,
-                             s.hidden_size, s.intermediate_size, kv_dtype or compute)
+                             s.hidden_size, s.intermediate_size, pool)
         # Wide steps' ops: our fused bf16 kernels where they apply (wide_ops.py).
         self.wide_ops = wide_layer_ops(kernels, self.rope, s.num_heads, s.num_kv_heads, gemm,
-                                       device, s.hidden_size, s.intermediate_size)
+                                       device, s.hidden_size, s.intermediate_size, pool)
         # None: first chunks of wide steps take torch's attention.
         self.causal_kernel = causal_prefill_kernel(kernels, device, gemm, s.num_heads,
                                                    s.num_kv_heads, s.head_dim)

@@ -81,7 +81,7 @@ def _takes(t: torch.Tensor) -> bool:
 
 def wide_layer_ops(name: str, rope: RotaryEmbedding, num_heads: int, num_kv_heads: int,
                    wide_dtype: torch.dtype, device: torch.device, hidden_size: int,
-                   intermediate_size: int) -> LayerOps:
+                   intermediate_size: int, kv_dtype: torch.dtype = torch.float32) -> LayerOps:
     """The ops of this model's wide steps: WideCpuOps where it applies, else TorchOps."""
     plain = TorchOps(rope, num_heads, num_kv_heads)
     if name == "torch" or device.type != "cpu" or wide_dtype != _BF16:
@@ -92,7 +92,8 @@ def wide_layer_ops(name: str, rope: RotaryEmbedding, num_heads: int, num_kv_head
     use = frozenset(k for k in WIDE_KERNEL_OF.values() if checked.has(k))
     ours = WideCpuOps(checked.module, rope, num_heads, num_kv_heads, use)
     if name == "auto":
-        shapes = _WideShapes(hidden_size, intermediate_size, num_heads, num_kv_heads, 2 * rope.half)
+        shapes = _WideShapes(hidden_size, intermediate_size, num_heads, num_kv_heads,
+                             2 * rope.half, kv_dtype)
         ours.use = frozenset(k for k in use if _faster(k, ours, shapes))
     return ours if ours.use else plain
 
@@ -102,16 +103,19 @@ class _WideShapes:
 
     ROWS = 256
 
-    def __init__(self, d: int, inter: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, d: int, inter: int, heads: int, kv_heads: int, head_dim: int,
+                 kv_dtype: torch.dtype = torch.float32) -> None:
         self.d, self.inter, self.heads, self.kv_heads, self.hd = d, inter, heads, kv_heads, head_dim
-        self.kv = KVCache(1, self.ROWS // 16, 16, kv_heads, head_dim, torch.float32,
+        self.kv = KVCache(1, self.ROWS // 16, 16, kv_heads, head_dim, kv_dtype,
                           torch.device("cpu"))
 
     def key(self, kernel: str) -> str:
         """The kernel's name and the shapes its time depends on."""
         shape = {"rms_norm_bf16": f"d={self.d}", "silu_mul_bf16": f"i={self.inter}",
                  "rope_store_kv_bf16": f"h={self.heads} kvh={self.kv_heads} hd={self.hd}"}
-        return f"{kernel} {shape[kernel]} n={self.ROWS}"
+        pool = self.kv.data.dtype
+        kv = "" if pool == torch.float32 else f" kv={str(pool).removeprefix('torch.')}"
+        return f"{kernel} {shape[kernel]} n={self.ROWS}{kv}"
 
     def work(self, kernel: str, ops: LayerOps) -> Callable[[], object]:
         n = self.ROWS

@@ -12,28 +12,15 @@
 #include <cstring>
 #include <vector>
 
+#include "simd_math.h"
+
 namespace {
 
+using pdserve_simd::hsum;
+using pdserve_simd::widen1;
+using pdserve_simd::widen8;
+
 constexpr int64_t kRows = 6;  // weight rows per inner block: 12 accumulators, x reused
-
-inline __m256 load_bf16x8(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t n0, int64_t rows) {
   // Two accumulators per row (even and odd 8-lane steps): 8 independent FMA chains
@@ -46,18 +33,18 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t n0, i
     for (int64_t r = 0; r < rows; ++r) {
       const uint16_t* row = w + (n0 + r) * K + k;
       _mm_prefetch(reinterpret_cast<const char*>(row + kRows * K), _MM_HINT_T0);
-      acc0[r] = _mm256_fmadd_ps(load_bf16x8(row), x0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(load_bf16x8(row + 8), x1, acc1[r]);
+      acc0[r] = _mm256_fmadd_ps(widen8(row), x0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(widen8(row + 8), x1, acc1[r]);
     }
   }
   for (; k + 8 <= K; k += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + k);
     for (int64_t r = 0; r < rows; ++r)
-      acc0[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), x0, acc0[r]);
+      acc0[r] = _mm256_fmadd_ps(widen8(w + (n0 + r) * K + k), x0, acc0[r]);
   }
   for (int64_t r = 0; r < rows; ++r) {
     float s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-    for (int64_t kk = k; kk < K; ++kk) s += x[kk] * bf16_to_float(w[(n0 + r) * K + kk]);
+    for (int64_t kk = k; kk < K; ++kk) s += x[kk] * widen1(w[(n0 + r) * K + kk]);
     y[n0 + r] = s;
   }
 }
@@ -114,8 +101,8 @@ void packed_block_row(const float* x, const uint16_t* wb, float* y, int64_t chun
     const uint16_t* wc = wb + c * kRows * 16;
     _mm_prefetch(reinterpret_cast<const char*>(wc + 8 * kRows * 16), _MM_HINT_T0);
     for (int64_t r = 0; r < kRows; ++r) {
-      acc0[r] = _mm256_fmadd_ps(load_bf16x8(wc + r * 16), x0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(load_bf16x8(wc + r * 16 + 8), x1, acc1[r]);
+      acc0[r] = _mm256_fmadd_ps(widen8(wc + r * 16), x0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(widen8(wc + r * 16 + 8), x1, acc1[r]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) y[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
@@ -137,7 +124,7 @@ void packed_half_block_rows(const float* x, int64_t K, const uint16_t* wb, float
     _mm_prefetch(reinterpret_cast<const char*>(wc + 8 * kRows * 16), _MM_HINT_T0);
     for (int64_t half = 0; half < 16; half += 8) {
       __m256 w[R];
-      for (int64_t r = 0; r < R; ++r) w[r] = load_bf16x8(wc + r * 16 + half);
+      for (int64_t r = 0; r < R; ++r) w[r] = widen8(wc + r * 16 + half);
       for (int m = 0; m < MT; ++m) {
         const __m256 xm = _mm256_loadu_ps(x + m * K + c * 16 + half);
         for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w[r], xm, acc[m][r]);

@@ -17,8 +17,11 @@
 
 namespace {
 
+using pdserve_simd::bf16_bits1;
 using pdserve_simd::exp8;
 using pdserve_simd::hsum;
+using pdserve_simd::widen1;
+using pdserve_simd::widen8;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -39,17 +42,9 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
 
 // A bf16 pool row's values widened to fp32 (a bf16 is the top half of an fp32).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
+inline __m256 load8(const uint16_t* p) { return widen8(p); }
 inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+inline float widen(uint16_t v) { return widen1(v); }
 
 inline void axpy(float a, const uint16_t* x, float* y, int64_t n) {  // y += a * x (bf16 x)
   const __m256 av = _mm256_set1_ps(a);
@@ -59,17 +54,9 @@ inline void axpy(float a, const uint16_t* x, float* y, int64_t n) {  // y += a *
   for (; i < n; ++i) y[i] += a * widen(x[i]);
 }
 
-// fp32 -> bf16, rounded to nearest even as torch rounds (NaN stays a quiet NaN).
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 inline void store_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits1(src[i]);
 }
 
 void check_f32(const torch::Tensor& t, const char* name) {

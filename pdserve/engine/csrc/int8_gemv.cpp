@@ -23,7 +23,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd_math.h"
+
 namespace {
+
+using pdserve_simd::hsum;
 
 constexpr int64_t kRows = 6;    // weight rows per packed block
 constexpr int64_t kChunk = 16;  // K values of one row stored together
@@ -49,13 +53,6 @@ inline __m256 load_half8(const uint16_t* p) {
 inline void load_group_sz(const uint16_t* p, float* sz) {
   _mm256_storeu_ps(sz, load_half8(p));
   _mm256_storeu_ps(sz + 4, load_half8(p + 4));  // overlaps 4..7: the same values again
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 #if defined(__AVX512F__)

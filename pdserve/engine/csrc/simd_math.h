@@ -1,9 +1,35 @@
-// Vector math shared by the kernels (8 fp32 lanes: every ISA level has them).
+// Vector math and bf16 conversions shared by the kernels (8 fp32 lanes: every ISA
+// level has them).
 #pragma once
 
 #include <immintrin.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
 namespace pdserve_simd {
+
+// 8 bf16 -> 8 fp32 (a bf16 is the top half of an fp32).
+inline __m256 widen8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline float widen1(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// fp32 -> bf16 bits, round-to-nearest-even, NaN -> 0x7fc0 (c10::round_to_nearest_even).
+inline uint16_t bf16_bits1(float x) {
+  if (std::isnan(x)) return 0x7fc0;
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return static_cast<uint16_t>((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -23,20 +23,11 @@
 
 namespace {
 
+using pdserve_simd::bf16_bits1;
 using pdserve_simd::exp8;
 using pdserve_simd::hsum;
-
-inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-inline float widen1(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+using pdserve_simd::widen1;
+using pdserve_simd::widen8;
 
 // fp32 -> the bf16 bits (in the low 16 of each lane), round-to-nearest-even, NaN ->
 // 0x7fc0: c10::round_to_nearest_even, 8 lanes at a time.
@@ -46,13 +37,6 @@ inline __m256i bf16_bits8(__m256 x) {
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
   const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-}
-
-inline uint16_t bf16_bits1(float x) {
-  if (std::isnan(x)) return 0x7fc0;
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof(b));
-  return static_cast<uint16_t>((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 
 // x rounded to bf16, kept as fp32 (what torch's next op widens it back to).
@@ -76,6 +60,12 @@ inline void store8_f32(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
 inline int64_t grain_rows(int64_t width) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));
 }
+
+}  // namespace
+
+bool check_pool(const torch::Tensor& k, const torch::Tensor& v);  // decode_ops.cpp
+
+namespace {
 
 void check_bf16(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kBFloat16 && t.is_contiguous() && t.dim() == 2, name,
@@ -260,10 +250,6 @@ void rotate_head(uint16_t* x, const float* c, const float* s, int64_t half, floa
   }
 }
 
-}  // namespace
-
-namespace {
-
 // qkv (n, (H + 2 kvh) hd) bf16: rotate q|k in place, write k and v into their slots of
 // kp/vp (slots, kvh, hd): widened into an fp32 pool, as they are into a bf16 one;
 // cos/sin (max_pos, hd/2) fp32 tables, rounded to bf16 here (TorchOps casts them to the
@@ -313,11 +299,7 @@ void rope_store_kv_bf16(const torch::Tensor& qkv, const torch::Tensor& positions
   for (const auto* t : {&cos, &sin})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
                 "cos and sin must be contiguous float32");
-  const auto pool = k_slots.scalar_type();
-  TORCH_CHECK((pool == torch::kFloat32 || pool == torch::kBFloat16) &&
-                  v_slots.scalar_type() == pool && k_slots.is_contiguous() &&
-                  v_slots.is_contiguous(),
-              "the KV slots must be contiguous float32 or bfloat16");
+  const bool bf16_pool = check_pool(k_slots, v_slots);
   TORCH_CHECK(k_slots.numel() == v_slots.numel() && k_slots.size(-1) == hd &&
                   k_slots.numel() % (num_kv_heads * hd) == 0, "KV slots of (slots, kvh, hd)");
   for (const auto* t : {&positions, &slot_mapping})
@@ -334,7 +316,7 @@ void rope_store_kv_bf16(const torch::Tensor& qkv, const torch::Tensor& positions
     rope_store_kv_bf16_t(bits_mut(qkv), n, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
                          num_heads, num_kv_heads, hd, kp, vp, slot);
   };
-  if (pool == torch::kBFloat16)
+  if (bf16_pool)
     into(bits_mut(k_slots), bits_mut(v_slots));
   else
     into(k_slots.data_ptr<float>(), v_slots.data_ptr<float>());
