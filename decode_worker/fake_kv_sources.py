@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Callable
 
 from pdserve.engine.async_engine import AsyncEngine, KVPiece
@@ -27,8 +28,7 @@ class LoopbackKVSource:
                       timeout: float) -> AsyncGenerator[KVEvent, None]:
         rid = request.request_id + self.suffix
         seq, enc = 0, request.encoding
-        async for event in export_kv(self.engine, KVRequest(rid, request.prompt,
-                                                            request.params, request.encoding)):
+        async for event in export_kv(self.engine, dataclasses.replace(request, request_id=rid)):
             if isinstance(event, KVPiece):
                 yield _chunk(seq, event, enc)
                 seq += 1

@@ -43,6 +43,7 @@ or fell back, done (finish reason, output tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -179,7 +180,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         call ends with a status that names the prefill worker(s) and blames them."""
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None else self.config.prefill_timeout_s
-        first, *rest = (self.kv_source.prefill(a, plan.kv, timeout)
+        # The prefill worker sends only what this worker's prefix cache lacks.
+        kv = dataclasses.replace(plan.kv, num_cached_tokens=kv_import.num_cached_tokens)
+        first, *rest = (self.kv_source.prefill(a, kv, timeout)
                         for a in plan.prefill_addresses)
         idle = self.config.kv_idle_timeout_s
         alive = [functools.partial(self.kv_source.is_alive, a, min(idle, _PROBE_TIMEOUT_S))

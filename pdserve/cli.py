@@ -165,6 +165,10 @@ def _up_args(u: argparse.ArgumentParser) -> None:
                    help="every worker's weight quantization (default: none)")
     u.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                    help="every worker's KV pool dtype (default: auto, the weights')")
+    u.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", default=None,
+                   help="every worker recomputes shared prompt prefixes instead of reusing "
+                        "their cached KV")
     u.add_argument("--http-port", type=int, default=None,
                    help=f"router's OpenAI-compatible HTTP port (default {RouterConfig.http_port}; "
                         "0 = off)")
@@ -219,6 +223,8 @@ def _up(args: argparse.Namespace) -> int:
         overrides["http_port"] = args.http_port
     if args.migration is not None:
         overrides["migration"] = args.migration
+    if args.enable_prefix_caching is not None:
+        overrides["enable_prefix_caching"] = args.enable_prefix_caching
     if args.address:
         overrides["ray"] = dataclasses.replace(config.ray, address=args.address)
         overrides.setdefault("launcher", "ray")

@@ -89,6 +89,8 @@ class ClusterConfig:
     """Every worker's weight quantization: None or int8 (see EngineConfig)."""
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
     """Every worker's KV pool dtype: auto, bfloat16 or float32 (see EngineConfig)."""
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    """Every worker keeps and reuses the KV of prompt prefixes (see EngineConfig)."""
     kv_encoding: str = WorkerConfig.kv_encoding
     prefill_device: str = EngineConfig.device
     """Prefill workers' device: auto (CUDA when present), cpu or cuda."""
@@ -152,7 +154,9 @@ class ClusterConfig:
         gpu_workers = len(self.prefill) if split and slots == len(self.members()) else 0
         return worker_config(role, host=self.host, port=m.port, metrics_port=m.metrics_port,
                              model=self.model, dtype=self.dtype, quantization=self.quantization,
-                             kv_cache_dtype=self.kv_cache_dtype, threads=m.threads, cpus=m.cpus,
+                             kv_cache_dtype=self.kv_cache_dtype,
+                             enable_prefix_caching=self.enable_prefix_caching,
+                             threads=m.threads, cpus=m.cpus,
                              device=self.prefill_device if role == "prefill" else self.decode_device,
                              pin=self.pin, slot=slot, slots=slots, gpu_workers=gpu_workers,
                              kv_encoding=self.kv_encoding,

@@ -61,6 +61,9 @@ class EngineConfig:
     """The KV pool's dtype (vLLM's name): auto (the weights' dtype, so bf16 weights keep
     bf16 KV on a CPU too: half the bytes a decode step's attention reads, widened to
     fp32 as they are read), bfloat16 or float32."""
+    enable_prefix_caching: bool = True
+    """Keep the KV of full blocks after their request finishes and reuse it for any later
+    prompt that starts with the same tokens (vLLM's name; see block_manager.py)."""
     quantization: str | None = None
     """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (int8 with
     an fp16 scale and zero per group of 32 inputs; activations stay in the compute

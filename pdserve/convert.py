@@ -16,7 +16,8 @@ from pdserve.params_pb import logprob_from_pb, logprob_to_pb, params_from_pb, pa
 def kv_request_to_pb(r: KVRequest) -> worker_pb2.PrefillRequest:
     return worker_pb2.PrefillRequest(
         request_id=r.request_id, prompt_token_ids=r.prompt, params=params_to_pb(r.params),
-        encoding=int(r.encoding))  # type: ignore[arg-type]
+        encoding=int(r.encoding),  # type: ignore[arg-type]
+        num_cached_tokens=r.num_cached_tokens)
 
 
 def kv_request_from_pb(r: worker_pb2.PrefillRequest) -> KVRequest:
@@ -25,7 +26,12 @@ def kv_request_from_pb(r: worker_pb2.PrefillRequest) -> KVRequest:
         encoding = Encoding(r.encoding)
     except ValueError:
         raise ValueError(f"encoding must be a KVEncoding, got {r.encoding}") from None
-    return KVRequest(r.request_id, list(r.prompt_token_ids), params_from_pb(r.params), encoding)
+    prompt = list(r.prompt_token_ids)
+    if prompt and r.num_cached_tokens >= len(prompt):
+        raise ValueError(f"num_cached_tokens must be below the prompt's {len(prompt)} tokens, "
+                         f"got {r.num_cached_tokens}")
+    return KVRequest(r.request_id, prompt, params_from_pb(r.params), encoding,
+                     r.num_cached_tokens)
 
 
 def event_to_pb(e: KVHeader | FirstToken) -> worker_pb2.PrefillResponse:
@@ -35,7 +41,7 @@ def event_to_pb(e: KVHeader | FirstToken) -> worker_pb2.PrefillResponse:
             protocol_version=e.protocol_version, model_name=e.model_name,
             num_layers=e.num_layers, num_kv_heads=e.num_kv_heads, head_dim=e.head_dim,
             block_size=e.block_size, encoding=int(e.encoding),  # type: ignore[arg-type]
-            num_tokens=e.num_tokens))
+            num_tokens=e.num_tokens, num_cached_tokens=e.num_cached_tokens))
     return worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
         token=logprob_to_pb(e.token), prefill_compute_s=e.prefill_compute_s,
         num_prompt_tokens=e.num_prompt_tokens))
@@ -68,7 +74,7 @@ def parse_prefill_response(data: bytes) -> KVEvent:
 
 def _header(h: worker_pb2.KVHeader) -> KVHeader:
     return KVHeader(h.protocol_version, h.model_name, h.num_layers, h.num_kv_heads, h.head_dim,
-                    h.block_size, _encoding(h.encoding), h.num_tokens)
+                    h.block_size, _encoding(h.encoding), h.num_tokens, h.num_cached_tokens)
 
 
 def _encoding(value: int) -> Encoding:

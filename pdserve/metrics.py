@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from pdserve.gpu_metrics import register_gpu_metrics
 
@@ -34,6 +35,7 @@ METRIC_NAMES: dict[str, str] = {
     "pdserve:kv_cache_usage_perc": "gauge",
     "pdserve:prompt_tokens_total": "counter",
     "pdserve:generation_tokens_total": "counter",
+    "pdserve:prefix_cache_queries_total": "counter",
     "pdserve:prefix_cache_hits_total": "counter",
     "pdserve:kv_transfer_seconds": "histogram",
     "pdserve:kv_transfer_bytes_total": "counter",
@@ -92,9 +94,8 @@ class WorkerMetrics(_RoleMetrics):
         self.kv_failures = self._counter("kv_transfer_failures", "KV streams that failed")
         self.preemptions = self._counter("num_preemptions", "Requests preempted (blocks freed, "
                                          "KV recomputed later)")
-        # The engine has no prefix cache yet: the counter exists (at 0) so dashboards work.
-        self.prefix_cache_hits = self._counter("prefix_cache_hits", "Prompt tokens found in "
-                                               "the prefix cache")
+        self.prefix_cache = _PrefixCacheCounters(self._labels)
+        self.registry.register(self.prefix_cache)
         self.gpu = register_gpu_metrics(self.registry)
 
     def _gauge_docs(self) -> list[tuple[str, str]]:
@@ -102,11 +103,33 @@ class WorkerMetrics(_RoleMetrics):
                 ("kv_cache_usage_perc", "Share of KV blocks in use (0-1)")]
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
-              usage: Callable[[], float]) -> None:
-        """Gauges read live engine state at scrape time."""
+              usage: Callable[[], float],
+              prefix_cache: Callable[[], tuple[int, int]] | None = None) -> None:
+        """Gauges (and the prefix cache's counters: tokens queried, tokens hit) read live
+        engine state at scrape time."""
         self._gauges["num_requests_running"].set_function(running)
         self._gauges["num_requests_waiting"].set_function(waiting)
         self._gauges["kv_cache_usage_perc"].set_function(usage)
+        if prefix_cache is not None:
+            self.prefix_cache.read = prefix_cache
+
+
+class _PrefixCacheCounters:
+    """vLLM's prefix-cache counters, in tokens: looked up, and found cached. The engine
+    thread counts them; a scrape reads its running totals."""
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self._labels = list(labels)
+        self.read: Callable[[], tuple[int, int]] = lambda: (0, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        queries, hits = self.read()
+        for name, doc, value in (
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)):
+            family = CounterMetricFamily(f"pdserve:{name}", doc, labels=list(LABELS))
+            family.add_metric(self._labels, value)
+            yield family
 
 
 class RouterMetrics(_RoleMetrics):

@@ -39,6 +39,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   quantization: str | None = EngineConfig.quantization,
                   kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
                   kernels: str = EngineConfig.kernels,
+                  enable_prefix_caching: bool = EngineConfig.enable_prefix_caching,
                   tls_ca: str | None = None, tls_cert: str | None = None,
                   tls_key: str | None = None,
                   prefill_allowlist: tuple[str, ...] = WorkerConfig.prefill_allowlist,
@@ -53,6 +54,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
     engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
                           kv_cache_gb=kv_cache_gb, quantization=quantization,
                           kv_cache_dtype=kv_cache_dtype, kernels=kernels,
+                          enable_prefix_caching=enable_prefix_caching,
                           max_num_batched_tokens=batched)
     placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
                                  threads=threads, gpu=device != "cpu",
@@ -87,6 +89,8 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--quantization", help="weight quantization: int8 (default: none)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    help="the KV pool's dtype: auto (the weights', default), bfloat16, float32")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   help="reuse cached KV of shared prompt prefixes (default: on)")
     p.add_argument("--threads", type=int)
     p.add_argument("--kernels", choices=KERNEL_CHOICES,
                    help="CPU kernels per op: auto (default), torch or cpu (see EngineConfig)")
@@ -152,6 +156,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--threads", str(e.num_threads)]
     if e.quantization is not None:
         argv += ["--quantization", e.quantization]
+    if not e.enable_prefix_caching:
+        argv += ["--no-enable-prefix-caching"]
     if p.cpus is not None:
         argv += ["--cpus", ",".join(map(str, p.cpus))]
     if p.gpu_workers:

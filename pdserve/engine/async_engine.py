@@ -72,13 +72,14 @@ class _QueueExporter:
     """Ships each prompt token's KV of each layer once, in order."""
 
     def __init__(self, deliver: Callable[[object], None], staging: HostStaging,
-                 wire: Encoding) -> None:
+                 wire: Encoding, skip: int = 0) -> None:
         self.deliver = deliver
         self.staging, self.wire = staging, wire
+        self.skip = skip  # the receiver holds the first ``skip`` tokens' KV already
         self.sent: dict[int, int] = {}  # layer -> tokens shipped
 
     def on_kv(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        skip = self.sent.get(layer, 0) - start  # recomputed rows already shipped
+        skip = self.sent.get(layer, self.skip) - start  # rows shipped or not wanted
         if skip >= k.shape[0]:
             return
         skip = max(skip, 0)
@@ -98,13 +99,14 @@ class RequestStream:
         self.finished = False
 
     async def add(self, prompt: list[int], params: SamplingParams,
-                  export_kv: Encoding | None = None) -> None:
+                  export_kv: Encoding | None = None, export_skip: int = 0) -> None:
         """Queue the request for prefill here; ``export_kv`` (the wire encoding, MODEL
-        resolved) ships its prompt's KV as ``KVPiece``s ahead of its outputs. Raises
-        ValueError for a bad prompt."""
+        resolved) ships its prompt's KV from token ``export_skip`` on as ``KVPiece``s
+        ahead of its outputs. Raises ValueError for a bad prompt."""
         e = self.engine
         exporter = (None if export_kv is None else
-                    _QueueExporter(e._deliverer(self.request_id), e.staging, export_kv))
+                    _QueueExporter(e._deliverer(self.request_id), e.staging, export_kv,
+                                   export_skip))
         await e.call(e.engine.add_request, self.request_id, prompt, params, exporter)
 
     async def reserve_import(self, prompt: list[int], params: SamplingParams,
@@ -112,8 +114,8 @@ class RequestStream:
         """Reserve blocks for the prompt's KV, to come from a peer in ``encoding``.
         Raises NoFreeBlocksError when the pool is short, ValueError for a bad prompt."""
         e = self.engine
-        await e.call(e.engine.begin_import, self.request_id, prompt, params)
-        expected = e.engine.kv_header(encoding, len(prompt))
+        cached = await e.call(e.engine.begin_import, self.request_id, prompt, params, encoding)
+        expected = e.engine.kv_header(encoding, len(prompt), cached)
         return KVImport(e, self.request_id, expected, params.logprobs is not None)
 
     async def outputs(self) -> AsyncIterator[RequestOutput | KVPiece]:
@@ -215,10 +217,10 @@ class AsyncEngine:
             self.send(lambda: self._abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       export_kv: Encoding | None = None,
+                       export_kv: Encoding | None = None, export_skip: int = 0,
                        ) -> AsyncIterator[RequestOutput | KVPiece]:
         async with self.request(request_id) as stream:
-            await stream.add(prompt, params, export_kv)
+            await stream.add(prompt, params, export_kv, export_skip)
             async for item in stream.outputs():
                 yield item
 

@@ -28,6 +28,7 @@ from pdserve.engine.linear import kv_dtype_for
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.prefix_hash import salt_hash
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
@@ -82,7 +83,11 @@ class LLMEngine:
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gb * 2**30 // per_block))
         self.kv = KVCache(s.num_layers, num_blocks, cfg.block_size, s.num_kv_heads,
                           s.head_dim, self.kv_dtype, self.device)
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        # KV computed here depends on the model, its weights' dtype and quantization
+        # and the pool's dtype; imported KV also on the wire encoding (_salt_for).
+        self._salt_parts = (s.name, cfg.dtype, cfg.quantization, self.kv_dtype)
+        self.local_salt = salt_hash(*self._salt_parts)
         self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
         stops = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs,
@@ -118,6 +123,7 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         self._validate_prompt(ids, params)
         req = Request(request_id, ids, params)
+        req.hash_salt = self.local_salt
         self.requests[request_id] = req
         self.scheduler.stops.track(req)
         return req
@@ -157,17 +163,30 @@ class LLMEngine:
         return True
 
     # --- KV import (decode side of a disaggregated request) ----------------------
-    def begin_import(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Reserve blocks for the prompt's KV; raises NoFreeBlocksError if the pool is short."""
+    def begin_import(self, request_id: str, prompt: list[int], params: SamplingParams,
+                     encoding: Encoding = Encoding.MODEL) -> int:
+        """Reserve blocks for the prompt's KV, arriving in ``encoding``; raises
+        NoFreeBlocksError if the pool is short. Returns how many leading prompt tokens
+        the prefix cache already holds: their KV need not (and must not) be written."""
         req = self._new_request(request_id, prompt, params)
-        need = self.blocks.blocks_for_tokens(req.num_prompt_tokens + 1)
-        if not self.blocks.can_allocate(need):
+        req.hash_salt = self._salt_for(encoding)
+        hits = self.scheduler.cached_prefix(req, req.num_prompt_tokens - 1)
+        if not self.scheduler.reserve(req, hits, req.num_prompt_tokens + 1):
+            need = self.blocks.blocks_for_tokens(req.num_prompt_tokens + 1) - len(hits)
             self.scheduler.finish(req, "abort")
             self._forget(req)
             raise NoFreeBlocksError(
                 f"need {need} KV blocks for the prompt, {self.blocks.num_free_blocks} free")
-        req.block_ids = self.blocks.allocate(need)
         req.state = RequestState.IMPORTING
+        return req.num_cached_tokens
+
+    def _salt_for(self, encoding: Encoding) -> bytes:
+        """Imported KV matches computed KV unless the wire encoding rounded it more
+        than the pool does (int8, or 16-bit into a float32 pool)."""
+        wire = resolve(encoding, self.weight_dtype)
+        if wire in (Encoding.FP32, resolve(Encoding.MODEL, self.kv_dtype)):
+            return self.local_salt
+        return salt_hash(*self._salt_parts, wire.name)
 
     @torch.inference_mode()
     def write_kv(self, request_id: str, layer: int, start: int,
@@ -175,9 +194,9 @@ class LLMEngine:
         """Store K/V (n, kvh, hd) of prompt tokens [start, start + n) of ``layer``."""
         req = self._importing(request_id)
         n = k.shape[0]
-        if not 0 <= start <= start + n <= req.num_prompt_tokens:
-            raise ValueError(f"KV rows [{start}, {start + n}) outside the prompt "
-                             f"[0, {req.num_prompt_tokens})")
+        if not req.num_cached_tokens <= start <= start + n <= req.num_prompt_tokens:
+            raise ValueError(f"KV rows [{start}, {start + n}) outside the prompt's uncached "
+                             f"part [{req.num_cached_tokens}, {req.num_prompt_tokens})")
         bs = self.blocks.block_size
         pos = torch.arange(start, start + n)
         table = torch.tensor(req.block_ids, dtype=torch.int64)
@@ -202,14 +221,19 @@ class LLMEngine:
         """Give up the import (its sender failed): prefill the prompt in this engine."""
         req = self._importing(request_id)
         self.blocks.free(req.abandon_import())
+        if req.hash_salt != self.local_salt:
+            req.hash_salt, req.block_hashes = self.local_salt, []
         self.scheduler.add(req)
 
-    def kv_header(self, encoding: Encoding, num_tokens: int) -> KVHeader:
-        """This model's fingerprint for a KV stream of ``num_tokens`` prompt tokens
-        (``Encoding.MODEL`` resolved to the weights' dtype)."""
+    def kv_header(self, encoding: Encoding, num_tokens: int,
+                  num_cached_tokens: int = 0) -> KVHeader:
+        """This model's fingerprint for a KV stream of ``num_tokens`` prompt tokens, the
+        first ``num_cached_tokens`` left out (``Encoding.MODEL`` resolved to the weights'
+        dtype)."""
         s = self.spec
         return KVHeader(PROTOCOL_VERSION, s.name, s.num_layers, s.num_kv_heads, s.head_dim,
-                        self.blocks.block_size, resolve(encoding, self.weight_dtype), num_tokens)
+                        self.blocks.block_size, resolve(encoding, self.weight_dtype), num_tokens,
+                        num_cached_tokens)
 
     def _importing(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -228,6 +252,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return self._reports()
+        for c in sched.chunks:
+            if c.num_cached_tokens and c.request.kv_exporter is not None:
+                self._export_cached(c)
         try:
             out = self.runner.execute(sched.chunks, _export, lambda: self.interrupt_requested)
         except StepInterrupted:
@@ -241,6 +268,17 @@ class LLMEngine:
         self.scheduler.update(sched, sampled)
         self._to_report.update((r.request_id, r) for r in reqs)
         return self._reports()
+
+    def _export_cached(self, chunk: ScheduledChunk) -> None:
+        """A prompt's prefix came from the cache, not the forward pass: export it from
+        the pool before the rest is computed."""
+        req = chunk.request
+        bs = self.blocks.block_size
+        pos = torch.arange(chunk.num_cached_tokens)
+        table = torch.tensor(req.block_ids, dtype=torch.int64)
+        slots = (table[pos // bs] * bs + pos % bs).to(self.device)
+        for layer in range(self.spec.num_layers):
+            req.kv_exporter.on_kv(layer, 0, *self.kv.read(layer, slots))
 
     def _reports(self) -> list[RequestOutput]:
         reports = [RequestOutput.report(r) for r in self._to_report.values()]

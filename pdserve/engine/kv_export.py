@@ -24,12 +24,13 @@ async def export_kv(engine: AsyncEngine, request: KVRequest,
     """Raises ValueError (after the header) when the engine refuses the prompt,
     ``PrefillEndedEarly`` when it finishes the request without a token."""
     prompt = request.prompt
-    header = engine.engine.kv_header(request.encoding, len(prompt))
+    header = engine.engine.kv_header(request.encoding, len(prompt), request.num_cached_tokens)
     yield header
     # Only the first token is sampled here; the receiver does the rest.
     params = _first_token_only(request.params)
     async for item in engine.generate(request.request_id, prompt, params,
-                                      export_kv=header.encoding):
+                                      export_kv=header.encoding,
+                                      export_skip=request.num_cached_tokens):
         if isinstance(item, KVPiece):
             await item.ready()  # on CUDA: its device → host copy is done
             yield item

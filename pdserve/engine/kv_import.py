@@ -13,6 +13,8 @@ States (each import is in exactly one)::
   survive: see below).
 - RECEIVING: every event is checked (``KVStreamValidator``); each chunk is decoded,
   must be finite (else DATA_LOSS) and is written into those blocks on the engine thread.
+  Blocks the prefix cache supplied (``num_cached_tokens``) are shared with other
+  requests: the sender is asked not to send them, and rows for them are dropped.
 - COMMITTED: every layer complete, the first token known (and inside the
   vocabulary, else ABORTED with INVALID_ARGUMENT): the request joins the decode
   batch; its blocks are freed when it finishes.
@@ -87,6 +89,12 @@ class KVImport:
         self._want_logprobs = want_logprobs
 
     @property
+    def num_cached_tokens(self) -> int:
+        """Leading prompt tokens this engine's prefix cache holds: a sender need not send
+        them (``KVRequest.num_cached_tokens``)."""
+        return self._expected.num_cached_tokens
+
+    @property
     def error(self) -> PeerFailed | None:
         """The last peer failure (why it fell back), if any."""
         return self.failures[-1] if self.failures else None
@@ -144,6 +152,11 @@ class KVImport:
         self.state = ImportState.RECEIVING
 
     def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        skip = self._expected.num_cached_tokens - start  # a sender that sent them anyway
+        if skip >= k.shape[0]:
+            return
+        if skip > 0:
+            start, k, v = start + skip, k[skip:], v[skip:]
         # Queued, not awaited: chunks keep arriving while the engine thread copies.
         llm, rid = self.engine.engine, self.request_id
         self.engine.send(lambda: llm.write_kv(rid, layer, start, k, v))

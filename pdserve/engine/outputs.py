@@ -36,6 +36,8 @@ class RequestOutput:
     logprobs: list[Logprob] = field(default_factory=list)
     new_logprobs: list[Logprob] = field(default_factory=list)
     timings: RequestTimings | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (vLLM's field)."""
 
     @classmethod
     def report(cls, r: Request) -> RequestOutput:
@@ -65,4 +67,5 @@ class RequestOutput:
             logprobs=r.logprobs,
             new_logprobs=new_lps,
             timings=timings,
+            num_cached_tokens=r.num_cached_tokens,
         )

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.engine.prefix_hash import BlockHash
 from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
 
@@ -57,6 +58,13 @@ class Request:
         self.state = RequestState.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        # Prefix caching: the hash of each full block of all_token_ids (a chain from
+        # hash_salt), how many of block_ids are registered in the cache, and how many
+        # leading tokens the last admission found cached.
+        self.hash_salt: BlockHash = b""
+        self.block_hashes: list[BlockHash] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[Logprob] = []
@@ -96,8 +104,7 @@ class Request:
         self.state = RequestState.WAITING
         self.num_computed_tokens = 0
         self.metrics.num_preemptions += 1
-        blocks, self.block_ids = self.block_ids, []
-        return blocks
+        return self._release_blocks()
 
     def commit_import(self, first_token_id: int) -> None:
         """IMPORTING → RUNNING: the prompt's KV is in our blocks, the first token known."""
@@ -111,8 +118,8 @@ class Request:
         KV is dropped: the prompt is prefilled here from scratch)."""
         assert self.state is RequestState.IMPORTING, self.state
         self.state = RequestState.WAITING
-        blocks, self.block_ids = self.block_ids, []
-        return blocks
+        self.num_cached_tokens = 0
+        return self._release_blocks()
 
     def append_token(self, token_id: int, logprob: Logprob | None) -> None:
         self.all_token_ids.append(token_id)
@@ -127,5 +134,9 @@ class Request:
         self.finish_reason = reason
         self.stop_reason = stop_reason
         self.metrics.finished_time = time.perf_counter()
+        return self._release_blocks()
+
+    def _release_blocks(self) -> list[int]:
         blocks, self.block_ids = self.block_ids, []
+        self.num_registered_blocks = 0
         return blocks

@@ -9,6 +9,13 @@ KV blocks are allocated step by step as tokens are scheduled. When the pool is
 empty, the newest running request is preempted (its blocks freed, its KV
 recomputed later); a waiting request simply waits.
 
+Prefix caching: a request admitted from the queue first takes the longest run of
+cached blocks that matches its tokens (block hashes, pdserve/engine/prefix_hash.py)
+and computes only the rest; at least its last token is computed, so the step
+samples. After each step, every block a request has filled is registered in the
+cache, so the next request with that prefix (or this one, after a preemption)
+finds it. ``prefix_queries``/``prefix_hits`` count tokens looked up and found.
+
 After the forward pass, ``update`` applies the step: computed tokens counted,
 sampled tokens appended, stop conditions checked (``StopChecker``), finished
 requests removed and their blocks freed. The engine only runs the model and the
@@ -21,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.prefix_hash import extend_hashes
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.logprobs import Logprob
@@ -30,6 +38,7 @@ from pdserve.logprobs import Logprob
 class ScheduledChunk:
     request: Request
     num_tokens: int  # tokens computed for this request this step
+    num_cached_tokens: int = 0  # on admission: leading tokens taken from the prefix cache
 
     @property
     def samples(self) -> bool:
@@ -65,6 +74,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of them, tokens found
 
     @property
     def has_work(self) -> bool:
@@ -96,6 +107,7 @@ class Scheduler:
         the requests that finished (their blocks are free)."""
         for c in out.chunks:
             c.request.num_computed_tokens += c.num_tokens
+            self.register_computed(c.request)
         return [s.request for s in sampled if self.append(s.request, s.token_id, s.logprob)]
 
     def append(self, req: Request, token_id: int, logprob: Logprob | None) -> bool:
@@ -134,14 +146,50 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._grow(req, n):
+            hits = self.cached_prefix(req, req.num_tokens - 1)
+            cached = len(hits) * self.blocks.block_size
+            n = min(req.num_tokens - cached, budget)
+            if not self.reserve(req, hits, cached + n):
                 return
             self.waiting.popleft()
             req.start_running()
             self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, n))
+            out.chunks.append(ScheduledChunk(req, n, cached))
             budget -= n
+
+    # --- the prefix cache -------------------------------------------------------------
+    def cached_prefix(self, req: Request, max_tokens: int) -> list[int]:
+        """Cached blocks holding ``req``'s first tokens, at most ``max_tokens`` of them."""
+        if not self.blocks.enable_caching:
+            return []
+        bs = self.blocks.block_size
+        extend_hashes(req.block_hashes, req.all_token_ids, bs, req.hash_salt, max_tokens)
+        return self.blocks.match_prefix(req.block_hashes[: max_tokens // bs])
+
+    def reserve(self, req: Request, hits: list[int], num_tokens: int) -> bool:
+        """Give ``req`` (holding no blocks) the ``hits`` and new blocks up to
+        ``num_tokens``; the hits count as computed. False if the pool is short."""
+        need = self.blocks.blocks_for_tokens(num_tokens) - len(hits)
+        if not self.blocks.can_allocate(need + self.blocks.num_reclaimed(hits)):
+            return False
+        self.blocks.take_cached(hits)
+        req.block_ids = hits + self.blocks.allocate(need)
+        req.num_registered_blocks = len(hits)
+        req.num_computed_tokens = req.num_cached_tokens = len(hits) * self.blocks.block_size
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += req.num_cached_tokens
+        return True
+
+    def register_computed(self, req: Request) -> None:
+        """Put every block ``req`` has filled into the prefix cache."""
+        bs = self.blocks.block_size
+        full = min(req.num_computed_tokens // bs, len(req.block_ids))
+        if full <= req.num_registered_blocks or not self.blocks.enable_caching:
+            return
+        extend_hashes(req.block_hashes, req.all_token_ids, bs, req.hash_salt, full * bs)
+        for i in range(req.num_registered_blocks, full):
+            self.blocks.register(req.block_ids[i], req.block_hashes[i])
+        req.num_registered_blocks = full
 
     def _newest(self, candidates: list[Request]) -> Request | None:
         """The most recently admitted request among ``candidates``."""

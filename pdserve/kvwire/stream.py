@@ -47,6 +47,8 @@ class KVHeader:
     block_size: int
     encoding: Encoding
     num_tokens: int
+    num_cached_tokens: int = 0
+    """Leading tokens whose KV is not in the stream (the receiver holds it)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class KVRequest:
     prompt: list[int]
     params: SamplingParams
     encoding: Encoding
+    num_cached_tokens: int = 0
+    """Leading prompt tokens whose KV the receiver holds: not sent."""
 
 
 class KVStreamValidator:
@@ -112,6 +116,10 @@ class KVStreamValidator:
         if h.num_tokens != e.num_tokens:
             raise KVStreamError("INVALID_ARGUMENT", f"KV header announces {h.num_tokens} "
                                 f"tokens, the prompt has {e.num_tokens}")
+        if not 0 <= h.num_cached_tokens <= e.num_cached_tokens:
+            raise KVStreamError("INVALID_ARGUMENT", f"KV header skips {h.num_cached_tokens} "
+                                f"tokens, this worker holds {e.num_cached_tokens}")
+        self._covered = [h.num_cached_tokens] * e.num_layers
         self.header = h
 
     def check_chunk(self, c: KVChunk) -> None:

@@ -308,7 +308,22 @@ def test_metrics_move_with_traffic(cluster: ClusterConfig, oai: openai.OpenAI,
     assert grew("decode", "kv_transfer_seconds_count") == n
     for role in ("prefill", "decode"):
         assert after[role]["pdserve:num_preemptions_total"] == 0
-        assert after[role]["pdserve:prefix_cache_hits_total"] == 0
+        assert grew(role, "prefix_cache_queries_total") == n * p
+        assert grew(role, "prefix_cache_hits_total") == 0  # n different prompts
+
+    # The first prompt again: both workers find its full block (16 of its 20 tokens)
+    # cached, and the prefill worker sends only the 4 tokens the decode worker lacks.
+    again = oai.completions.create(model=model, prompt=list(range(2000, 2000 + p)),
+                                   max_tokens=k, temperature=0, extra_body={"ignore_eos": True})
+    assert again.usage.completion_tokens == k
+    final = {role: scrape(ports[role]) for role in ("prefill", "decode")}
+    for role in ("prefill", "decode"):
+        hits = final[role]["pdserve:prefix_cache_hits_total"]
+        assert hits - after[role]["pdserve:prefix_cache_hits_total"] == 16
+    sent = (final["decode"]["pdserve:kv_transfer_bytes_total"]
+            - after["decode"]["pdserve:kv_transfer_bytes_total"])
+    per_request = grew("decode", "kv_transfer_bytes_total") / n
+    assert sent == pytest.approx(per_request * 4 / p)
 
 
 def test_router_health_follows_decode_workers(default_model_dir: Path) -> None:

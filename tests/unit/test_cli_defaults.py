@@ -62,6 +62,18 @@ def test_up_no_migration_reaches_the_router(monkeypatch: pytest.MonkeyPatch) -> 
     assert got[1].router(["h:1"], []).migration is False
 
 
+def test_up_no_enable_prefix_caching_reaches_every_worker(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    got = _captured_up(monkeypatch)
+    assert main(["up"]) == 0 and main(["up", "--no-enable-prefix-caching"]) == 0
+    assert got[0].enable_prefix_caching is True and got[1].enable_prefix_caching is False
+    for role, m in got[1].members():
+        assert not got[1].worker(role, m, 0, 2).engine.enable_prefix_caching
+    f = tmp_path / "c.yaml"
+    f.write_text("enable_prefix_caching: false\n")
+    assert ClusterConfig.from_yaml(f).enable_prefix_caching is False
+
+
 def test_packaged_config_is_found_by_launcher_name() -> None:
     assert launchers.packaged_config("ray") == str(PACKAGED)
     assert launchers.packaged_config("process") is None

@@ -35,7 +35,7 @@ def test_worker_defaults_are_the_role_defaults(role: str) -> None:
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
     c = _cluster(model="/models/m", dtype="float32", quantization="int8", kv_encoding="int8",
-                 host="0.0.0.0",
+                 host="0.0.0.0", enable_prefix_caching=False,
                  prefill_fallback="fail", kv_idle_timeout_s=2.5, pin="off",
                  prefill=[Member(6001, 9001, (0, 2), 2)], decode=[Member(6002, 0, None, None)])
     m = (c.prefill if role == "prefill" else c.decode)[0]
@@ -44,6 +44,8 @@ def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
     assert worker_command(config)[1:3] == ["-m", f"{role}_worker"]
     assert (config.port, config.placement.cpus, config.engine.num_threads) == (m.port, m.cpus, m.threads)
     assert (config.placement.slot, config.placement.slots) == (1, 2)
+    assert config.engine.enable_prefix_caching is False
+    assert "--no-enable-prefix-caching" in worker_argv(config)
 
 
 def test_default_cluster_workers_are_the_default_workers_with_metrics() -> None:

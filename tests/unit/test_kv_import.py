@@ -109,6 +109,66 @@ def test_commit_then_decode_gives_the_engine_alone_tokens(tiny_llama: Path,
     _run(tiny_llama, scenario)
 
 
+async def _warm(d: AsyncEngine, prompt: list[int]) -> None:
+    """Run ``prompt`` on ``d`` so its prefix cache holds the prompt's full blocks."""
+    async with d.request("warm") as stream:
+        await stream.add(prompt, SamplingParams(temperature=0, max_tokens=1))
+        await _tokens(stream)
+
+
+def test_import_asks_only_for_what_the_prefix_cache_lacks(tiny_llama: Path,
+                                                         reference: list[int]) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        await _warm(d, [*PROMPT[:40], 1, 2, 3])  # d holds PROMPT's first 2 blocks
+        full = sum(1 for e in await _recorded(p) if isinstance(e, KVChunk))
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            assert imp.num_cached_tokens == 32
+            delta = dataclasses.replace(_ask(), num_cached_tokens=imp.num_cached_tokens)
+            events = await LoopbackKVSource(p).record(delta)
+            header = events[0]
+            assert isinstance(header, KVHeader) and header.num_cached_tokens == 32
+            chunks = [e for e in events if isinstance(e, KVChunk)]
+            assert min(c.token_offset for c in chunks) == 32 and len(chunks) < full
+            await imp.run(ScriptedKVSource(events).prefill("p", delta, 30), fall_back=False)
+            assert imp.state is ImportState.COMMITTED
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_a_sender_that_ignores_the_cached_prefix_is_still_right(
+        tiny_llama: Path, reference: list[int]) -> None:
+    """An older prefill worker sends every row: the cached (shared) blocks are not
+    written, the rest is, and the tokens are the same."""
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        await _warm(d, [*PROMPT[:40], 1, 2, 3])
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            assert imp.num_cached_tokens == 32
+            await imp.run(LoopbackKVSource(p).prefill("p", _ask(), 30), fall_back=False)
+            assert imp.state is ImportState.COMMITTED
+            assert await _tokens(stream) == reference
+
+    _run(tiny_llama, scenario)
+
+
+def test_a_header_claiming_more_cached_tokens_than_asked_is_refused(
+        tiny_llama: Path) -> None:
+    async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
+        events = await _recorded(p)
+        header = dataclasses.replace(events[0], num_cached_tokens=16)  # type: ignore[type-var]
+        async with d.request("r") as stream:
+            imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
+            assert imp.num_cached_tokens == 0  # d's cache is cold
+            src = ScriptedKVSource([header, *events[1:]])
+            with pytest.raises(KVStreamError, match="skips 16 tokens") as e:
+                await imp.run(src.prefill("p", _ask(), 30), fall_back=False)
+            assert e.value.code == "INVALID_ARGUMENT" and imp.state is ImportState.ABORTED
+
+    _run(tiny_llama, scenario)
+
+
 def test_sender_dies_mid_stream_falls_back_to_a_local_prefill(tiny_llama: Path,
                                                               reference: list[int]) -> None:
     async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:

@@ -42,7 +42,12 @@ def test_prefill_on_a_decode_on_b_gives_a_alone_tokens(tiny_llama: Path) -> None
                   kv_exporter=exporter)
     first = run_all(a)["p"].token_ids  # type: ignore[attr-defined]
     layers = a.spec.num_layers
-    assert len(exporter.chunks) == 3 * layers  # every layer of every chunk
+    # The reference left the prompt's first 4 blocks in A's prefix cache: they go out
+    # first, read from the pool, then the rest as it is computed; each layer in order.
+    assert a.scheduler.prefix_hits == 64
+    for layer in range(layers):
+        rows = [(s, k.shape[0]) for n, s, k, _ in exporter.chunks if n == layer]
+        assert rows == [(0, 64), (64, 6)]
     assert [c[0] for c in exporter.chunks[:layers]] == list(range(layers))  # layer order
     assert_engine_empty(a)
 

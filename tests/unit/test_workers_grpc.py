@@ -202,7 +202,9 @@ def test_two_prefill_calls_with_one_request_id_both_complete(tiny_llama: Path) -
         try:
             a, b = await asyncio.gather(prefill(p.address), prefill(p.address))
             assert a[-1].first_token.token.token_id == b[-1].first_token.token.token_id
-            assert len(a) == len(b) > 2  # header, chunks, first token
+            # Header, chunks, first token (the later one may read the other's blocks
+            # from the prefix cache: fewer, larger chunks).
+            assert min(len(a), len(b)) > 2
             await _settled(p)
         finally:
             await p.stop(0)
