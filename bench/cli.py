@@ -19,9 +19,10 @@ DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action="store_true", help="measure the offline engine (W1-W3)")
-    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3", "W4", "W5", "W6"],
+    p.add_argument("--workload", action="append", choices=["W1", "W2", "W3", "W4", "W5", "W6", "W7"],
                    help="repeatable; default with --engine: W1, W2 and W3; with --target: "
-                        "W1, W2, W3, W4 and W6")
+                        "W1, W2, W3, W4 and W6; W5 and W7 start their own clusters and run "
+                        "alone")
     p.add_argument("--peer", action="append", choices=["vllm", "transformers"], default=[],
                    help="also measure this peer on the same prompts (repeatable)")
     p.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON",
@@ -56,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("bench: --engine and --target are exclusive")
         return run_served(args)
     if not args.engine:
-        if args.workload != ["W5"]:
+        alone = {"W5": _run_w5, "W7": _run_w7}
+        if args.workload is None or len(args.workload) != 1 or args.workload[0] not in alone:
             raise ValueError("bench: W1-W4 and W6 need --engine (offline, W1-W3) or --target "
-                             "(a running server); W5 runs alone (--workload W5)")
-        return _run_w5(args)
+                             "(a running server); W5 and W7 run alone (--workload W5)")
+        return alone[args.workload[0]](args)
     from bench.engine_bench import time_pdserve, time_peer
     from bench.progress import progress_for
 
@@ -111,6 +113,32 @@ def _run_w5(args: argparse.Namespace) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"machine": describe_machine(args.threads), "W5": res}, f, indent=2)
+    return 0
+
+
+def _run_w7(args: argparse.Namespace) -> int:
+    from bench.multiturn import run_w7
+    from bench.progress import progress_for
+
+    res = run_w7(args.model, args.dtype, progress_for(args.quiet))
+    shape = res["shape"]
+    print(f"W7 multi-turn chat ({shape['conversations']} conversations x {shape['turns']} "
+          f"turns, interleaved, one request at a time; disaggregated, prefill on CPU 0, "
+          f"decode on CPU 1)")
+    print(f"{'prefix cache':>13} {'TTFT t1 ms':>10} {'TTFT t2-8 ms':>12} {'prompt t2-8':>11} "
+          f"{'new/turn':>8} {'KV tok/turn':>11} {'P hits':>7} {'D hits':>7}")
+    for mode in ("prefix_caching", "no_prefix_caching"):
+        s = res[mode]["summary"]
+        print(f"{'on' if mode == 'prefix_caching' else 'off':>13} "
+              f"{s['ttft_first_ms_p50']:>10.0f} {s['ttft_later_ms_p50']:>12.0f} "
+              f"{s['prompt_tokens_later_p50']:>11.0f} {s['new_tokens_per_turn_p50']:>8.0f} "
+              f"{s['kv_tokens_later_p50']:>11.0f} {s['prefill_hit_tokens']:>7.0f} "
+              f"{s['decode_hit_tokens']:>7.0f}")
+    print(f"TTFT of turns 2-{shape['turns']}: {res['ttft_later_turns_speedup']:.2f}x lower with "
+          f"prefix caching (medians)")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": describe_machine(args.threads), "W7": res}, f, indent=2)
     return 0
 
 

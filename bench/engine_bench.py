@@ -28,7 +28,10 @@ def time_pdserve(runs: list[Run], repeats: int, dtype: str, threads: int,
 
     steps = 2 + len(runs) * repeats  # the ceilings before and after, every timed run
     with (progress or QuietProgress()).bar("pdserve: loading the model", steps) as bar:
-        llm = LLM(model=model, dtype=dtype, num_threads=threads, quantization=quantization)
+        # Repeats (and W2's TTFT run) reuse their prompts: with the prefix cache on they
+        # would skip their prefill, as vLLM's would (peer_offline.py turns it off too).
+        llm = LLM(model=model, dtype=dtype, num_threads=threads, quantization=quantization,
+                  enable_prefix_caching=False)
         llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
         bar.show("pdserve: ceilings (before)")
         rates = [measure_rates(llm.engine, threads)]

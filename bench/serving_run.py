@@ -30,6 +30,8 @@ from bench.serving_client import Backend, RequestSpec, make_backend
 from bench.stats import SLO, RequestRecord, median_of, summarize
 from bench.workloads import random_prompts
 
+REPEAT_SEED = 1000  # repeat i draws its prompts with seed + REPEAT_SEED * i
+
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
@@ -69,11 +71,14 @@ async def _warm_up(backend: Backend, vocab: int) -> None:
 
 async def _closed(backend: Backend, w: str, cfg: ServeBenchConfig,
                   progress: Progress, label: str) -> dict[str, Any]:
-    specs = closed_specs(w, cfg.vocab, cfg.model_dir, cfg.seed)
+    # Fresh prompts per repeat (the same for every target): servers with a prefix cache
+    # (pdserve's and vLLM's are on by default) would skip a repeated prompt's prefill.
+    per_repeat = [closed_specs(w, cfg.vocab, cfg.model_dir, cfg.seed + REPEAT_SEED * i)
+                  for i in range(cfg.repeats)]
     runs = []
-    with progress.bar(f"{label} {w}", cfg.repeats * len(specs), unit="req") as bar:
+    with progress.bar(f"{label} {w}", cfg.repeats * len(per_repeat[0]), unit="req") as bar:
         tally = RequestTally(bar)
-        for i in range(cfg.repeats):
+        for i, specs in enumerate(per_repeat):
             bar.show(f"{label} {w} repeat {i + 1}/{cfg.repeats}")
             records, duration = await run_together(backend, with_run_ids(specs, f"r{i}"), tally)
             runs.append({"summary": summarize(records, duration, cfg.slo),
@@ -115,11 +120,11 @@ async def _w4(backend: Backend, cfg: ServeBenchConfig, rate_long: float,
 async def _measure_capacity(backend: Backend, cfg: ServeBenchConfig, progress: Progress,
                             label: str) -> float:
     """Prefill tokens/s of this target on W3 (unloaded, median TTFT of 3)."""
-    specs = closed_specs("W3", cfg.vocab, seed=cfg.seed)
     ttfts = []
     with progress.bar(f"{label} W4 prefill capacity (W3 x3)", 3, unit="req") as bar:
         tally = RequestTally(bar)
-        for i in range(3):
+        for i in range(3):  # a fresh prompt each time: a cached one would skip its prefill
+            specs = closed_specs("W3", cfg.vocab, seed=cfg.seed + REPEAT_SEED * i)
             records, _ = await run_one_by_one(backend, with_run_ids(specs, f"cap{i}"), tally)
             if not records[0].success:
                 raise RuntimeError(f"W3 capacity probe failed: {records[0].error}")
