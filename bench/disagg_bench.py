@@ -39,7 +39,7 @@ def run_w5(model: str | None, dtype: str, repeats: int, vocab: int,
     # Every (encoding, size) repeat sends the same prompt: the prefix cache is off, or
     # every repeat after the first would hand off 4 tokens instead of the prompt.
     c = ClusterConfig(model=model, dtype=dtype, router_port=_free_port(), http_port=0,
-                      local_prefill_below=1, enable_prefix_caching=False,
+                      policy="load_aware", local_prefill_below=1, enable_prefix_caching=False,
                       prefill=[Member(_free_port(), 0, (0,) if two else None, 1)],
                       decode=[Member(_free_port(), 0, (1,) if two else None, 1)])
     steps = len(ENCODINGS) * len(SIZES) + 1  # every (encoding, size), then the wire

@@ -79,7 +79,7 @@ def run_w7(model: str | None, dtype: str, progress: Progress | None = None,
 def _cluster(model: str | None, dtype: str, caching: bool) -> ClusterConfig:
     two = len(os.sched_getaffinity(0)) >= 2
     return ClusterConfig(model=model, dtype=dtype, router_port=_free_port(),
-                         http_port=_free_port(), local_prefill_below=1,
+                         http_port=_free_port(), policy="load_aware", local_prefill_below=1,
                          enable_prefix_caching=caching,
                          prefill=[Member(_free_port(), _free_port(), (0,) if two else None, 1)],
                          decode=[Member(_free_port(), _free_port(), (1,) if two else None, 1)])

@@ -94,6 +94,9 @@ class DecodePlan:
         return "remote" if self.prefill_addresses else "local"
 
 
+_RATE_MIN_BYTES = 2**20
+
+
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     service_name = "pdserve.v1.DecodeWorker"
 
@@ -104,6 +107,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.config = config
         self.default_encoding = Encoding.parse(config.kv_encoding)
         self.allowlist = PrefillAllowlist.of(config)
+        self.kv_link_bytes_per_s = 0.0  # moving average over transfers of >= 1 MiB
 
     def register(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
@@ -204,8 +208,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             log.warning("no prefill worker delivered, prefilling locally",
                         extra={"prefill": plan.prefill_addresses, "error": str(kv_import.error)})
             return
-        self.metrics.kv_bytes.inc(kv_import.stats.bytes)
-        self.metrics.kv_seconds.observe(kv_import.stats.transfer_s)
+        stats = kv_import.stats
+        self.metrics.kv_bytes.inc(stats.bytes)
+        self.metrics.kv_seconds.observe(stats.transfer_s)
+        if stats.bytes >= _RATE_MIN_BYTES and stats.transfer_s > 0:  # smaller: latency-bound
+            rate = stats.bytes / stats.transfer_s
+            old = self.kv_link_bytes_per_s
+            self.kv_link_bytes_per_s = rate if old == 0 else 0.8 * old + 0.2 * rate
 
     def _note_peer_failures(self, kv_import: KVImport, plan: DecodePlan) -> None:
         """One failure counted and logged per candidate given up on the way."""

@@ -60,7 +60,8 @@ def build_request(prompt: str | list[int] | None = None, *,
 def _delta(msg: api_pb2.GenerateResponse) -> Delta:
     t = msg.timings
     timings = {"ttft_s": t.ttft_s, "e2e_s": t.e2e_s, "prefill_compute_s": t.prefill_compute_s,
-               "kv_transfer_s": t.kv_transfer_s, "kv_bytes": t.kv_bytes, "plan": t.plan} \
+               "kv_transfer_s": t.kv_transfer_s, "kv_bytes": t.kv_bytes, "plan": t.plan,
+               "predicted_ttft_s": t.predicted_ttft_s} \
         if msg.HasField("timings") else {}
     return Delta(msg.request_id, list(msg.token_ids), msg.text, msg.finish_reason,
                  msg.usage.prompt_tokens, msg.usage.completion_tokens, timings)

@@ -104,6 +104,8 @@ class ClusterConfig:
     """The router's OpenAI-compatible HTTP port (0 = off)."""
     api_key: str | None = None
     """Bearer token the router requires (also $PDSERVE_API_KEY); None = open."""
+    policy: str = RouterConfig.policy
+    """The router's routing policy: cost_model or load_aware (see RouterConfig)."""
     local_prefill_below: int = RouterConfig.local_prefill_below
     prefill_fallback: str = WorkerConfig.prefill_fallback
     """Decode workers, when every prefill worker asked failed (unreachable, died,
@@ -185,7 +187,7 @@ class ClusterConfig:
         """The router's config, routing to these addresses (or to what stdin says)."""
         return RouterConfig(host=self.host, port=self.router_port, http_port=self.http_port,
                             model=self.model, decode=tuple(decode), prefill=tuple(prefill),
-                            members_stdin=members_stdin,
+                            members_stdin=members_stdin, policy=self.policy,
                             local_prefill_below=self.local_prefill_below, api_key=self.api_key,
                             migration=self.migration,
                             tls=self.tls("router"))

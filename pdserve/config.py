@@ -61,6 +61,11 @@ class EngineConfig:
     """The KV pool's dtype (vLLM's name): auto (the weights' dtype, so bf16 weights keep
     bf16 KV on a CPU too: half the bytes a decode step's attention reads, widened to
     fp32 as they are read), bfloat16 or float32."""
+    decode_step_budget_s: float = 0.0
+    """While requests decode, cut prefill chunks so a step lasts about this long (from
+    the measured prefill rate and decode step time, pdserve/engine/step_meter.py): a
+    prompt prefilled here then delays each running request's next token by at most
+    this. 0 = off (chunks fill max_num_batched_tokens)."""
     enable_prefix_caching: bool = True
     """Keep the KV of full blocks after their request finishes and reuse it for any later
     prompt that starts with the same tokens (vLLM's name; see block_manager.py)."""
@@ -85,6 +90,8 @@ class EngineConfig:
             self.max_num_batched_tokens,
         )
         _require(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _require(self.decode_step_budget_s >= 0, "decode_step_budget_s", ">= 0",
+                 self.decode_step_budget_s)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "num_threads", ">= 1", self.num_threads)
         _require(self.kernels in KERNEL_CHOICES, "kernels", f"one of {KERNEL_CHOICES}",
@@ -225,17 +232,22 @@ class RoleDefaults:
     metrics_port: int
     """The cluster's default; a worker started by hand serves no metrics unless asked."""
     max_num_batched_tokens: int
+    decode_step_budget_s: float
 
 
 ROLE_DEFAULTS: dict[str, RoleDefaults] = {
     # A prefill worker has no decode batch to keep responsive: whole 2,048-token
     # chunks (bigger GEMMs, and 1.5 MB KV messages instead of 0.4 MB ones).
-    "prefill": RoleDefaults(port=50061, metrics_port=9061, max_num_batched_tokens=2048),
-    "decode": RoleDefaults(port=50071, metrics_port=9071, max_num_batched_tokens=512),
+    "prefill": RoleDefaults(port=50061, metrics_port=9061, max_num_batched_tokens=2048,
+                            decode_step_budget_s=0.0),
+    # A decode worker that prefills a prompt itself (plan LOCAL) keeps its token
+    # streams within 0.1 s a token (the router's cost model counts on it).
+    "decode": RoleDefaults(port=50071, metrics_port=9071, max_num_batched_tokens=512,
+                           decode_step_budget_s=0.1),
 }
 
 
-ROUTING_POLICIES: tuple[str, ...] = ("load_aware",)
+ROUTING_POLICIES: tuple[str, ...] = ("cost_model", "load_aware")
 
 
 @dataclass(frozen=True)
@@ -257,10 +269,17 @@ class RouterConfig:
     """Prefill worker addresses (host:port)."""
     members_stdin: bool = False
     """Read membership updates (JSON lines) from stdin instead of a static list."""
-    policy: str = "load_aware"
-    """Routing policy, one of ROUTING_POLICIES."""
+    policy: str = "cost_model"
+    """Routing policy, one of ROUTING_POLICIES: cost_model (decode worker and plan by
+    predicted TTFT from the workers' live state, router/cost_model.py) or load_aware
+    (the router's own in-flight counts; REMOTE from local_prefill_below tokens on)."""
     local_prefill_below: int = 16
     """Prompts shorter than this are prefilled on the decode worker (plan LOCAL)."""
+    local_prefill_stall_s: float = 0.1
+    """cost_model: the longest stall a LOCAL prefill may add to a decode worker's
+    running requests (its predicted prefill time there)."""
+    state_interval_s: float = 0.25
+    """Seconds between polls of every worker's live state (WorkerState.GetState)."""
     max_model_len: int | None = None
     """None = the model's max_position_embeddings."""
     max_prompt_chars: int | None = None
@@ -299,6 +318,9 @@ class RouterConfig:
                  self.policy)
         _require(self.local_prefill_below >= 0, "local_prefill_below", ">= 0",
                  self.local_prefill_below)
+        _require(self.local_prefill_stall_s >= 0, "local_prefill_stall_s", ">= 0",
+                 self.local_prefill_stall_s)
+        _require(self.state_interval_s > 0, "state_interval_s", "> 0", self.state_interval_s)
         if self.max_model_len is not None:
             _require(self.max_model_len >= 2, "max_model_len", ">= 2", self.max_model_len)
         if self.max_prompt_chars is not None:

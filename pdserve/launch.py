@@ -28,7 +28,10 @@ from pdserve.tls import channel
 def router_command(r: RouterConfig) -> list[str]:
     """``python -m router`` for ``r``; the API key goes by ``role_env``, not argv."""
     cmd = [sys.executable, "-m", "router", "--host", r.host, "--port", str(r.port),
-           "--http-port", str(r.http_port), "--local-prefill-below", str(r.local_prefill_below)]
+           "--http-port", str(r.http_port), "--policy", r.policy,
+           "--local-prefill-below", str(r.local_prefill_below),
+           "--local-prefill-stall-s", repr(r.local_prefill_stall_s),
+           "--state-interval", repr(r.state_interval_s)]
     if not r.migration:
         cmd.append("--no-migration")
     cmd += [a for d in r.decode for a in ("--decode", d)]

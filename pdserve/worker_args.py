@@ -33,6 +33,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   gpu_workers: int = PlacementRequest.gpu_workers,
                   device: str = EngineConfig.device, kv_cache_gb: float = EngineConfig.kv_cache_gb,
                   max_num_batched_tokens: int | None = None,
+                  decode_step_budget_s: float | None = None,
                   kv_encoding: str = WorkerConfig.kv_encoding,
                   prefill_fallback: str = WorkerConfig.prefill_fallback,
                   kv_idle_timeout_s: float = WorkerConfig.kv_idle_timeout_s,
@@ -51,11 +52,14 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
     defaults = ROLE_DEFAULTS[role]
     batched = (defaults.max_num_batched_tokens if max_num_batched_tokens is None
                else max_num_batched_tokens)
+    step_budget = (defaults.decode_step_budget_s if decode_step_budget_s is None
+                   else decode_step_budget_s)
     engine = EngineConfig(model=model, dtype=dtype, device=device, num_threads=threads,
                           kv_cache_gb=kv_cache_gb, quantization=quantization,
                           kv_cache_dtype=kv_cache_dtype, kernels=kernels,
                           enable_prefix_caching=enable_prefix_caching,
-                          max_num_batched_tokens=batched)
+                          max_num_batched_tokens=batched,
+                          decode_step_budget_s=step_budget)
     placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
                                  threads=threads, gpu=device != "cpu",
                                  gpu_workers=gpu_workers)
@@ -106,6 +110,9 @@ def parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gb", type=float)
     p.add_argument("--max-num-batched-tokens", type=int,
                    help=f"default {ROLE_DEFAULTS[role].max_num_batched_tokens}")
+    p.add_argument("--decode-step-budget-s", type=float,
+                   help="while requests decode, cut prefill chunks so a step lasts about "
+                        f"this long; 0 = off (default {ROLE_DEFAULTS[role].decode_step_budget_s})")
     p.add_argument("--kv-encoding")
     p.add_argument("--prefill-fallback", choices=list(PREFILL_FALLBACKS),
                    help="decode: what to do when every prefill worker asked failed")
@@ -146,6 +153,7 @@ def worker_argv(config: WorkerConfig) -> list[str]:
             "--metrics-port", str(config.metrics_port), "--dtype", e.dtype,
             "--device", e.device, "--kv-cache-gb", repr(e.kv_cache_gb),
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--decode-step-budget-s", repr(e.decode_step_budget_s),
             "--kv-encoding", config.kv_encoding, "--prefill-fallback", config.prefill_fallback,
             "--kv-idle-timeout-s", repr(config.kv_idle_timeout_s),
             "--kernels", e.kernels, "--kv-cache-dtype", e.kv_cache_dtype,

@@ -37,6 +37,7 @@ from typing import Protocol
 import grpc
 
 from pdserve import logs, placement
+from pdserve._proto.pdserve.v1 import worker_pb2_grpc
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
@@ -45,6 +46,8 @@ from pdserve.grpc_server import Server, exit_with_parent, until_stop_signal
 from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.metrics import WorkerMetrics
 from pdserve.worker_args import parse_invocation
+from pdserve.worker_state_service import SERVICE_NAME as STATE_SERVICE
+from pdserve.worker_state_service import WorkerStateServicer
 
 log = logging.getLogger("pdserve.worker")
 
@@ -58,6 +61,10 @@ class WorkerServicer(Protocol):
     def register(self, server: grpc.aio.Server) -> None: ...
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None: ...
+
+    @property
+    def kv_link_bytes_per_s(self) -> float:
+        """KV bytes received per second of transfer, measured (0: none received)."""
 
 
 ServicerFactory = Callable[[WorkerConfig], WorkerServicer]
@@ -120,10 +127,12 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
     """STARTING: bind, load the model (health NOT_SERVING meanwhile); then SERVING."""
     keep_freed_memory()  # before the KV stream's buffers come and go
     servicer = servicer_factory(config)
-    names = [servicer.service_name]
+    state = WorkerStateServicer(config.role)
+    names = [servicer.service_name, STATE_SERVICE]
     server = Server(config.host, config.port, names, [EngineDeathStatus(names)], tls=config.tls,
                     health_port=config.health_port)
     servicer.register(server.server)  # gRPC needs its services before start
+    worker_pb2_grpc.add_WorkerStateServicer_to_server(state, server.server)
     await server.start()
     await server.set_serving(False)
 
@@ -135,6 +144,7 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
     logs.set_model(engine.engine.spec.name)
     metrics = _serve_metrics(config, engine)
     servicer.attach(engine, metrics)
+    state.attach(engine, lambda: servicer.kv_link_bytes_per_s)
     await server.set_serving(True)
     return RunningWorker(server, engine, metrics)
 

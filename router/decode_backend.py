@@ -6,9 +6,10 @@ cancelled from elsewhere (``Abort``). A call that ends with a status other than
 OK raises ``WorkerError`` carrying the gRPC status name (RESOURCE_EXHAUSTED: the
 worker has no room for the prompt; UNAVAILABLE: it is gone; CANCELLED after
 ``cancel``) and the role it blames: ``prefill`` when the decode worker says a
-prefill worker failed the request (pdserve/worker_errors.py), else ``decode``. ``is_serving`` is
-the health probe. The real backend is gRPC (router/decode_client.py); tests use a
-scripted fake (tests/router_fakes.py).
+prefill worker failed the request (pdserve/worker_errors.py), else ``decode``.
+``is_serving`` is the health probe, ``get_state`` the live load (any worker,
+router/worker_loads.py). The real backend is gRPC (router/decode_client.py); tests
+use a scripted fake (tests/router_fakes.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
+from pdserve.worker_state import WorkerLoad
 
 
 @dataclass(frozen=True)
@@ -66,5 +68,8 @@ class DecodeBackend(Protocol):
 
     async def is_serving(self, address: str, timeout: float) -> bool | None:
         """True/False: the worker answered SERVING or not; None: no answer in time."""
+
+    async def get_state(self, address: str, timeout: float) -> WorkerLoad | None:
+        """The worker's live state (any role); None: no answer, or not a sane one."""
 
     async def close(self) -> None: ...

@@ -10,6 +10,7 @@ sees grpc types either.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,6 +22,7 @@ from pdserve.grpc_server import OPTIONS
 from pdserve.params_pb import logprob_from_pb, params_to_pb
 from pdserve.tls import aio_channel
 from pdserve.worker_errors import failed_role
+from pdserve.worker_state import WorkerLoad
 from router.decode_backend import DecodeDelta, DecodeJob, WorkerError
 
 
@@ -85,7 +87,35 @@ class DecodeClients:
             return None if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
         return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def get_state(self, address: str, timeout: float) -> WorkerLoad | None:
+        stub = worker_pb2_grpc.WorkerStateStub(self._channel(address))
+        try:
+            r = await stub.GetState(worker_pb2.WorkerStateRequest(prefix_summary=True),
+                                    timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return None
+        return _load_from_pb(r)
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+
+_MAX_BLOCK_SIZE = 1024
+_MAX_SALT = 64
+
+
+def _load_from_pb(r: worker_pb2.WorkerStateReply) -> WorkerLoad | None:
+    """A worker's state; None for one no worker could be in (the worker is then
+    treated as if it had not answered)."""
+    rates = (r.prefill_tokens_per_s, r.decode_step_s, r.kv_link_bytes_per_s,
+             r.decode_step_budget_s)
+    if not (1 <= r.block_size <= _MAX_BLOCK_SIZE and r.num_free_blocks <= r.num_blocks
+            and len(r.cached_blocks) <= r.num_blocks and len(r.prefix_salt) <= _MAX_SALT
+            and all(math.isfinite(x) and x >= 0 for x in rates)):
+        return None
+    return WorkerLoad(r.role, r.num_running, r.num_waiting, r.pending_prefill_tokens,
+                      r.num_free_blocks, r.num_blocks, r.block_size, *rates[:3],
+                      prefix_salt=bytes(r.prefix_salt), cached_blocks=frozenset(r.cached_blocks),
+                      seq=r.state_seq, decode_step_budget_s=rates[3])

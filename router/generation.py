@@ -248,7 +248,7 @@ class Generator:
         down = self.health.down() if self.health is not None else set()
         if self.prefill_health is not None:
             down |= self.prefill_health.down()
-        choice = self.policy.choose(len(f.prompt) + len(f.output), f.tried | down)
+        choice = self.policy.choose(f.prompt + f.output, f.tried | down)
         if choice is None:
             f.stage = Stage.FAILED
             if f.failure is not None:
@@ -272,7 +272,7 @@ class Generator:
         f.tried.add(choice.decode.address)
         f.stage, f.decode_address = Stage.DISPATCHED, choice.decode.address
         f.t_dispatch = time.perf_counter()
-        f.timings = Timings(plan=choice.plan)
+        f.timings = Timings(plan=choice.plan, predicted_ttft_s=choice.predicted_ttft_s or 0.0)
         log.info("request routed", extra={
             "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
             "prompt_tokens": len(prompt), "migrations": f.migrations})
@@ -320,6 +320,10 @@ class Generator:
         f.timings.ttft_s = now - f.t0
         f.timings.prefill_compute_s = msg.prefill_compute_s
         f.timings.kv_transfer_s, f.timings.kv_bytes = msg.kv_transfer_s, msg.kv_bytes
+        if f.timings.predicted_ttft_s:
+            log.info("routed", extra={"plan": f.timings.plan, "decode": f.decode_address,
+                                      "predicted_ttft_s": round(f.timings.predicted_ttft_s, 4),
+                                      "actual_ttft_s": round(now - f.t_dispatch, 4)})
 
     def _resumed(self, f: _Flight) -> None:
         """The first token of a migrated request's new call: the stream goes on."""

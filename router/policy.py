@@ -7,7 +7,9 @@ that one fails) for a prompt, skipping excluded addresses (decode workers alread
 tried or down, prefill workers down: with none left, the plan is LOCAL); the router then tells the policy the
 request's life, ``dispatched`` → ``prefill_finished`` (first token) → ``ended``
 (also after a retry, an error or an abort), and every membership change.
-``make_policy`` builds the one ``RouterConfig.policy`` names.
+``make_policy`` builds the one ``RouterConfig.policy`` names: ``cost_model``
+(router/cost_model.py, the default: plan and workers by predicted TTFT from live
+worker state) or ``load_aware`` (below: the router's own counts, a static plan).
 
 ``LoadAwarePolicy``: the router keeps its own count of what it sent each worker
 and is still running (tokens for decode workers, requests for prefill workers):
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.config import RouterConfig
+from pdserve.worker_state import WorkerLoad
 
 MAX_PREFILL_FALLBACKS = 2  # prefill workers a decode worker tries after the first
 
@@ -45,6 +48,7 @@ class Choice:
     decode: Member
     prefill: Member | None  # None = plan LOCAL
     prefill_fallbacks: tuple[str, ...] = ()  # asked in order when ``prefill`` fails
+    predicted_ttft_s: float | None = None  # the cost model's, when it decided
 
     @property
     def plan(self) -> str:
@@ -52,8 +56,9 @@ class Choice:
 
 
 class RoutingPolicy(Protocol):
-    def choose(self, num_prompt_tokens: int, exclude: Set[str] = frozenset()) -> Choice | None:
-        """A decode worker not in ``exclude`` and a plan; None when there is none."""
+    def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
+        """A decode worker not in ``exclude`` and a plan for a prompt of ``tokens``
+        (with the output so far, after a migration); None when there is none."""
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         """The request was sent to ``choice.decode``."""
@@ -91,7 +96,7 @@ class LoadAwarePolicy:
         """Requests dispatched and not yet ended."""
         return len(self._loads)
 
-    def choose(self, num_prompt_tokens: int, exclude: Set[str] = frozenset()) -> Choice | None:
+    def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
         candidates = [m for m in self.decode if m.address not in exclude]
         if not candidates:
             return None
@@ -99,7 +104,7 @@ class LoadAwarePolicy:
         n = len(self.decode)
         decode = min(candidates, key=lambda m: (
             m.in_flight_tokens, (self.decode.index(m) - self._rotation) % n))
-        return self._with_prefill(decode, num_prompt_tokens, exclude)
+        return self._with_prefill(decode, len(tokens), exclude)
 
     def _with_prefill(self, decode: Member, num_prompt_tokens: int,
                       exclude: Set[str]) -> Choice:
@@ -140,13 +145,31 @@ class LoadAwarePolicy:
         self.prefill = [known.get(a) or Member(a) for a in prefill]
 
 
-def _load_aware(config: RouterConfig) -> RoutingPolicy:
+@dataclass(frozen=True)
+class PolicyInputs:
+    """What a policy may read besides its config: workers' live state (None: no fresh
+    state) and the model's KV bytes per token on the wire."""
+
+    loads: Callable[[str], WorkerLoad | None] = lambda address: None
+    kv_bytes_per_token: float = 0.0
+
+
+def _load_aware(config: RouterConfig, inputs: PolicyInputs) -> RoutingPolicy:
     return LoadAwarePolicy(config.decode, config.prefill, config.local_prefill_below)
 
 
+def _cost_model(config: RouterConfig, inputs: PolicyInputs) -> RoutingPolicy:
+    from router.cost_model import CostModelPolicy
+
+    return CostModelPolicy(config.decode, config.prefill, config.local_prefill_below,
+                           inputs.loads, inputs.kv_bytes_per_token,
+                           config.local_prefill_stall_s)
+
+
 # One entry per name in pdserve.config.ROUTING_POLICIES.
-POLICIES: dict[str, Callable[[RouterConfig], RoutingPolicy]] = {"load_aware": _load_aware}
+POLICIES: dict[str, Callable[[RouterConfig, PolicyInputs], RoutingPolicy]] = {
+    "cost_model": _cost_model, "load_aware": _load_aware}
 
 
-def make_policy(config: RouterConfig) -> RoutingPolicy:
-    return POLICIES[config.policy](config)
+def make_policy(config: RouterConfig, inputs: PolicyInputs | None = None) -> RoutingPolicy:
+    return POLICIES[config.policy](config, inputs or PolicyInputs())

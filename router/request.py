@@ -42,6 +42,7 @@ class Timings:
     kv_transfer_s: float = 0.0
     kv_bytes: int = 0
     plan: str = ""
+    predicted_ttft_s: float = 0.0  # dispatch to first token, by the cost model; 0: none
 
 
 @dataclass

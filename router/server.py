@@ -18,7 +18,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve import logs
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
@@ -33,9 +35,10 @@ from router.generation import Generator
 from router.health import DecodeHealth
 from router.membership import follow
 from router.openai_http import OpenAIServer
-from router.policy import make_policy
+from router.policy import PolicyInputs, make_policy
 from router.servicer import RouterServicer
 from router.tokenizer import RouterTokenizer
+from router.worker_loads import WorkerLoads
 
 log = logging.getLogger("pdserve.router")
 _DEFAULT = RouterConfig  # every CLI default is the config's own, written once there
@@ -56,9 +59,16 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--prefill", action="append", default=list(_DEFAULT.prefill),
                    help="prefill worker host:port")
     p.add_argument("--policy", choices=ROUTING_POLICIES, default=_DEFAULT.policy,
-                   help="routing policy")
+                   help="routing policy: cost_model (by predicted TTFT from the workers' live "
+                        "state) or load_aware (in-flight counts, static plan)")
     p.add_argument("--local-prefill-below", type=int, default=_DEFAULT.local_prefill_below,
                    help="prompts shorter than this are prefilled on the decode worker")
+    p.add_argument("--local-prefill-stall-s", type=float,
+                   default=_DEFAULT.local_prefill_stall_s,
+                   help="cost_model: longest stall a local prefill may add to a decode "
+                        "worker's running requests")
+    p.add_argument("--state-interval", type=float, default=_DEFAULT.state_interval_s,
+                   help="seconds between polls of every worker's live state")
     p.add_argument("--max-model-len", type=int, default=_DEFAULT.max_model_len)
     p.add_argument("--max-prompt-chars", type=int, default=_DEFAULT.max_prompt_chars,
                    help="longest prompt in characters, checked before tokenizing "
@@ -85,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             host=a.host, port=a.port, http_port=a.http_port, model=a.model,
             served_model_name=a.served_model_name, decode=tuple(a.decode),
             prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
-            local_prefill_below=a.local_prefill_below, max_model_len=a.max_model_len,
+            local_prefill_below=a.local_prefill_below,
+            local_prefill_stall_s=a.local_prefill_stall_s, state_interval_s=a.state_interval,
+            max_model_len=a.max_model_len,
             max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, health_interval_s=a.health_interval,
             drain_grace_s=a.drain_grace, request_timeout_s=a.request_timeout_s,
             migration=a.migration, migration_limit=a.migration_limit,
@@ -116,6 +128,7 @@ class Router:
     generator: Generator
     health: DecodeHealth
     prefill_health: DecodeHealth
+    loads: WorkerLoads
 
     @property
     def serving(self) -> bool:
@@ -131,6 +144,7 @@ class Router:
             await asyncio.sleep(0.05)
         await self.health.stop()
         await self.prefill_health.stop()
+        await self.loads.stop()
         if self.http is not None:
             await self.http.stop()
         await self.grpc.stop(grace=0.5)
@@ -160,7 +174,10 @@ async def start_router(config: RouterConfig) -> Router:
     health = DecodeHealth(config.decode, decode, on_change, config.health_interval_s)
     prefill_health = DecodeHealth(config.prefill, decode, prefill_changed,
                                   config.health_interval_s, role="prefill")
-    generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config), max_len,
+    loads = WorkerLoads(decode, config.decode, config.prefill, config.state_interval_s)
+    inputs = PolicyInputs(loads.get, kv_bytes_per_token(model_config))
+    generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config, inputs),
+                          max_len,
                           decode, metrics, health, prefill_health=prefill_health,
                           request_timeout_s=config.request_timeout_s,
                           migration_limit=config.migration_limit if config.migration else 0,
@@ -168,14 +185,15 @@ async def start_router(config: RouterConfig) -> Router:
     api_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(generator), server.server)
     await server.start()
     await server.set_serving(False)
-    router = Router(server, None, generator, health, prefill_health)
+    router = Router(server, None, generator, health, prefill_health, loads)
     if config.http_port:
         router.http = OpenAIServer(generator, metrics.registry, key, lambda: router.serving)
         await router.http.start(config.host, config.http_port, config.drain_grace_s,
                                 ssl_context=server_ssl_context(config.tls) if config.tls else None)
-    await asyncio.gather(health.probe_all(), prefill_health.probe_all())
+    await asyncio.gather(health.probe_all(), prefill_health.probe_all(), loads.poll_all())
     health.start()
     prefill_health.start()
+    loads.start()
     return router
 
 
@@ -184,8 +202,10 @@ async def serve(config: RouterConfig) -> None:
     follower = None
     if config.members_stdin:
         follower = asyncio.create_task(follow(router.generator.policy, sys.stdin.readline,
-                                              router.health.set_addresses,
-                                              router.prefill_health.set_addresses))
+                                              _both(router.health.set_addresses,
+                                                    router.loads.set_decode),
+                                              _both(router.prefill_health.set_addresses,
+                                                    router.loads.set_prefill)))
     scheme = "https" if config.tls else "http"
     http = f", HTTP on {scheme}://{config.host}:{router.http.port}" if router.http else ""
     grpc_kind = "TLS gRPC" if config.tls else "gRPC"
@@ -194,6 +214,23 @@ async def serve(config: RouterConfig) -> None:
     if follower is not None:
         follower.cancel()
     await router.drain(config.drain_grace_s)
+
+
+def _both(a: Callable[[list[str]], Awaitable[None]],
+          b: Callable[[list[str]], Awaitable[None]]) -> Callable[[list[str]], Awaitable[None]]:
+    async def both(addresses: list[str]) -> None:
+        await a(addresses)
+        await b(addresses)
+    return both
+
+
+def kv_bytes_per_token(model_config: dict[str, Any]) -> float:
+    """KV bytes one prompt token puts on the wire in 16-bit encodings (the default for
+    bf16 and fp16 models): K and V of every layer and KV head."""
+    heads = model_config.get("num_attention_heads", 1)
+    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 0) // heads
+    kv_heads = model_config.get("num_key_value_heads", heads)
+    return float(2 * 2 * model_config.get("num_hidden_layers", 0) * kv_heads * head_dim)
 
 
 def main(argv: list[str] | None = None) -> int:

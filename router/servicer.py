@@ -73,5 +73,6 @@ def _delta_to_pb(d: Delta) -> api_pb2.GenerateResponse:
         t = d.timings
         out.timings.CopyFrom(api_pb2.Timings(
             ttft_s=t.ttft_s, e2e_s=t.e2e_s, prefill_compute_s=t.prefill_compute_s,
-            kv_transfer_s=t.kv_transfer_s, kv_bytes=t.kv_bytes, plan=t.plan))
+            kv_transfer_s=t.kv_transfer_s, kv_bytes=t.kv_bytes, plan=t.plan,
+            predicted_ttft_s=t.predicted_ttft_s))
     return out

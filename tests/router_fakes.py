@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pdserve.config import RouterConfig
 from pdserve.metrics import RouterMetrics
+from pdserve.worker_state import WorkerLoad
 from router.decode_backend import DecodeDelta, DecodeJob, WorkerError
 from router.generation import Generator
 from router.health import DecodeHealth
@@ -59,6 +60,8 @@ class FakeDecodeWorker:
     worker failed the request)."""
     hold_after: int | None = None
     """After this many deltas the stream waits for ``release`` (or a cancel)."""
+    state: WorkerLoad | None = None
+    """What ``get_state`` answers (None: no live state)."""
     jobs: list[DecodeJob] = field(default_factory=list)
     streams: list[FakeDecodeStream] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,6 +136,10 @@ class FakeDecodeBackend:
     async def is_serving(self, address: str, timeout: float) -> bool | None:
         return self.workers[address].serving
 
+    async def get_state(self, address: str, timeout: float) -> WorkerLoad | None:
+        w = self.workers.get(address)
+        return None if w is None or not w.serving else w.state
+
     async def close(self) -> None:
         self.closed = True
 
@@ -149,7 +156,7 @@ class RecordingPolicy:
         self.decode, self.prefill = list(decode), list(prefill)
         self.events: list[tuple[str, str]] = []
 
-    def choose(self, num_prompt_tokens: int, exclude: Set[str] = frozenset()) -> Choice | None:
+    def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
         left = [a for a in self.decode if a not in exclude]
         if not left:
             return None

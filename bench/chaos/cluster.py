@@ -126,6 +126,7 @@ class ChaosCluster:
                               model=self.spec.model,
                               decode=tuple(p.address for p in self.of_role("decode")),
                               prefill=tuple(prefill),
+                              policy="load_aware",  # hostile peers first, as said above
                               local_prefill_below=self.spec.local_prefill_below)
         self.procs["router"] = Proc("router", "router", router_command(router), router.port,
                                     env=role_env())

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from pdserve.engine.prefix_hash import BlockHash
+from pdserve.prefix_hash import BlockHash
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,16 +29,17 @@ from pdserve.engine.linear import kv_dtype_for
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.prefix_hash import salt_hash
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
+from pdserve.engine.step_meter import MIN_PREFILL_TOKENS, StepMeter
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.kvwire.codec import Encoding, resolve
 from pdserve.kvwire.stream import PROTOCOL_VERSION, KVHeader
 from pdserve.logprobs import Logprob
 from pdserve.malloc_tuning import keep_freed_memory
 from pdserve.model_files import resolve_model
+from pdserve.prefix_hash import salt_hash
 from pdserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,10 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
         stops = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                   stops)
+                                   stops, self._prefill_cap)
         self.sampler = Sampler(s.vocab_size, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.meter = StepMeter()
         self.requests: dict[str, Request] = {}
         self._to_report: dict[str, Request] = {}
         # Set from another thread to stop a long step between layers (an abort is
@@ -255,6 +258,7 @@ class LLMEngine:
         for c in sched.chunks:
             if c.num_cached_tokens and c.request.kv_exporter is not None:
                 self._export_cached(c)
+        t0 = time.perf_counter()
         try:
             out = self.runner.execute(sched.chunks, _export, lambda: self.interrupt_requested)
         except StepInterrupted:
@@ -266,8 +270,20 @@ class LLMEngine:
             sampled = [SampledToken(*t) for t in
                        zip(reqs, result.token_ids, result.logprobs, strict=True)]
         self.scheduler.update(sched, sampled)
+        prefill = sum(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
+        self.meter.record(prefill, len(sched.chunks), time.perf_counter() - t0)
         self._to_report.update((r.request_id, r) for r in reqs)
         return self._reports()
+
+    def _prefill_cap(self) -> int | None:
+        """Prefill tokens that fit in a step beside the decode rows within
+        ``decode_step_budget_s``, at the measured rates (None: no budget, or not yet
+        measured)."""
+        budget, m = self.config.decode_step_budget_s, self.meter
+        if budget <= 0 or m.prefill_tokens_per_s <= 0:
+            return None
+        spare = max(budget - m.decode_step_s, 0.0)
+        return max(MIN_PREFILL_TOKENS, int(spare * m.prefill_tokens_per_s))
 
     def _export_cached(self, chunk: ScheduledChunk) -> None:
         """A prompt's prefix came from the cache, not the forward pass: export it from

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.prefix_hash import BlockHash
 from pdserve.logprobs import Logprob
+from pdserve.prefix_hash import BlockHash
 from pdserve.sampling_params import SamplingParams
 
 

@@ -3,14 +3,16 @@
 There is no prefill or decode phase: every request wants its missing tokens
 (``num_tokens - num_computed_tokens``) and each step hands out at most
 ``max_num_batched_tokens`` of them. Running requests come first, decode tokens
-(one each) before prefill chunks, then waiting requests in arrival order.
+(one each) before prefill chunks, then waiting requests in arrival order. While
+requests decode, ``prefill_cap`` may cut the prefill tokens of a step further, so
+a prompt prefilled alongside stalls their next tokens by a bounded time.
 
 KV blocks are allocated step by step as tokens are scheduled. When the pool is
 empty, the newest running request is preempted (its blocks freed, its KV
 recomputed later); a waiting request simply waits.
 
 Prefix caching: a request admitted from the queue first takes the longest run of
-cached blocks that matches its tokens (block hashes, pdserve/engine/prefix_hash.py)
+cached blocks that matches its tokens (block hashes, pdserve/prefix_hash.py)
 and computes only the rest; at least its last token is computed, so the step
 samples. After each step, every block a request has filled is registered in the
 cache, so the next request with that prefix (or this one, after a preemption)
@@ -25,13 +27,14 @@ sampler in between.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.prefix_hash import extend_hashes
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.logprobs import Logprob
+from pdserve.prefix_hash import extend_hashes
 
 
 @dataclass
@@ -67,10 +70,14 @@ class SampledToken:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 stops: StopChecker) -> None:
+                 stops: StopChecker, prefill_cap: Callable[[], int | None] = lambda: None,
+                 ) -> None:
         self.blocks = blocks
         self.stops = stops
         self.token_budget = max_num_batched_tokens
+        # Prefill tokens a step may add to decode rows (None: no cap; see
+        # EngineConfig.decode_step_budget_s).
+        self.prefill_cap = prefill_cap
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -97,7 +104,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget, preempted = self._schedule_running(out, self.token_budget)
+        budget = self.token_budget
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        cap = self.prefill_cap() if decoding else None
+        if cap is not None:
+            budget = min(budget, decoding + cap)
+        budget, preempted = self._schedule_running(out, budget)
         if not preempted:  # the pool is short: admitting more would only thrash
             self._schedule_waiting(out, budget)
         return out

@@ -22,7 +22,7 @@ def free_port() -> int:
 def cluster_yaml(path: Path, model_dir: Path, **extra: object) -> dict[str, object]:
     """A one-prefill, one-decode float32 cluster on free ports (float32 loads in seconds)."""
     config = {"model": str(model_dir), "dtype": "float32", "router_port": free_port(),
-              "local_prefill_below": 1,
+              "policy": "load_aware", "local_prefill_below": 1,  # every prompt remote
               "prefill": [{"port": free_port(), "metrics_port": free_port()}],
               "decode": [{"port": free_port(), "metrics_port": free_port()}], **extra}
     path.write_text(yaml.safe_dump(config))

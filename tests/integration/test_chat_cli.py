@@ -31,7 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny_cluster(tiny_llama: Path) -> Iterator[ClusterConfig]:
     c = ClusterConfig(model=str(tiny_llama), dtype="float32", router_port=_free_port(),
-                      http_port=0, local_prefill_below=1, pin="off",
+                      http_port=0, local_prefill_below=1, policy="load_aware", pin="off",
                       prefill=[Member(_free_port(), _free_port(), None, 1)],
                       decode=[Member(_free_port(), _free_port(), None, 1)])
     procs = start(c, timeout=300)

@@ -44,7 +44,7 @@ def _metric(port: int, name: str) -> float:
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
     c = ClusterConfig(
         model=str(default_model_dir), dtype="float32", router_port=_free_port(), http_port=0,
-        local_prefill_below=1,
+        policy="load_aware", local_prefill_below=1,  # every prompt remote
         prefill=[Member(_free_port(), _free_port(), (0,), 1)],
         decode=[Member(_free_port(), _free_port(), (1,), 1)])
     procs = start(c, timeout=300)

@@ -44,7 +44,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
     c = ClusterConfig(
         model=str(default_model_dir), dtype="float32", router_port=free_port(),
-        http_port=free_port(), api_key=KEY, local_prefill_below=1,
+        http_port=free_port(), api_key=KEY, local_prefill_below=1, policy="load_aware",
         prefill=[Member(free_port(), free_port(), (0,), 1)],
         decode=[Member(free_port(), free_port(), (1,), 1)])
     procs = start(c, timeout=300)

@@ -98,7 +98,7 @@ def test_a_decode_worker_killed_mid_stream_is_invisible_to_the_client(
         prefill = await start_worker(WorkerConfig(role="prefill", engine=engine), PrefillServicer)
         router = await start_router(RouterConfig(
             port=0, http_port=0, model=str(tiny_llama), decode=tuple(procs),
-            prefill=(prefill.address,), health_interval_s=0.2))
+            prefill=(prefill.address,), health_interval_s=0.2, policy="load_aware"))
         try:
             calm, calm_text, calm_last = await _generate(router, "undisturbed")
             killed: list[str] = []

@@ -32,7 +32,7 @@ def cluster(default_model_dir: Path, tmp_path: Path,
     monkeypatch.setenv(FORMAT_ENV, "json")  # what `pdserve up --log-format json` sets
     c = ClusterConfig(
         launcher="process", model=str(default_model_dir), dtype="float32",
-        router_port=free_port(), http_port=0,
+        router_port=free_port(), http_port=0, policy="load_aware",
         prefill=[Member(free_port(), free_port(), (0,), 1)],
         decode=[Member(free_port(), free_port(), (1,), 1)])
     procs = start(c, timeout=300, log_dir=tmp_path)

@@ -65,7 +65,7 @@ def test_a_frozen_prefill_worker_costs_seconds_not_minutes(tiny_llama: Path) -> 
                                                  kv_idle_timeout_s=2.0), DecodeServicer)
         router = await start_router(RouterConfig(
             port=0, http_port=0, model=str(tiny_llama), decode=(decode.address,),
-            prefill=(address,), health_interval_s=0.5))
+            prefill=(address,), health_interval_s=0.5, policy="load_aware"))
         try:
             calm, last, _ = await _generate(router)
             assert last.timings.plan == "remote" and last.timings.kv_bytes > 0

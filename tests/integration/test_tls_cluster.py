@@ -43,6 +43,7 @@ def cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     (d / "cluster.yaml").write_text(yaml.safe_dump({
         "model": str(tiny_llama), "dtype": "float32", "launcher": "process", "pin": "off",
         "router_port": ports["router"], "http_port": ports["http"], "local_prefill_below": 1,
+        "policy": "load_aware",
         "tls_require_client_cert": True,
         "prefill": [{"port": ports["prefill"]}], "decode": [{"port": ports["decode"]}]}))
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--config",

@@ -44,4 +44,4 @@ def test_follow_applies_updates_and_keeps_in_flight_counts() -> None:
     asyncio.run(run())
     assert [m.address for m in policy.decode] == ["d:1", "d:2"] and policy.prefill == []
     assert policy.decode[0] is seen[0] and policy.decode[0].in_flight_tokens == 7
-    assert policy.choose(100).decode.address == "d:2"  # type: ignore[union-attr]
+    assert policy.choose([1] * 100).decode.address == "d:2"  # type: ignore[union-attr]

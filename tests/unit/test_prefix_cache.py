@@ -11,8 +11,8 @@ import pytest
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.prefix_hash import prefix_hashes, salt_hash
 from pdserve.kvwire.codec import Encoding
+from pdserve.prefix_hash import prefix_hashes, salt_hash
 from pdserve.sampling_params import SamplingParams
 from tests.engine_helpers import assert_engine_empty, run_all
 from tests.unit.test_kv_transfer import ListExporter

@@ -17,9 +17,9 @@ def test_least_loaded_decode_worker_wins() -> None:
     policy = load_aware(["d:1", "d:2", "d:3"])
     policy.dispatched("a", Choice(policy.decode[0], None), 30)
     policy.dispatched("b", Choice(policy.decode[2], None), 10)
-    assert _decode(policy.choose(100)) == "d:2"
+    assert _decode(policy.choose([1] * 100)) == "d:2"
     policy.dispatched("c", Choice(policy.decode[1], None), 20)
-    assert _decode(policy.choose(100)) == "d:3"  # 10 tokens beat 20 and 30
+    assert _decode(policy.choose([1] * 100)) == "d:3"  # 10 tokens beat 20 and 30
     for rid in "abc":
         policy.ended(rid)
     assert nothing_in_flight(policy)
@@ -27,36 +27,36 @@ def test_least_loaded_decode_worker_wins() -> None:
 
 def test_ties_rotate_over_every_member() -> None:
     policy = load_aware(["d:1", "d:2", "d:3"])
-    picks = [_decode(policy.choose(100)) for _ in range(6)]
+    picks = [_decode(policy.choose([1] * 100)) for _ in range(6)]
     assert sorted(picks[:3]) == ["d:1", "d:2", "d:3"] and picks[3:] == picks[:3]
     assert nothing_in_flight(policy)
 
 
 def test_excluded_workers_are_never_chosen() -> None:
     policy = load_aware(["d:1", "d:2", "d:3"])
-    assert {_decode(policy.choose(100, {"d:1", "d:3"})) for _ in range(4)} == {"d:2"}
-    assert policy.choose(100, {"d:1", "d:2", "d:3"}) is None
-    assert load_aware([]).choose(100) is None
+    assert {_decode(policy.choose([1] * 100, {"d:1", "d:3"})) for _ in range(4)} == {"d:2"}
+    assert policy.choose([1] * 100, {"d:1", "d:2", "d:3"}) is None
+    assert load_aware([]).choose([1] * 100) is None
     assert nothing_in_flight(policy)
 
 
 def test_short_prompts_prefill_locally_long_ones_remotely() -> None:
     policy = load_aware(["d:1"], ["p:1"], local_prefill_below=16)
-    short, at = policy.choose(15), policy.choose(16)
+    short, at = policy.choose([1] * 15), policy.choose([1] * 16)
     assert short is not None and short.prefill is None and short.plan == "local"
     assert at is not None and at.prefill is not None and at.prefill.address == "p:1"
     assert at.plan == "remote"
-    no_prefill = load_aware(["d:1"], [], local_prefill_below=16).choose(1000)
+    no_prefill = load_aware(["d:1"], [], local_prefill_below=16).choose([1] * 1000)
     assert no_prefill is not None and no_prefill.plan == "local"
     assert nothing_in_flight(policy)
 
 
 def test_least_busy_prefill_worker_wins() -> None:
     policy = load_aware(["d:1"], ["p:1", "p:2"], local_prefill_below=1)
-    first = policy.choose(50)
+    first = policy.choose([1] * 50)
     assert first is not None and first.prefill is not None
     policy.dispatched("a", first, 50)
-    second = policy.choose(50)
+    second = policy.choose([1] * 50)
     assert second is not None and second.prefill is not None
     assert {first.prefill.address, second.prefill.address} == {"p:1", "p:2"}
     policy.ended("a")
@@ -65,7 +65,7 @@ def test_least_busy_prefill_worker_wins() -> None:
 
 def test_accounting_follows_the_request() -> None:
     policy = load_aware(["d:1"], ["p:1"], local_prefill_below=1)
-    choice = policy.choose(40)
+    choice = policy.choose([1] * 40)
     assert choice is not None and choice.prefill is not None
     policy.dispatched("r", choice, 40)
     d, p = policy.decode[0], policy.prefill[0]
@@ -83,7 +83,7 @@ def test_accounting_follows_the_request() -> None:
 
 def test_an_end_before_the_first_token_releases_the_prefill_worker_too() -> None:
     policy = load_aware(["d:1"], ["p:1"], local_prefill_below=1)
-    choice = policy.choose(40)
+    choice = policy.choose([1] * 40)
     assert choice is not None
     policy.dispatched("r", choice, 40)
     policy.ended("r")  # retried, failed or aborted before any token
@@ -92,7 +92,7 @@ def test_an_end_before_the_first_token_releases_the_prefill_worker_too() -> None
 
 def test_membership_changes_keep_counts_and_never_go_negative() -> None:
     policy = load_aware(["d:1", "d:2"])
-    choice = policy.choose(10, {"d:2"})
+    choice = policy.choose([1] * 10, {"d:2"})
     assert choice is not None
     policy.dispatched("r", choice, 10)
     policy.set_members(["d:2"], [])  # d:1 leaves with a request in flight

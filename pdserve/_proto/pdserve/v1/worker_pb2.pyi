@@ -134,3 +134,41 @@ class FirstToken(_message.Message):
     prefill_compute_s: float
     num_prompt_tokens: int
     def __init__(self, token: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., prefill_compute_s: _Optional[float] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class WorkerStateRequest(_message.Message):
+    __slots__ = ("prefix_summary",)
+    PREFIX_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    prefix_summary: bool
+    def __init__(self, prefix_summary: _Optional[bool] = ...) -> None: ...
+
+class WorkerStateReply(_message.Message):
+    __slots__ = ("role", "num_running", "num_waiting", "pending_prefill_tokens", "num_free_blocks", "num_blocks", "block_size", "prefill_tokens_per_s", "decode_step_s", "kv_link_bytes_per_s", "prefix_salt", "cached_blocks", "state_seq", "decode_step_budget_s")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    KV_LINK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SALT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    num_running: int
+    num_waiting: int
+    pending_prefill_tokens: int
+    num_free_blocks: int
+    num_blocks: int
+    block_size: int
+    prefill_tokens_per_s: float
+    decode_step_s: float
+    kv_link_bytes_per_s: float
+    prefix_salt: bytes
+    cached_blocks: _containers.RepeatedScalarFieldContainer[int]
+    state_seq: int
+    decode_step_budget_s: float
+    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., kv_link_bytes_per_s: _Optional[float] = ..., prefix_salt: _Optional[bytes] = ..., cached_blocks: _Optional[_Iterable[int]] = ..., state_seq: _Optional[int] = ..., decode_step_budget_s: _Optional[float] = ...) -> None: ...

@@ -179,3 +179,78 @@ class PrefillWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerStateStub:
+    """Every worker answers it: the router polls it to route by live load and prefix.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetState = channel.unary_unary(
+                '/pdserve.v1.WorkerState/GetState',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerStateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerStateReply.FromString,
+                _registered_method=True)
+
+
+class WorkerStateServicer:
+    """Every worker answers it: the router polls it to route by live load and prefix.
+    """
+
+    def GetState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerStateServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerStateRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerStateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.WorkerState', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.WorkerState', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerState:
+    """Every worker answers it: the router polls it to route by live load and prefix.
+    """
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.WorkerState/GetState',
+            pdserve_dot_v1_dot_worker__pb2.WorkerStateRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.WorkerStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,35 @@
+"""What this engine's steps cost, measured as they run: the prefill rate and the
+decode step time the router's cost model predicts TTFT and stalls from.
+
+Moving averages (weight ``ALPHA`` on the newest step): a step with at least
+``MIN_PREFILL_TOKENS`` prefill tokens updates the prefill rate (tokens / step
+seconds, the decode rows riding along included: that is the rate a prompt gets);
+a step of decode rows only updates the decode step time. Other steps (a few
+prefill tokens) say little about either and are skipped. 0 means not measured yet.
+"""
+
+from __future__ import annotations
+
+ALPHA = 0.2
+MIN_PREFILL_TOKENS = 32
+
+
+class StepMeter:
+    def __init__(self) -> None:
+        self.prefill_tokens_per_s = 0.0
+        self.decode_step_s = 0.0
+        self.steps = 0
+
+    def record(self, prefill_tokens: int, decode_rows: int, seconds: float) -> None:
+        self.steps += 1
+        if seconds <= 0:
+            return
+        if prefill_tokens >= MIN_PREFILL_TOKENS:
+            self.prefill_tokens_per_s = _average(self.prefill_tokens_per_s,
+                                                 prefill_tokens / seconds)
+        elif prefill_tokens == 0 and decode_rows > 0:
+            self.decode_step_s = _average(self.decode_step_s, seconds)
+
+
+def _average(old: float, new: float) -> float:
+    return new if old == 0.0 else (1 - ALPHA) * old + ALPHA * new

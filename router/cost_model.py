@@ -1,0 +1,122 @@
+"""``CostModelPolicy``: per request, the decode worker and plan with the lowest
+predicted TTFT, from the workers' live state (router/worker_loads.py).
+
+For a prompt of n tokens, decode worker D and prefill worker P, with c_D and c_P the
+leading tokens each already caches (their prefix summaries)::
+
+    remote = P.pending / P.rate + max((n − c_P) / P.rate, kv_bytes(n − c_D) / D.link)
+    local  = D.pending / D.rate + (n − c_D) / D.rate
+
+``pending`` is the worker's queue of uncomputed prompt tokens, ``rate`` its measured
+prefill tokens/s and ``link`` the KV bytes/s D measured on its transfers (unknown: the
+transfer is taken to hide behind the compute, as it streams layer by layer). While D
+has running requests, a LOCAL prefill must not stall them past a budget: a decode
+worker with a step budget B (``decode_step_budget_s``) cuts its prefill chunks so a
+step lasts ~B, so the prompt gets D.rate × (1 − decode_step / B); one without may
+prefill LOCAL only when (n − c_D) / D.rate ≤ ``stall_budget_s``. A decode worker
+that has not measured its own prefill rate is taken to prefill as fast as the
+prefill worker.
+
+Plans within ``TIE_RATIO`` (+ ``TIE_S``) of the best prediction count as equal: among
+them the one with the fewest tokens in flight (the router's own count) wins, ties
+rotate. Without
+a fresh state or a measured rate the policy falls back to ``LoadAwarePolicy``'s
+rule for that decision. Prompts shorter than ``local_prefill_below`` stay LOCAL
+(the manual override). Each Choice carries its prediction; the router logs it
+beside the actual TTFT, so the model's error can be measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
+
+from pdserve.worker_state import WorkerLoad
+from router.policy import MAX_PREFILL_FALLBACKS, Choice, LoadAwarePolicy, Member
+
+TIE_RATIO, TIE_S = 1.1, 0.001  # predictions within 10% + 1 ms are a tie
+MIN_PREFILL_SHARE = 0.1  # of a step, what a budgeted decode worker leaves prefill at least
+
+
+@dataclass(frozen=True)
+class _Plan:
+    decode: Member
+    prefill: Member | None
+    ttft_s: float
+
+
+class CostModelPolicy(LoadAwarePolicy):
+    def __init__(self, decode: Sequence[str], prefill: Sequence[str], local_prefill_below: int,
+                 loads: Callable[[str], WorkerLoad | None], kv_bytes_per_token: float,
+                 stall_budget_s: float) -> None:
+        super().__init__(decode, prefill, local_prefill_below)
+        self.loads = loads
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.stall_budget_s = stall_budget_s
+
+    def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
+        n = len(tokens)
+        if n < self.local_prefill_below:
+            return super().choose(tokens, exclude)
+        prefills = [(m, self.loads(m.address)) for m in self.prefill if m.address not in exclude]
+        plans = []
+        for d in self.decode:
+            load = self.loads(d.address) if d.address not in exclude else None
+            if load is not None:
+                plans += self._plans(tokens, d, load, prefills)
+        if not plans:
+            return super().choose(tokens, exclude)
+        return self._pick(plans, prefills)
+
+    def _plans(self, tokens: Sequence[int], d: Member, dl: WorkerLoad,
+               prefills: list[tuple[Member, WorkerLoad | None]]) -> list[_Plan]:
+        n = len(tokens)
+        c_d = dl.cached_tokens(dl.prompt_hashes(tokens))
+        out = []
+        rate_p = 0.0
+        for p, pl in prefills:
+            if pl is None or pl.prefill_tokens_per_s <= 0:
+                continue
+            rate_p = max(rate_p, pl.prefill_tokens_per_s)
+            c_p = pl.cached_tokens(pl.prompt_hashes(tokens))
+            compute = (n - c_p) / pl.prefill_tokens_per_s
+            link = dl.kv_link_bytes_per_s
+            transfer = self.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
+            out.append(_Plan(d, p, pl.pending_prefill_tokens / pl.prefill_tokens_per_s
+                             + max(compute, transfer)))
+        local = self._local(n - c_d, dl, dl.prefill_tokens_per_s or rate_p, bool(prefills))
+        if local is not None:
+            out.append(_Plan(d, None, local))
+        return out
+
+    def _local(self, uncached: int, dl: WorkerLoad, rate: float,
+               remote_possible: bool) -> float | None:
+        """Predicted TTFT of prefilling ``uncached`` tokens on this decode worker, or
+        None where that is not allowed (or its rate is unknown)."""
+        if rate <= 0:
+            return None
+        budget = dl.decode_step_budget_s
+        if dl.num_running and budget > 0:
+            # The worker cuts prefill chunks so a step lasts ~budget: the prompt gets
+            # what the decode rows leave of each step.
+            rate *= max(MIN_PREFILL_SHARE, 1.0 - dl.decode_step_s / budget)
+        elif dl.num_running and remote_possible and uncached / rate > self.stall_budget_s:
+            return None  # one unchunked stall longer than the budget
+        return (dl.pending_prefill_tokens + uncached) / rate
+
+    def _pick(self, plans: list[_Plan], prefills: list[tuple[Member, WorkerLoad | None]],
+              ) -> Choice:
+        best = min(p.ttft_s for p in plans)
+        near = [p for p in plans if p.ttft_s <= best * TIE_RATIO + TIE_S]
+        self._rotation += 1
+        n = len(self.decode)
+        plan = min(near, key=lambda p: (p.decode.in_flight_tokens,
+                                        (self.decode.index(p.decode) - self._rotation) % n,
+                                        p.ttft_s))
+        if plan.prefill is None:
+            return Choice(plan.decode, None, predicted_ttft_s=plan.ttft_s)
+        rest = sorted((m for m, _ in prefills if m is not plan.prefill),
+                      key=lambda m: m.in_flight_requests)
+        return Choice(plan.decode, plan.prefill,
+                      tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]),
+                      predicted_ttft_s=plan.ttft_s)
