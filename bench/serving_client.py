@@ -46,6 +46,9 @@ class Chunk:
     tokens: int | None = None
     usage: int | None = None
     error: str = ""
+    plan: str = ""
+    """pdserve's gRPC API, on the final chunk: the router's plan and its prediction."""
+    predicted_ttft_s: float = 0.0
 
 
 class Backend(Protocol):
@@ -77,8 +80,11 @@ class GrpcBackend:
             if d.token_ids:
                 yield Chunk(True, tokens=len(d.token_ids))
             if d.finish_reason:
+                t = d.timings or {}
                 yield Chunk(False, usage=d.completion_tokens,
-                            error="aborted" if d.finish_reason == "abort" else "")
+                            error="aborted" if d.finish_reason == "abort" else "",
+                            plan=t.get("plan", ""),
+                            predicted_ttft_s=t.get("predicted_ttft_s", 0.0))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -155,6 +161,8 @@ async def measure(backend: Backend, spec: RequestSpec, run_t0: float) -> Request
                 rec.error = ch.error
             if ch.usage is not None:
                 usage = ch.usage
+            if ch.plan:
+                rec.plan, rec.predicted_ttft_s = ch.plan, ch.predicted_ttft_s
             if ch.content:
                 if not rec.chunk_times_s:
                     rec.ttft_s = now - st

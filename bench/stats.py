@@ -38,6 +38,9 @@ class RequestRecord:
     output_tokens: int = 0
     success: bool = False
     error: str = ""
+    plan: str = ""
+    """pdserve targets: local or remote, and the router's predicted TTFT (0: none)."""
+    predicted_ttft_s: float = 0.0
 
     @property
     def itl_s(self) -> list[float]:
@@ -104,6 +107,14 @@ def summarize(records: Iterable[RequestRecord], duration_s: float,
     }
     if slo.active and duration_s > 0:
         summary["goodput"] = sum(is_good(r, slo) for r in ok) / duration_s
+    plans = [r.plan for r in ok if r.plan]
+    if plans:
+        summary["plans"] = {p: plans.count(p) for p in sorted(set(plans))}
+    errors = [abs(r.predicted_ttft_s - r.ttft_s) / r.ttft_s
+              for r in ok if r.predicted_ttft_s > 0 and r.ttft_s > 0]
+    if errors:  # the router's cost model: |predicted - actual| / actual TTFT
+        summary["ttft_prediction_error"] = {
+            "n": len(errors), "p50": percentile(errors, 50), "p90": percentile(errors, 90)}
     return summary
 
 

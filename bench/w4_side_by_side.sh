@@ -2,13 +2,17 @@
 # W4 side by side in one run on this machine, then the `vllm bench serve` cross-check.
 #
 #   colocated              decode worker prefilling itself, 2 threads, 4,096-token steps
-#   colocated-chunked-512  the same with chunked prefill, 512-token steps
-#   disaggregated          `pdserve up --launcher process`: prefill on CPU 0, decode on CPU 1
-#   disagg-local-below-256 the same workers behind a second router that prefills prompts
-#                          under 256 tokens on the decode worker (the short ones)
+#   colocated-chunked-512  the same with chunked prefill, 512-token steps (both without the
+#                          decode workers' default step budget, --decode-step-budget-s 0)
+#   disaggregated          `pdserve up --launcher process`: prefill on CPU 0, decode on CPU 1,
+#                          the default router (cost model: plan per request by predicted TTFT)
+#   fixed-remote           the same workers behind a load_aware router: every prompt of 16+
+#                          tokens prefilled on the prefill worker
+#   fixed-local            the same workers behind a load_aware router that prefills every
+#                          prompt on the decode worker
 #   vllm-serve             vLLM's OpenAI server on both CPUs
 #
-# All four servers are up at once and idle while another one is measured. Then the
+# All the servers are up at once and idle while another one is measured. Then the
 # disaggregated router's HTTP endpoint gets W4's mix from `vllm bench serve`, and
 # `pdserve bench`'s client replays the same requests at the same offsets
 # (bench/vllm_crosscheck.py); their TTFT and ITL medians are compared.
@@ -33,23 +37,27 @@ trap cleanup EXIT
 
 start() { local name=$1; shift; "$@" >"$LOGS/$name.log" 2>&1 & pids+=($!); }
 start disagg .venv/bin/pdserve up --launcher process
-start colo-d $PY -m decode_worker --port 50072 --threads 2 --max-num-batched-tokens 4096
+start colo-d $PY -m decode_worker --port 50072 --threads 2 --max-num-batched-tokens 4096 \
+  --decode-step-budget-s 0
 start colo-r $PY -m router --port 50052 --http-port 0 --decode 127.0.0.1:50072
-start chunk-d $PY -m decode_worker --port 50073 --threads 2 --max-num-batched-tokens 512
+start chunk-d $PY -m decode_worker --port 50073 --threads 2 --max-num-batched-tokens 512 \
+  --decode-step-budget-s 0
 start chunk-r $PY -m router --port 50053 --http-port 0 --decode 127.0.0.1:50073
-start local-r $PY -m router --port 50054 --http-port 0 --decode 127.0.0.1:50071 \
-  --prefill 127.0.0.1:50061 --local-prefill-below 256
+start remote-r $PY -m router --port 50054 --http-port 0 --decode 127.0.0.1:50071 \
+  --prefill 127.0.0.1:50061 --policy load_aware
+start local-r $PY -m router --port 50055 --http-port 0 --decode 127.0.0.1:50071 \
+  --prefill 127.0.0.1:50061 --policy load_aware --local-prefill-below 1000000
 VLLM_CPU_OMP_THREADS_BIND=0,1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4 \
   start vllm "$VPY" -m vllm.entrypoints.openai.api_server --model "$MD" --dtype bfloat16 \
   --max-model-len 4096 --no-enable-prefix-caching --port 8100
 
 $PY - <<'EOF'
 from pdserve.launch import wait_serving
-for port in (50051, 50052, 50053, 50054):
+for port in (50051, 50052, 50053, 50054, 50055):
     wait_serving(f"127.0.0.1:{port}", 900, [])
 EOF
 until curl -sf http://127.0.0.1:8100/v1/models >/dev/null; do sleep 5; done
-echo "all four servers up (logs in $LOGS); CPU while they idle:"
+echo "all servers up (logs in $LOGS); CPU while they idle:"
 top -b -n 2 -d 10 | awk '/^top -/{n++} n==2' | sed -n 1,15p
 
 # One core's prefill capacity: W3 on the disaggregated cluster (its prefill worker is one core).
@@ -64,7 +72,8 @@ echo "prefill capacity $CAP tok/s -> long rate $RL/s"
   --target grpc://127.0.0.1:50052 --label colocated \
   --target grpc://127.0.0.1:50053 --label colocated-chunked-512 \
   --target grpc://127.0.0.1:50051 --label disaggregated \
-  --target grpc://127.0.0.1:50054 --label disagg-local-below-256 \
+  --target grpc://127.0.0.1:50054 --label fixed-remote \
+  --target grpc://127.0.0.1:50055 --label fixed-local \
   --target http://127.0.0.1:8100/v1 --label vllm-serve \
   --json "$OUT/w4_interference.json" --plot-dir "$OUT/w4_plots"
 
