@@ -7,7 +7,8 @@ leading tokens each already caches (their prefix summaries)::
     remote = P.pending / P.rate + max((n − c_P) / P.rate, kv_bytes(n − c_D) / D.link)
     local  = D.pending / D.rate + (n − c_D) / D.rate
 
-``pending`` is the worker's queue of uncomputed prompt tokens, ``rate`` its measured
+``pending`` is the worker's queue of uncomputed prompt tokens (or the prompt tokens
+the router sent it to prefill and has no first token for yet, if more), ``rate`` its measured
 prefill tokens/s and ``link`` the KV bytes/s D measured on its transfers (unknown: the
 transfer is taken to hide behind the compute, as it streams layer by layer). While D
 has running requests, a LOCAL prefill must not stall them past a budget: a decode
@@ -22,7 +23,10 @@ them the one with the fewest tokens in flight (the router's own count) wins, tie
 rotate. Without
 a fresh state or a measured rate the policy falls back to ``LoadAwarePolicy``'s
 rule for that decision. Prompts shorter than ``local_prefill_below`` stay LOCAL
-(the manual override). Each Choice carries its prediction; the router logs it
+(the manual override). Each plan's prediction carries a learned offset: the moving
+average of actual − predicted TTFT of that plan's requests so far (what the formula
+leaves out: RPCs, admission, short prompts' lower rate). Each Choice carries its
+prediction; the router logs it
 beside the actual TTFT, so the model's error can be measured.
 """
 
@@ -36,6 +40,7 @@ from router.policy import MAX_PREFILL_FALLBACKS, Choice, LoadAwarePolicy, Member
 
 TIE_RATIO, TIE_S = 1.1, 0.001  # predictions within 10% + 1 ms are a tie
 MIN_PREFILL_SHARE = 0.1  # of a step, what a budgeted decode worker leaves prefill at least
+OFFSET_ALPHA = 0.1  # weight of the newest residual in the per-plan offset
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,27 @@ class CostModelPolicy(LoadAwarePolicy):
         self.loads = loads
         self.kv_bytes_per_token = kv_bytes_per_token
         self.stall_budget_s = stall_budget_s
+        # Per plan, a moving average of actual − predicted TTFT: what the model leaves
+        # out (RPCs, admission, a short prompt's lower rate), learned from the answers.
+        self.offset_s = {"local": 0.0, "remote": 0.0}
+        self._predicted: dict[str, tuple[str, float]] = {}  # request id → plan, model's
+
+    def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
+        super().dispatched(request_id, choice, num_prompt_tokens)
+        if choice.predicted_ttft_s is not None:
+            raw = choice.predicted_ttft_s - self.offset_s[choice.plan]
+            self._predicted[request_id] = (choice.plan, raw)
+
+    def prefill_finished(self, request_id: str, ttft_s: float | None = None) -> None:
+        super().prefill_finished(request_id, ttft_s)
+        plan, raw = self._predicted.pop(request_id, ("", 0.0))
+        if plan and ttft_s is not None:
+            old = self.offset_s[plan]
+            self.offset_s[plan] = (1 - OFFSET_ALPHA) * old + OFFSET_ALPHA * (ttft_s - raw)
+
+    def ended(self, request_id: str) -> None:
+        super().ended(request_id)
+        self._predicted.pop(request_id, None)
 
     def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
         n = len(tokens)
@@ -82,14 +108,14 @@ class CostModelPolicy(LoadAwarePolicy):
             compute = (n - c_p) / pl.prefill_tokens_per_s
             link = dl.kv_link_bytes_per_s
             transfer = self.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
-            out.append(_Plan(d, p, pl.pending_prefill_tokens / pl.prefill_tokens_per_s
-                             + max(compute, transfer)))
-        local = self._local(n - c_d, dl, dl.prefill_tokens_per_s or rate_p, bool(prefills))
+            out.append(_Plan(d, p, _pending(p, pl) / pl.prefill_tokens_per_s
+                             + max(compute, transfer) + self.offset_s["remote"]))
+        local = self._local(n - c_d, d, dl, dl.prefill_tokens_per_s or rate_p, bool(prefills))
         if local is not None:
-            out.append(_Plan(d, None, local))
+            out.append(_Plan(d, None, local + self.offset_s["local"]))
         return out
 
-    def _local(self, uncached: int, dl: WorkerLoad, rate: float,
+    def _local(self, uncached: int, d: Member, dl: WorkerLoad, rate: float,
                remote_possible: bool) -> float | None:
         """Predicted TTFT of prefilling ``uncached`` tokens on this decode worker, or
         None where that is not allowed (or its rate is unknown)."""
@@ -102,7 +128,8 @@ class CostModelPolicy(LoadAwarePolicy):
             rate *= max(MIN_PREFILL_SHARE, 1.0 - dl.decode_step_s / budget)
         elif dl.num_running and remote_possible and uncached / rate > self.stall_budget_s:
             return None  # one unchunked stall longer than the budget
-        return (dl.pending_prefill_tokens + uncached) / rate
+        return (_pending(d, dl) + uncached) / rate
+
 
     def _pick(self, plans: list[_Plan], prefills: list[tuple[Member, WorkerLoad | None]],
               ) -> Choice:
@@ -120,3 +147,9 @@ class CostModelPolicy(LoadAwarePolicy):
         return Choice(plan.decode, plan.prefill,
                       tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]),
                       predicted_ttft_s=plan.ttft_s)
+
+
+def _pending(m: Member, load: WorkerLoad) -> int:
+    """The worker's prefill queue: what it last said, or more if the router has sent it
+    more since (its state is up to an interval old; requests arrive in bursts)."""
+    return max(load.pending_prefill_tokens, m.prefilling_tokens)

@@ -313,7 +313,7 @@ class Generator:
 
     def _first_token(self, f: _Flight, msg: DecodeDelta, now: float) -> None:
         f.stage = Stage.STREAMING
-        self.policy.prefill_finished(f.request_id)
+        self.policy.prefill_finished(f.request_id, now - f.t_dispatch)
         self.metrics.queue.observe(f.t_dispatch - f.t0)
         self.metrics.ttft.observe(now - f.t0)
         self.metrics.prompt_tokens.inc(len(f.prompt))

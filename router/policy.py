@@ -41,6 +41,7 @@ class Member:
     address: str
     in_flight_tokens: int = 0
     in_flight_requests: int = 0
+    prefilling_tokens: int = 0  # prompt tokens sent here to prefill, first token not back
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class RoutingPolicy(Protocol):
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         """The request was sent to ``choice.decode``."""
 
-    def prefill_finished(self, request_id: str) -> None:
-        """Its first token arrived: the prompt is prefilled."""
+    def prefill_finished(self, request_id: str, ttft_s: float | None = None) -> None:
+        """Its first token arrived, ``ttft_s`` after dispatch: the prompt is prefilled."""
 
     def ended(self, request_id: str) -> None:
         """Its call on the decode worker is over (finished, failed, retried or aborted)."""
@@ -80,6 +81,7 @@ class _Load:
     decode: Member
     prefill: Member | None
     tokens: int
+    prefilling: Member | None = None  # the member prefilling it, until its first token
 
 
 class LoadAwarePolicy:
@@ -117,15 +119,20 @@ class LoadAwarePolicy:
         return Choice(decode, first, tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]))
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
-        load = _Load(choice.decode, choice.prefill, num_prompt_tokens)
+        load = _Load(choice.decode, choice.prefill, num_prompt_tokens,
+                     choice.prefill or choice.decode)
         self._loads[request_id] = load
         load.decode.in_flight_tokens += load.tokens
         load.decode.in_flight_requests += 1
+        load.prefilling.prefilling_tokens += load.tokens  # type: ignore[union-attr]
         if load.prefill is not None:
             load.prefill.in_flight_requests += 1
 
-    def prefill_finished(self, request_id: str) -> None:
+    def prefill_finished(self, request_id: str, ttft_s: float | None = None) -> None:
         load = self._loads.get(request_id)
+        if load is not None and load.prefilling is not None:
+            load.prefilling.prefilling_tokens -= load.tokens
+            load.prefilling = None
         if load is not None and load.prefill is not None:
             load.prefill.in_flight_requests -= 1
             load.prefill = None

@@ -167,7 +167,7 @@ class RecordingPolicy:
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         self.events.append(("dispatched", choice.decode.address))
 
-    def prefill_finished(self, request_id: str) -> None:
+    def prefill_finished(self, request_id: str, ttft_s: float | None = None) -> None:
         self.events.append(("prefill_finished", request_id))
 
     def ended(self, request_id: str) -> None:

@@ -271,7 +271,8 @@ class LLMEngine:
                        zip(reqs, result.token_ids, result.logprobs, strict=True)]
         self.scheduler.update(sched, sampled)
         prefill = sum(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
-        self.meter.record(prefill, len(sched.chunks), time.perf_counter() - t0)
+        decode = sum(1 for c in sched.chunks if c.num_tokens == 1)
+        self.meter.record(prefill, decode, time.perf_counter() - t0)
         self._to_report.update((r.request_id, r) for r in reqs)
         return self._reports()
 

@@ -155,3 +155,34 @@ def test_real_workers_publish_what_the_router_matches(tiny_llama: Path) -> None:
             await d2.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_prompts_sent_since_the_last_state_count_in_the_queue() -> None:
+    decoding = replace(IDLE, num_running=8)
+    policy = _policy({"d:1": decoding, "p:1": PREFILL}, ("d:1",))
+    long = list(range(1, 2049))
+    first = policy.choose(long)
+    assert first is not None and first.plan == "remote"
+    policy.dispatched("long", first, len(long))
+    # The prefill worker's state still says idle: the router knows better.
+    short = policy.choose(PROMPT[:128])
+    assert short is not None and short.plan == "local"
+    policy.prefill_finished("long", 2.0)
+    again = policy.choose(PROMPT[:128])
+    assert again is not None and again.plan == "remote"
+    policy.ended("long")
+    assert nothing_in_flight(policy) and policy.prefill[0].prefilling_tokens == 0
+
+
+def test_each_plan_learns_what_its_formula_leaves_out() -> None:
+    policy = _policy({"d:1": replace(IDLE, num_running=8), "p:1": PREFILL}, ("d:1",))
+    choice = policy.choose(PROMPT)
+    assert choice is not None and choice.plan == "remote"
+    assert choice.predicted_ttft_s == pytest.approx(0.512)
+    policy.dispatched("a", choice, len(PROMPT))
+    policy.prefill_finished("a", 1.012)  # 0.5 s more than predicted
+    policy.ended("a")
+    assert policy.offset_s == {"remote": pytest.approx(0.05), "local": 0.0}
+    later = policy.choose(PROMPT)  # a tenth of the residual, still under local's 0.73 s
+    assert later is not None and later.plan == "remote"
+    assert later.predicted_ttft_s == pytest.approx(0.562)
