@@ -61,20 +61,18 @@ class CostModelPolicy(LoadAwarePolicy):
         # Per plan, a moving average of actual − predicted TTFT: what the model leaves
         # out (RPCs, admission, a short prompt's lower rate), learned from the answers.
         self.offset_s = {"local": 0.0, "remote": 0.0}
-        self._predicted: dict[str, tuple[str, float]] = {}  # request id → plan, model's
+        self._predicted: dict[str, tuple[str, float]] = {}  # request id → plan, prediction
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         super().dispatched(request_id, choice, num_prompt_tokens)
         if choice.predicted_ttft_s is not None:
-            raw = choice.predicted_ttft_s - self.offset_s[choice.plan]
-            self._predicted[request_id] = (choice.plan, raw)
+            self._predicted[request_id] = (choice.plan, choice.predicted_ttft_s)
 
     def prefill_finished(self, request_id: str, ttft_s: float | None = None) -> None:
         super().prefill_finished(request_id, ttft_s)
-        plan, raw = self._predicted.pop(request_id, ("", 0.0))
-        if plan and ttft_s is not None:
-            old = self.offset_s[plan]
-            self.offset_s[plan] = (1 - OFFSET_ALPHA) * old + OFFSET_ALPHA * (ttft_s - raw)
+        plan, predicted = self._predicted.pop(request_id, ("", 0.0))
+        if plan and ttft_s is not None:  # a step of the residual: its moving average
+            self.offset_s[plan] += OFFSET_ALPHA * (ttft_s - predicted)
 
     def ended(self, request_id: str) -> None:
         super().ended(request_id)
@@ -108,12 +106,17 @@ class CostModelPolicy(LoadAwarePolicy):
             compute = (n - c_p) / pl.prefill_tokens_per_s
             link = dl.kv_link_bytes_per_s
             transfer = self.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
-            out.append(_Plan(d, p, _pending(p, pl) / pl.prefill_tokens_per_s
-                             + max(compute, transfer) + self.offset_s["remote"]))
+            out.append(_Plan(d, p, self._calibrated("remote", _pending(p, pl) / pl.prefill_tokens_per_s
+                                                     + max(compute, transfer))))
         local = self._local(n - c_d, d, dl, dl.prefill_tokens_per_s or rate_p, bool(prefills))
         if local is not None:
-            out.append(_Plan(d, None, local + self.offset_s["local"]))
+            out.append(_Plan(d, None, self._calibrated("local", local)))
         return out
+
+    def _calibrated(self, plan: str, formula_s: float) -> float:
+        """The formula plus the plan's learned offset; never below 0 (an offset learned
+        from over-predictions is negative)."""
+        return max(formula_s + self.offset_s[plan], 0.0)
 
     def _local(self, uncached: int, d: Member, dl: WorkerLoad, rate: float,
                remote_possible: bool) -> float | None:

@@ -186,3 +186,14 @@ def test_each_plan_learns_what_its_formula_leaves_out() -> None:
     later = policy.choose(PROMPT)  # a tenth of the residual, still under local's 0.73 s
     assert later is not None and later.plan == "remote"
     assert later.predicted_ttft_s == pytest.approx(0.562)
+
+
+def test_over_predictions_lower_the_offset_but_never_below_zero() -> None:
+    policy = _policy({"d:1": IDLE, "p:1": PREFILL}, ("d:1",))
+    policy.offset_s = {"local": -5.0, "remote": -5.0}  # learned from big over-predictions
+    choice = policy.choose(PROMPT)
+    assert choice is not None and choice.predicted_ttft_s == 0.0
+    policy.dispatched("a", choice, len(PROMPT))
+    policy.prefill_finished("a", 0.3)
+    policy.ended("a")
+    assert policy.offset_s[choice.plan] == pytest.approx(-5.0 + 0.03)
