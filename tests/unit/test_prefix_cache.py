@@ -162,3 +162,35 @@ def _zeros(engine: LLMEngine, n: int) -> tuple[object, object]:
     s = engine.spec
     z = torch.zeros(n, s.num_kv_heads, s.head_dim)
     return z, z
+
+
+def test_abort_and_preemption_with_shared_blocks_leave_the_sharer_right(
+        tiny_llama: Path) -> None:
+    plain = _engine(tiny_llama, caching=False)
+    shared = list(range(5, 69))  # 4 full blocks both requests share
+    prompts = {"keep": [*shared, 70, 71, 72], "drop": [*shared, 80, 81, 82]}
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain.add_request("keep", prompts["keep"], params)
+    reference = run_all(plain)["keep"].token_ids
+
+    # STEP 1: "drop" fills the cache, then "keep" shares its 4 blocks.
+    e = _engine(tiny_llama, blocks=9)  # 4 shared + 3 + 3 at the end: one block short
+    e.add_request("drop", prompts["drop"], params)
+    for _ in range(4):
+        e.step()
+    e.add_request("keep", prompts["keep"], params)
+    e.step()
+    keep, drop = e.requests["keep"], e.requests["drop"]
+    assert keep.num_cached_tokens == 64 and keep.block_ids[:4] == drop.block_ids[:4]
+    # STEP 2: both grow until the pool is short: the newest ("keep") is preempted, its
+    # shared blocks stay referenced by "drop"; then "drop" is aborted.
+    for _ in range(80):
+        if keep.metrics.num_preemptions:
+            break
+        e.step()
+    assert keep.metrics.num_preemptions == 1 and not drop.is_finished
+    assert e.abort("drop")
+    # STEP 3: "keep" comes back, finds its prefix (and its own output) cached, and
+    # ends with the tokens it gets alone.
+    assert run_all(e)["keep"].token_ids == reference
+    assert_engine_empty(e)
