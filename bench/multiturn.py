@@ -151,7 +151,7 @@ def _scrape(c: ClusterConfig) -> dict[str, dict[str, float]]:
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     first = [r for r in rows if r["turn"] == 1]
     later = [r for r in rows if r["turn"] > 1]
-    by_conv = {r["conversation"]: [] for r in rows}  # type: dict[int, list[dict[str, Any]]]
+    by_conv: dict[int, list[dict[str, Any]]] = {r["conversation"]: [] for r in rows}
     for r in rows:
         by_conv[r["conversation"]].append(r)
     new_tokens = [b["prompt_tokens"] - a["prompt_tokens"]

@@ -144,7 +144,7 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
     logs.set_model(engine.engine.spec.name)
     metrics = _serve_metrics(config, engine)
     servicer.attach(engine, metrics)
-    state.attach(engine, lambda: servicer.kv_link_bytes_per_s)
+    state.attach(engine, lambda: servicer.kv_link_bytes_per_s, config.kv_encoding)
     await server.set_serving(True)
     return RunningWorker(server, engine, metrics)
 

@@ -42,6 +42,8 @@ class WorkerLoad:
     """Engine steps so far."""
     decode_step_budget_s: float = 0.0
     """While requests decode, prefill chunks are cut to steps of this long (0: not)."""
+    kv_bytes_per_token: float = 0.0
+    """KV bytes one prompt token puts on the wire in this worker's default encoding."""
 
     def cached_tokens(self, hashes: Sequence[BlockHash]) -> int:
         """Leading tokens of a prompt with these block ``hashes`` (made with this
@@ -66,14 +68,15 @@ def short_hash(h: BlockHash) -> int:
 
 
 def load_of(engine: LLMEngine, role: str, kv_link_bytes_per_s: float = 0.0,
-            prefix_summary: bool = True) -> WorkerLoad:
+            prefix_summary: bool = True, kv_bytes_per_token: float = 0.0) -> WorkerLoad:
     s, b, m = engine.scheduler, engine.blocks, engine.meter
     waiting, running = list(s.waiting), list(s.running)
+    missing = [r.num_tokens - r.num_computed_tokens for r in running]
     pending = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
-    pending += sum(r.num_tokens - r.num_computed_tokens for r in running
-                   if r.num_tokens - r.num_computed_tokens > 1)
+    pending += sum(m for m in missing if m > 1)  # 1 missing: a decode, not a prefill
     cached = frozenset(short_hash(h) for h in b.cached_hashes()) if prefix_summary else None
     return WorkerLoad(role, len(running), len(waiting), pending, b.num_free_blocks,
                       b.num_blocks, b.block_size, m.prefill_tokens_per_s, m.decode_step_s,
                       kv_link_bytes_per_s, engine.local_salt if b.enable_caching else b"",
-                      cached or frozenset(), m.steps, engine.config.decode_step_budget_s)
+                      cached or frozenset(), m.steps, engine.config.decode_step_budget_s,
+                      kv_bytes_per_token)

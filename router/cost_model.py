@@ -50,13 +50,38 @@ class _Plan:
     ttft_s: float
 
 
+@dataclass(frozen=True)
+class _Remote:
+    """One prefill worker's part of a remote plan, the same for every decode worker."""
+
+    member: Member
+    rate: float
+    queue_s: float
+    compute_s: float
+
+
+class _CachedPrefix:
+    """How many leading tokens of one prompt a worker caches; the prompt is hashed once
+    per salt and block size, however many workers share them."""
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.tokens, self.n = tokens, len(tokens)
+        self._hashes: dict[tuple[bytes, int], list[bytes]] = {}
+
+    def __call__(self, load: WorkerLoad) -> int:
+        if not load.prefix_salt or not load.cached_blocks:
+            return 0
+        key = (load.prefix_salt, load.block_size)
+        if key not in self._hashes:
+            self._hashes[key] = load.prompt_hashes(self.tokens)
+        return load.cached_tokens(self._hashes[key])
+
+
 class CostModelPolicy(LoadAwarePolicy):
     def __init__(self, decode: Sequence[str], prefill: Sequence[str], local_prefill_below: int,
-                 loads: Callable[[str], WorkerLoad | None], kv_bytes_per_token: float,
-                 stall_budget_s: float) -> None:
+                 loads: Callable[[str], WorkerLoad | None], stall_budget_s: float) -> None:
         super().__init__(decode, prefill, local_prefill_below)
         self.loads = loads
-        self.kv_bytes_per_token = kv_bytes_per_token
         self.stall_budget_s = stall_budget_s
         # Per plan, a moving average of actual − predicted TTFT: what the model leaves
         # out (RPCs, admission, a short prompt's lower rate), learned from the answers.
@@ -79,36 +104,37 @@ class CostModelPolicy(LoadAwarePolicy):
         self._predicted.pop(request_id, None)
 
     def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
-        n = len(tokens)
-        if n < self.local_prefill_below:
+        if len(tokens) < self.local_prefill_below:
             return super().choose(tokens, exclude)
-        prefills = [(m, self.loads(m.address)) for m in self.prefill if m.address not in exclude]
+        cached = _CachedPrefix(tokens)
+        up = [m for m in self.prefill if m.address not in exclude]
+        remotes = [r for r in (self._remote(m, cached) for m in up) if r is not None]
         plans = []
         for d in self.decode:
             load = self.loads(d.address) if d.address not in exclude else None
             if load is not None:
-                plans += self._plans(tokens, d, load, prefills)
+                plans += self._plans(len(tokens), d, load, cached(load), remotes, bool(up))
         if not plans:
             return super().choose(tokens, exclude)
-        return self._pick(plans, prefills)
+        return self._pick(plans, up)
 
-    def _plans(self, tokens: Sequence[int], d: Member, dl: WorkerLoad,
-               prefills: list[tuple[Member, WorkerLoad | None]]) -> list[_Plan]:
-        n = len(tokens)
-        c_d = dl.cached_tokens(dl.prompt_hashes(tokens))
-        out = []
-        rate_p = 0.0
-        for p, pl in prefills:
-            if pl is None or pl.prefill_tokens_per_s <= 0:
-                continue
-            rate_p = max(rate_p, pl.prefill_tokens_per_s)
-            c_p = pl.cached_tokens(pl.prompt_hashes(tokens))
-            compute = (n - c_p) / pl.prefill_tokens_per_s
-            link = dl.kv_link_bytes_per_s
-            transfer = self.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
-            out.append(_Plan(d, p, self._calibrated("remote", _pending(p, pl) / pl.prefill_tokens_per_s
-                                                     + max(compute, transfer))))
-        local = self._local(n - c_d, d, dl, dl.prefill_tokens_per_s or rate_p, bool(prefills))
+    def _remote(self, p: Member, cached: _CachedPrefix) -> _Remote | None:
+        """A prefill worker with a measured rate: its queue and this prompt's compute."""
+        pl = self.loads(p.address)
+        if pl is None or pl.prefill_tokens_per_s <= 0:
+            return None
+        rate = pl.prefill_tokens_per_s
+        return _Remote(p, rate, _pending(p, pl) / rate, (cached.n - cached(pl)) / rate)
+
+    def _plans(self, n: int, d: Member, dl: WorkerLoad, c_d: int, remotes: list[_Remote],
+               remote_possible: bool) -> list[_Plan]:
+        link = dl.kv_link_bytes_per_s
+        transfer = dl.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
+        out = [_Plan(d, r.member, self._calibrated("remote", r.queue_s + max(r.compute_s,
+                                                                              transfer)))
+               for r in remotes]
+        rate_p = max((r.rate for r in remotes), default=0.0)
+        local = self._local(n - c_d, d, dl, dl.prefill_tokens_per_s or rate_p, remote_possible)
         if local is not None:
             out.append(_Plan(d, None, self._calibrated("local", local)))
         return out
@@ -134,8 +160,7 @@ class CostModelPolicy(LoadAwarePolicy):
         return (_pending(d, dl) + uncached) / rate
 
 
-    def _pick(self, plans: list[_Plan], prefills: list[tuple[Member, WorkerLoad | None]],
-              ) -> Choice:
+    def _pick(self, plans: list[_Plan], up: list[Member]) -> Choice:
         best = min(p.ttft_s for p in plans)
         near = [p for p in plans if p.ttft_s <= best * TIE_RATIO + TIE_S]
         self._rotation += 1
@@ -145,7 +170,7 @@ class CostModelPolicy(LoadAwarePolicy):
                                         p.ttft_s))
         if plan.prefill is None:
             return Choice(plan.decode, None, predicted_ttft_s=plan.ttft_s)
-        rest = sorted((m for m, _ in prefills if m is not plan.prefill),
+        rest = sorted((m for m in up if m is not plan.prefill),
                       key=lambda m: m.in_flight_requests)
         return Choice(plan.decode, plan.prefill,
                       tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]),

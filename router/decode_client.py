@@ -104,18 +104,20 @@ class DecodeClients:
 
 _MAX_BLOCK_SIZE = 1024
 _MAX_SALT = 64
+# The reply's float fields, each a WorkerLoad field of the same name: finite, >= 0.
+_RATES = ("prefill_tokens_per_s", "decode_step_s", "kv_link_bytes_per_s",
+          "decode_step_budget_s", "kv_bytes_per_token")
 
 
 def _load_from_pb(r: worker_pb2.WorkerStateReply) -> WorkerLoad | None:
     """A worker's state; None for one no worker could be in (the worker is then
     treated as if it had not answered)."""
-    rates = (r.prefill_tokens_per_s, r.decode_step_s, r.kv_link_bytes_per_s,
-             r.decode_step_budget_s)
+    rates = {name: getattr(r, name) for name in _RATES}
     if not (1 <= r.block_size <= _MAX_BLOCK_SIZE and r.num_free_blocks <= r.num_blocks
             and len(r.cached_blocks) <= r.num_blocks and len(r.prefix_salt) <= _MAX_SALT
-            and all(math.isfinite(x) and x >= 0 for x in rates)):
+            and all(math.isfinite(x) and x >= 0 for x in rates.values())):
         return None
     return WorkerLoad(r.role, r.num_running, r.num_waiting, r.pending_prefill_tokens,
-                      r.num_free_blocks, r.num_blocks, r.block_size, *rates[:3],
+                      r.num_free_blocks, r.num_blocks, r.block_size,
                       prefix_salt=bytes(r.prefix_salt), cached_blocks=frozenset(r.cached_blocks),
-                      seq=r.state_seq, decode_step_budget_s=rates[3])
+                      seq=r.state_seq, **rates)

@@ -155,10 +155,9 @@ class LoadAwarePolicy:
 @dataclass(frozen=True)
 class PolicyInputs:
     """What a policy may read besides its config: workers' live state (None: no fresh
-    state) and the model's KV bytes per token on the wire."""
+    state)."""
 
     loads: Callable[[str], WorkerLoad | None] = lambda address: None
-    kv_bytes_per_token: float = 0.0
 
 
 def _load_aware(config: RouterConfig, inputs: PolicyInputs) -> RoutingPolicy:
@@ -169,8 +168,7 @@ def _cost_model(config: RouterConfig, inputs: PolicyInputs) -> RoutingPolicy:
     from router.cost_model import CostModelPolicy
 
     return CostModelPolicy(config.decode, config.prefill, config.local_prefill_below,
-                           inputs.loads, inputs.kv_bytes_per_token,
-                           config.local_prefill_stall_s)
+                           inputs.loads, config.local_prefill_stall_s)
 
 
 # One entry per name in pdserve.config.ROUTING_POLICIES.

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pdserve import logs
 from pdserve._proto.pdserve.v1 import api_pb2_grpc
@@ -175,7 +174,7 @@ async def start_router(config: RouterConfig) -> Router:
     prefill_health = DecodeHealth(config.prefill, decode, prefill_changed,
                                   config.health_interval_s, role="prefill")
     loads = WorkerLoads(decode, config.decode, config.prefill, config.state_interval_s)
-    inputs = PolicyInputs(loads.get, kv_bytes_per_token(model_config))
+    inputs = PolicyInputs(loads.get)
     generator = Generator(model_id, RouterTokenizer(model_dir), make_policy(config, inputs),
                           max_len,
                           decode, metrics, health, prefill_health=prefill_health,
@@ -222,15 +221,6 @@ def _both(a: Callable[[list[str]], Awaitable[None]],
         await a(addresses)
         await b(addresses)
     return both
-
-
-def kv_bytes_per_token(model_config: dict[str, Any]) -> float:
-    """KV bytes one prompt token puts on the wire in 16-bit encodings (the default for
-    bf16 and fp16 models): K and V of every layer and KV head."""
-    heads = model_config.get("num_attention_heads", 1)
-    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 0) // heads
-    kv_heads = model_config.get("num_key_value_heads", heads)
-    return float(2 * 2 * model_config.get("num_hidden_layers", 0) * kv_heads * head_dim)
 
 
 def main(argv: list[str] | None = None) -> int:

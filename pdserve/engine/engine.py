@@ -200,10 +200,7 @@ class LLMEngine:
         if not req.num_cached_tokens <= start <= start + n <= req.num_prompt_tokens:
             raise ValueError(f"KV rows [{start}, {start + n}) outside the prompt's uncached "
                              f"part [{req.num_cached_tokens}, {req.num_prompt_tokens})")
-        bs = self.blocks.block_size
-        pos = torch.arange(start, start + n)
-        table = torch.tensor(req.block_ids, dtype=torch.int64)
-        slots = (table[pos // bs] * bs + pos % bs).to(self.device)
+        slots = self._slots(req, start, n)
         self.kv.write(layer, slots, k.to(self.device), v.to(self.device))  # in the pool's dtype
 
     def commit_import(self, request_id: str, first_token_id: int,
@@ -290,12 +287,16 @@ class LLMEngine:
         """A prompt's prefix came from the cache, not the forward pass: export it from
         the pool before the rest is computed."""
         req = chunk.request
-        bs = self.blocks.block_size
-        pos = torch.arange(chunk.num_cached_tokens)
-        table = torch.tensor(req.block_ids, dtype=torch.int64)
-        slots = (table[pos // bs] * bs + pos % bs).to(self.device)
+        slots = self._slots(req, 0, chunk.num_cached_tokens)
         for layer in range(self.spec.num_layers):
             req.kv_exporter.on_kv(layer, 0, *self.kv.read(layer, slots))
+
+    def _slots(self, req: Request, start: int, n: int) -> torch.Tensor:
+        """Pool slots of ``req``'s tokens [start, start + n), on the pool's device."""
+        bs = self.blocks.block_size
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(req.block_ids, dtype=torch.int64)
+        return (table[pos // bs] * bs + pos % bs).to(self.device)
 
     def _reports(self) -> list[RequestOutput]:
         reports = [RequestOutput.report(r) for r in self._to_report.values()]

@@ -105,10 +105,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.token_budget
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-        cap = self.prefill_cap() if decoding else None
-        if cap is not None:
-            budget = min(budget, decoding + cap)
+        cap = self.prefill_cap()
+        if cap is not None:  # counted only then: an engine without a step budget skips it
+            decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+            if decoding:
+                budget = min(budget, decoding + cap)
         budget, preempted = self._schedule_running(out, budget)
         if not preempted:  # the pool is short: admitting more would only thrash
             self._schedule_waiting(out, budget)

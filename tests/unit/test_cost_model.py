@@ -23,7 +23,8 @@ from tests.router_fakes import FakeDecodeBackend, FakeDecodeWorker, nothing_in_f
 
 SALT = salt_hash("m")
 IDLE = WorkerLoad("decode", 0, 0, 0, 100, 100, 16, prefill_tokens_per_s=1000.0,
-                  decode_step_s=0.03, prefix_salt=SALT, decode_step_budget_s=0.1)
+                  decode_step_s=0.03, prefix_salt=SALT, decode_step_budget_s=0.1,
+                  kv_bytes_per_token=1000.0)
 PREFILL = replace(IDLE, role="prefill", decode_step_budget_s=0.0)
 PROMPT = list(range(1, 513))  # 512 tokens: 0.512 s at 1,000 tokens/s
 
@@ -35,8 +36,7 @@ def _holding(load: WorkerLoad, tokens: list[int]) -> WorkerLoad:
 
 def _policy(states: dict[str, WorkerLoad], decode: tuple[str, ...] = ("d:1", "d:2"),
             prefill: tuple[str, ...] = ("p:1",)) -> CostModelPolicy:
-    return CostModelPolicy(decode, prefill, 16, states.get, kv_bytes_per_token=1000.0,
-                           stall_budget_s=0.1)
+    return CostModelPolicy(decode, prefill, 16, states.get, stall_budget_s=0.1)
 
 
 def test_the_second_turn_goes_where_its_prefix_is() -> None:
@@ -145,7 +145,9 @@ def test_real_workers_publish_what_the_router_matches(tiny_llama: Path) -> None:
             s2 = loads.get(d2.address)
             assert s2 is not None and s2.prefill_tokens_per_s > 0 and s2.num_running == 0
             assert s2.cached_tokens(s2.prompt_hashes(turn1)) == 96  # 6 full blocks of 99
-            policy = CostModelPolicy([d1.address, d2.address], [], 16, loads.get, 1000.0, 0.1)
+            spec = d2.engine.engine.spec  # fp32 KV on the wire (the model's dtype)
+            assert s2.kv_bytes_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
+            policy = CostModelPolicy([d1.address, d2.address], [], 16, loads.get, 0.1)
             for _ in range(2):
                 choice = policy.choose([*turn1, 7, 8, 9])
                 assert choice is not None and choice.decode.address == d2.address

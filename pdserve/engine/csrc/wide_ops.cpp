@@ -25,6 +25,9 @@ namespace {
 
 using pdserve_simd::bf16_bits1;
 using pdserve_simd::exp8;
+#if defined(__AVX512F__)
+using pdserve_simd::exp16;
+#endif
 using pdserve_simd::hsum;
 using pdserve_simd::widen1;
 using pdserve_simd::widen8;
@@ -138,8 +141,9 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const c10::optional<torch::T
 
 #if defined(__AVX512F__)
 namespace {
-// The 16-lane twins of widen8, bf16_bits8 and exp8 (AVX-512 builds: silu's exp and
-// division bound it, not memory, so twice the lanes is nearly twice the speed).
+// The 16-lane twins of widen8 and bf16_bits8 (exp16 is exp8's, in simd_math.h). AVX-512
+// builds: silu's exp and division bound it, not memory, so twice the lanes is nearly
+// twice the speed.
 inline __m512 widen16(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -160,24 +164,6 @@ inline void store16(uint16_t* p, __m512 x) {
 
 inline __m512 round16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(x), 16));
-}
-
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 }  // namespace
 #endif
