@@ -47,8 +47,10 @@ class Chunk:
     usage: int | None = None
     error: str = ""
     plan: str = ""
-    """pdserve's gRPC API, on the final chunk: the router's plan and its prediction."""
+    """pdserve's gRPC API, on the final chunk: the router's plan and its prediction,
+    and the KV bytes that crossed the link for it."""
     predicted_ttft_s: float = 0.0
+    kv_bytes: int = 0
 
 
 class Backend(Protocol):
@@ -84,7 +86,8 @@ class GrpcBackend:
                 yield Chunk(False, usage=d.completion_tokens,
                             error="aborted" if d.finish_reason == "abort" else "",
                             plan=t.get("plan", ""),
-                            predicted_ttft_s=t.get("predicted_ttft_s", 0.0))
+                            predicted_ttft_s=t.get("predicted_ttft_s", 0.0),
+                            kv_bytes=t.get("kv_bytes", 0))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -163,6 +166,7 @@ async def measure(backend: Backend, spec: RequestSpec, run_t0: float) -> Request
                 usage = ch.usage
             if ch.plan:
                 rec.plan, rec.predicted_ttft_s = ch.plan, ch.predicted_ttft_s
+                rec.kv_bytes = ch.kv_bytes
             if ch.content:
                 if not rec.chunk_times_s:
                     rec.ttft_s = now - st

@@ -39,8 +39,10 @@ class RequestRecord:
     success: bool = False
     error: str = ""
     plan: str = ""
-    """pdserve targets: local or remote, and the router's predicted TTFT (0: none)."""
+    """pdserve targets: local or remote, the router's predicted TTFT (0: none) and the
+    KV bytes the decode worker received for it."""
     predicted_ttft_s: float = 0.0
+    kv_bytes: int = 0
 
     @property
     def itl_s(self) -> list[float]:
@@ -110,6 +112,12 @@ def summarize(records: Iterable[RequestRecord], duration_s: float,
     plans = [r.plan for r in ok if r.plan]
     if plans:
         summary["plans"] = {p: plans.count(p) for p in sorted(set(plans))}
+    remote = [r for r in ok if r.kv_bytes > 0]
+    if remote:  # the wire encoding a remote prompt took shows in its bytes per token
+        per_token = [r.kv_bytes / r.prompt_len for r in remote]
+        summary["kv"] = {"requests": len(remote), "bytes": sum(r.kv_bytes for r in remote),
+                         "bytes_per_token_min": min(per_token),
+                         "bytes_per_token_max": max(per_token)}
     errors = [abs(r.predicted_ttft_s - r.ttft_s) / r.ttft_s
               for r in ok if r.predicted_ttft_s > 0 and r.ttft_s > 0]
     if errors:  # the router's cost model: |predicted - actual| / actual TTFT

@@ -12,6 +12,11 @@
 #                          prompt on the decode worker
 #   vllm-serve             vLLM's OpenAI server on both CPUs
 #
+# Every server runs without prefix caching (vLLM's included): each target gets the same
+# prompts, and disaggregated, fixed-remote and fixed-local share their workers, so a prompt
+# cached while one target ran would make the next look fast. W4's prompts share no prefix,
+# so within a target the cache changes nothing.
+#
 # All the servers are up at once and idle while another one is measured. Then the
 # disaggregated router's HTTP endpoint gets W4's mix from `vllm bench serve`, and
 # `pdserve bench`'s client replays the same requests at the same offsets
@@ -36,12 +41,12 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
 start() { local name=$1; shift; "$@" >"$LOGS/$name.log" 2>&1 & pids+=($!); }
-start disagg .venv/bin/pdserve up --launcher process
+start disagg .venv/bin/pdserve up --launcher process --no-enable-prefix-caching
 start colo-d $PY -m decode_worker --port 50072 --threads 2 --max-num-batched-tokens 4096 \
-  --decode-step-budget-s 0
+  --decode-step-budget-s 0 --no-enable-prefix-caching
 start colo-r $PY -m router --port 50052 --http-port 0 --decode 127.0.0.1:50072
 start chunk-d $PY -m decode_worker --port 50073 --threads 2 --max-num-batched-tokens 512 \
-  --decode-step-budget-s 0
+  --decode-step-budget-s 0 --no-enable-prefix-caching
 start chunk-r $PY -m router --port 50053 --http-port 0 --decode 127.0.0.1:50073
 start remote-r $PY -m router --port 50054 --http-port 0 --decode 127.0.0.1:50071 \
   --prefill 127.0.0.1:50061 --policy load_aware

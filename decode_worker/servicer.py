@@ -108,9 +108,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.default_encoding = Encoding.parse(config.kv_encoding)
         self.allowlist = PrefillAllowlist.of(config)
         self.kv_link_bytes_per_s = 0.0  # moving average over transfers of >= 1 MiB
+        self._imports: set[KVImport] = set()  # reserved or receiving: the link's backlog
 
     def register(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
+
+    def kv_link(self) -> tuple[float, int]:
+        return self.kv_link_bytes_per_s, sum(i.bytes_pending for i in list(self._imports))
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""
@@ -191,6 +195,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         idle = self.config.kv_idle_timeout_s
         alive = [functools.partial(self.kv_source.is_alive, a, min(idle, _PROBE_TIMEOUT_S))
                  for a in plan.prefill_addresses]
+        self._imports.add(kv_import)
         try:
             await kv_import.run(first, fall_back=self.config.prefill_fallback == "local",
                                 retries=rest, idle_timeout_s=idle, still_alive=alive,
@@ -203,6 +208,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             log.warning("KV import failed", extra={"prefill": plan.prefill_addresses,
                                                    "code": code, "error": message})
             await context.abort(code, message, trailing_metadata=_BLAME_PREFILL)
+        finally:
+            self._imports.discard(kv_import)
         self._note_peer_failures(kv_import, plan)
         if kv_import.state is ImportState.FELL_BACK:
             log.warning("no prefill worker delivered, prefilling locally",

@@ -107,6 +107,8 @@ class ClusterConfig:
     policy: str = RouterConfig.policy
     """The router's routing policy: cost_model or load_aware (see RouterConfig)."""
     local_prefill_below: int = RouterConfig.local_prefill_below
+    kv_encodings: tuple[str, ...] = RouterConfig.kv_encodings
+    """Wire encodings the cost model may pick per request on a slow link, e.g. [int8]."""
     prefill_fallback: str = WorkerConfig.prefill_fallback
     """Decode workers, when every prefill worker asked failed (unreachable, died,
     silent, full): local (prefill the prompt themselves) or fail (UNAVAILABLE)."""
@@ -189,7 +191,7 @@ class ClusterConfig:
                             model=self.model, decode=tuple(decode), prefill=tuple(prefill),
                             members_stdin=members_stdin, policy=self.policy,
                             local_prefill_below=self.local_prefill_below, api_key=self.api_key,
-                            migration=self.migration,
+                            migration=self.migration, kv_encodings=self.kv_encodings,
                             tls=self.tls("router"))
 
     @classmethod
@@ -210,6 +212,8 @@ class ClusterConfig:
                 raise ValueError(f"ray must be a mapping with keys among {sorted(allowed)}, "
                                  f"got {ray!r}")
             data["ray"] = RaySettings(**ray)
+        if "kv_encodings" in data:
+            data["kv_encodings"] = tuple(data["kv_encodings"] or ())
         return cls(**data)
 
 

@@ -148,7 +148,7 @@ def tls_from_args(ca: str | None, cert: str | None, key: str | None,
 
 PREFILL_FALLBACKS = ("local", "fail")
 KV_SOURCES: tuple[str, ...] = ("grpc", "loopback")
-KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")
+KV_ENCODINGS: tuple[str, ...] = ("model", "fp32", "bf16", "fp16", "int8")  # KVEncoding order
 
 
 @dataclass(frozen=True)
@@ -280,6 +280,11 @@ class RouterConfig:
     running requests (its predicted prefill time there)."""
     state_interval_s: float = 0.25
     """Seconds between polls of every worker's live state (WorkerState.GetState)."""
+    kv_encodings: tuple[str, ...] = ()
+    """cost_model: KV wire encodings it may ask of a prefill worker instead of the
+    decode worker's default, per request, where that is predicted to bring the first
+    token sooner (the link, not the compute, is the bottleneck); the default wins
+    ties. ("int8",): quantize the KV on slow links (lossy, half of bf16's bytes)."""
     max_model_len: int | None = None
     """None = the model's max_position_embeddings."""
     max_prompt_chars: int | None = None
@@ -321,6 +326,9 @@ class RouterConfig:
         _require(self.local_prefill_stall_s >= 0, "local_prefill_stall_s", ">= 0",
                  self.local_prefill_stall_s)
         _require(self.state_interval_s > 0, "state_interval_s", "> 0", self.state_interval_s)
+        for e in self.kv_encodings:
+            _require(e in KV_ENCODINGS[1:], "kv_encodings", f"a list of {KV_ENCODINGS[1:]}",
+                     e)
         if self.max_model_len is not None:
             _require(self.max_model_len >= 2, "max_model_len", ">= 2", self.max_model_len)
         if self.max_prompt_chars is not None:

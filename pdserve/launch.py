@@ -34,6 +34,8 @@ def router_command(r: RouterConfig) -> list[str]:
            "--state-interval", repr(r.state_interval_s)]
     if not r.migration:
         cmd.append("--no-migration")
+    if r.kv_encodings:
+        cmd += ["--kv-encodings", ",".join(r.kv_encodings)]
     cmd += [a for d in r.decode for a in ("--decode", d)]
     cmd += [a for p in r.prefill for a in ("--prefill", p)]
     if r.members_stdin:

@@ -62,9 +62,9 @@ class WorkerServicer(Protocol):
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None: ...
 
-    @property
-    def kv_link_bytes_per_s(self) -> float:
-        """KV bytes received per second of transfer, measured (0: none received)."""
+    def kv_link(self) -> tuple[float, int]:
+        """KV bytes received per second of transfer, measured (0: none received), and
+        the bytes of KV imports still to arrive."""
 
 
 ServicerFactory = Callable[[WorkerConfig], WorkerServicer]
@@ -144,7 +144,7 @@ async def start_worker(config: WorkerConfig, servicer_factory: ServicerFactory,
     logs.set_model(engine.engine.spec.name)
     metrics = _serve_metrics(config, engine)
     servicer.attach(engine, metrics)
-    state.attach(engine, lambda: servicer.kv_link_bytes_per_s, config.kv_encoding)
+    state.attach(engine, servicer.kv_link, config.kv_encoding)
     await server.set_serving(True)
     return RunningWorker(server, engine, metrics)
 

@@ -11,7 +11,7 @@ prompt with the worker's salt (``prefix_hashes``) and counts the leading blocks 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,10 @@ class WorkerLoad:
     """While requests decode, prefill chunks are cut to steps of this long (0: not)."""
     kv_bytes_per_token: float = 0.0
     """KV bytes one prompt token puts on the wire in this worker's default encoding."""
+    kv_bytes_per_token_by_encoding: Mapping[int, float] = field(default_factory=dict)
+    """The same per wire encoding (``KVEncoding`` value) it can receive."""
+    kv_pending_bytes: int = 0
+    """Decode workers: KV bytes of their imports still to arrive (the link's backlog)."""
 
     def cached_tokens(self, hashes: Sequence[BlockHash]) -> int:
         """Leading tokens of a prompt with these block ``hashes`` (made with this
@@ -67,8 +71,18 @@ def short_hash(h: BlockHash) -> int:
     return int.from_bytes(h[:8], "little")
 
 
-def load_of(engine: LLMEngine, role: str, kv_link_bytes_per_s: float = 0.0,
-            prefix_summary: bool = True, kv_bytes_per_token: float = 0.0) -> WorkerLoad:
+@dataclass(frozen=True)
+class LinkState:
+    """What a worker's servicer knows of its KV link, beside the engine's state."""
+
+    bytes_per_s: float = 0.0
+    pending_bytes: int = 0
+    bytes_per_token: float = 0.0
+    bytes_per_token_by_encoding: Mapping[int, float] = field(default_factory=dict)
+
+
+def load_of(engine: LLMEngine, role: str, link: LinkState,
+            prefix_summary: bool = True) -> WorkerLoad:
     s, b, m = engine.scheduler, engine.blocks, engine.meter
     waiting, running = list(s.waiting), list(s.running)
     missing = [r.num_tokens - r.num_computed_tokens for r in running]
@@ -77,6 +91,7 @@ def load_of(engine: LLMEngine, role: str, kv_link_bytes_per_s: float = 0.0,
     cached = frozenset(short_hash(h) for h in b.cached_hashes()) if prefix_summary else None
     return WorkerLoad(role, len(running), len(waiting), pending, b.num_free_blocks,
                       b.num_blocks, b.block_size, m.prefill_tokens_per_s, m.decode_step_s,
-                      kv_link_bytes_per_s, engine.local_salt if b.enable_caching else b"",
+                      link.bytes_per_s, engine.local_salt if b.enable_caching else b"",
                       cached or frozenset(), m.steps, engine.config.decode_step_budget_s,
-                      kv_bytes_per_token)
+                      link.bytes_per_token, link.bytes_per_token_by_encoding,
+                      link.pending_bytes)

@@ -39,10 +39,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         self.engine: AsyncEngine = None  # type: ignore[assignment]  # set by attach()
         self.metrics: WorkerMetrics = None  # type: ignore[assignment]
         self._calls = 0
-        self.kv_link_bytes_per_s = 0.0  # a prefill worker receives no KV
 
     def register(self, server: grpc.aio.Server) -> None:
         add_prefill_servicer(self, server)
+
+    def kv_link(self) -> tuple[float, int]:
+        return 0.0, 0  # a prefill worker receives no KV
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""

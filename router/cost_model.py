@@ -4,13 +4,19 @@ predicted TTFT, from the workers' live state (router/worker_loads.py).
 For a prompt of n tokens, decode worker D and prefill worker P, with c_D and c_P the
 leading tokens each already caches (their prefix summaries)::
 
-    remote = P.pending / P.rate + max((n − c_P) / P.rate, kv_bytes(n − c_D) / D.link)
+    queue  = P.pending / P.rate
+    remote = max(queue + (n − c_P) / P.rate,
+                 max(queue, D.backlog / D.link) + kv_bytes(n − c_D, encoding) / D.link)
     local  = D.pending / D.rate + (n − c_D) / D.rate
 
 ``pending`` is the worker's queue of uncomputed prompt tokens (or the prompt tokens
 the router sent it to prefill and has no first token for yet, if more), ``rate`` its measured
-prefill tokens/s and ``link`` the KV bytes/s D measured on its transfers (unknown: the
-transfer is taken to hide behind the compute, as it streams layer by layer). While D
+prefill tokens/s, ``link`` the KV bytes/s D measured on its transfers and ``backlog``
+the KV bytes of D's imports still to arrive: the prompt's KV streams layer by layer as
+P computes it, so it starts with the compute and ends after the link has carried
+what was ahead of it and its own bytes (link unknown: the transfer is taken to hide
+behind the compute). ``encoding`` is D's default, or one of ``kv_encodings`` (int8 on
+a slow link) where it is predicted faster beyond the tie band below. While D
 has running requests, a LOCAL prefill must not stall them past a budget: a decode
 worker with a step budget B (``decode_step_budget_s``) cuts its prefill chunks so a
 step lasts ~B, so the prompt gets D.rate × (1 − decode_step / B); one without may
@@ -19,8 +25,9 @@ that has not measured its own prefill rate is taken to prefill as fast as the
 prefill worker.
 
 Plans within ``TIE_RATIO`` (+ ``TIE_S``) of the best prediction count as equal: among
-them the one with the fewest tokens in flight (the router's own count) wins, ties
-rotate. Without
+them the decode worker that caches most of the prompt wins (no bytes cross for it, and
+the conversation's next turn finds its cache there too), then the one with the fewest
+tokens in flight (the router's own count); ties rotate. Without
 a fresh state or a measured rate the policy falls back to ``LoadAwarePolicy``'s
 rule for that decision. Prompts shorter than ``local_prefill_below`` stay LOCAL
 (the manual override). Each plan's prediction carries a learned offset: the moving
@@ -48,6 +55,8 @@ class _Plan:
     decode: Member
     prefill: Member | None
     ttft_s: float
+    cached: int  # leading prompt tokens the decode worker holds
+    kv_encoding: int = 0  # 0: the decode worker's default
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,12 @@ class _CachedPrefix:
 
 class CostModelPolicy(LoadAwarePolicy):
     def __init__(self, decode: Sequence[str], prefill: Sequence[str], local_prefill_below: int,
-                 loads: Callable[[str], WorkerLoad | None], stall_budget_s: float) -> None:
+                 loads: Callable[[str], WorkerLoad | None], stall_budget_s: float,
+                 kv_encodings: Sequence[int] = ()) -> None:
         super().__init__(decode, prefill, local_prefill_below)
         self.loads = loads
         self.stall_budget_s = stall_budget_s
+        self.kv_encodings = tuple(kv_encodings)  # may be asked for instead of the default
         # Per plan, a moving average of actual − predicted TTFT: what the model leaves
         # out (RPCs, admission, a short prompt's lower rate), learned from the answers.
         self.offset_s = {"local": 0.0, "remote": 0.0}
@@ -128,16 +139,32 @@ class CostModelPolicy(LoadAwarePolicy):
 
     def _plans(self, n: int, d: Member, dl: WorkerLoad, c_d: int, remotes: list[_Remote],
                remote_possible: bool) -> list[_Plan]:
-        link = dl.kv_link_bytes_per_s
-        transfer = dl.kv_bytes_per_token * (n - c_d) / link if link > 0 else 0.0
-        out = [_Plan(d, r.member, self._calibrated("remote", r.queue_s + max(r.compute_s,
-                                                                              transfer)))
-               for r in remotes]
+        out = [self._remote_plan(n, c_d, d, dl, r) for r in remotes]
         rate_p = max((r.rate for r in remotes), default=0.0)
         local = self._local(n - c_d, d, dl, dl.prefill_tokens_per_s or rate_p, remote_possible)
         if local is not None:
-            out.append(_Plan(d, None, self._calibrated("local", local)))
+            out.append(_Plan(d, None, self._calibrated("local", local), c_d))
         return out
+
+    def _remote_plan(self, n: int, c_d: int, d: Member, dl: WorkerLoad, r: _Remote) -> _Plan:
+        """Prefill on ``r``, the KV sent to ``d`` in its default encoding, or in one of
+        ``kv_encodings`` where that is faster beyond the tie band."""
+        link = dl.kv_link_bytes_per_s
+        if link <= 0:  # unmeasured: the transfer hides behind the compute
+            return _Plan(d, r.member, self._calibrated("remote", r.queue_s + r.compute_s), c_d)
+        link_free_s = max(r.queue_s, dl.kv_pending_bytes / link)
+
+        def ttft(bytes_per_token: float) -> float:
+            transfer = bytes_per_token * (n - c_d) / link
+            return self._calibrated("remote", max(r.queue_s + r.compute_s,
+                                                  link_free_s + transfer))
+
+        best = _Plan(d, r.member, ttft(dl.kv_bytes_per_token), c_d)
+        for enc in self.kv_encodings:
+            size = dl.kv_bytes_per_token_by_encoding.get(enc)
+            if size is not None and (t := ttft(size)) * TIE_RATIO + TIE_S < best.ttft_s:
+                best = _Plan(d, r.member, t, c_d, enc)
+        return best
 
     def _calibrated(self, plan: str, formula_s: float) -> float:
         """The formula plus the plan's learned offset; never below 0 (an offset learned
@@ -159,13 +186,12 @@ class CostModelPolicy(LoadAwarePolicy):
             return None  # one unchunked stall longer than the budget
         return (_pending(d, dl) + uncached) / rate
 
-
     def _pick(self, plans: list[_Plan], up: list[Member]) -> Choice:
         best = min(p.ttft_s for p in plans)
         near = [p for p in plans if p.ttft_s <= best * TIE_RATIO + TIE_S]
         self._rotation += 1
         n = len(self.decode)
-        plan = min(near, key=lambda p: (p.decode.in_flight_tokens,
+        plan = min(near, key=lambda p: (-p.cached, p.decode.in_flight_tokens,
                                         (self.decode.index(p.decode) - self._rotation) % n,
                                         p.ttft_s))
         if plan.prefill is None:
@@ -174,7 +200,7 @@ class CostModelPolicy(LoadAwarePolicy):
                       key=lambda m: m.in_flight_requests)
         return Choice(plan.decode, plan.prefill,
                       tuple(m.address for m in rest[:MAX_PREFILL_FALLBACKS]),
-                      predicted_ttft_s=plan.ttft_s)
+                      predicted_ttft_s=plan.ttft_s, kv_encoding=plan.kv_encoding)
 
 
 def _pending(m: Member, load: WorkerLoad) -> int:

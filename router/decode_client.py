@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve._proto.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.config import TLSConfig
 from pdserve.grpc_server import OPTIONS
 from pdserve.params_pb import logprob_from_pb, params_to_pb
@@ -104,6 +104,7 @@ class DecodeClients:
 
 _MAX_BLOCK_SIZE = 1024
 _MAX_SALT = 64
+_ENCODINGS = set(common_pb2.KVEncoding.values())
 # The reply's float fields, each a WorkerLoad field of the same name: finite, >= 0.
 _RATES = ("prefill_tokens_per_s", "decode_step_s", "kv_link_bytes_per_s",
           "decode_step_budget_s", "kv_bytes_per_token")
@@ -113,11 +114,15 @@ def _load_from_pb(r: worker_pb2.WorkerStateReply) -> WorkerLoad | None:
     """A worker's state; None for one no worker could be in (the worker is then
     treated as if it had not answered)."""
     rates = {name: getattr(r, name) for name in _RATES}
+    by_encoding = dict(r.kv_bytes_per_token_by_encoding)
     if not (1 <= r.block_size <= _MAX_BLOCK_SIZE and r.num_free_blocks <= r.num_blocks
             and len(r.cached_blocks) <= r.num_blocks and len(r.prefix_salt) <= _MAX_SALT
-            and all(math.isfinite(x) and x >= 0 for x in rates.values())):
+            and all(math.isfinite(x) and x >= 0 for x in rates.values())
+            and set(by_encoding) <= _ENCODINGS
+            and all(math.isfinite(x) and x > 0 for x in by_encoding.values())):
         return None
     return WorkerLoad(r.role, r.num_running, r.num_waiting, r.pending_prefill_tokens,
                       r.num_free_blocks, r.num_blocks, r.block_size,
                       prefix_salt=bytes(r.prefix_salt), cached_blocks=frozenset(r.cached_blocks),
-                      seq=r.state_seq, **rates)
+                      seq=r.state_seq, kv_bytes_per_token_by_encoding=by_encoding,
+                      kv_pending_bytes=r.kv_pending_bytes, **rates)

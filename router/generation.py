@@ -261,9 +261,10 @@ class Generator:
     def _dispatch(self, f: _Flight, choice: Choice) -> DecodeStream:
         prefill = choice.prefill.address if choice.prefill is not None else None
         prompt, params = next_call(f.prompt, f.output, f.request.params)
+        encoding = f.request.kv_encoding or choice.kv_encoding  # a client's choice wins
         job = DecodeJob(f.request_id, prompt, params, prefill_address=prefill,
-                        fallback_prefill=choice.prefill_fallbacks,
-                        kv_encoding=f.request.kv_encoding, timeout=max(f.time_left(), 0.001))
+                        fallback_prefill=choice.prefill_fallbacks, kv_encoding=encoding,
+                        timeout=max(f.time_left(), 0.001))
         f.call = self.decode.generate(choice.decode.address, job)
         # The router's own deadline too: a worker may not honour the call's.
         f.deadline_timer = asyncio.get_running_loop().call_later(
@@ -275,7 +276,7 @@ class Generator:
         f.timings = Timings(plan=choice.plan, predicted_ttft_s=choice.predicted_ttft_s or 0.0)
         log.info("request routed", extra={
             "decode": choice.decode.address, "plan": choice.plan, "prefill": prefill,
-            "prompt_tokens": len(prompt), "migrations": f.migrations})
+            "kv_encoding": encoding, "prompt_tokens": len(prompt), "migrations": f.migrations})
         return f.call
 
     # DISPATCHED → STREAMING → DONE

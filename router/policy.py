@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from pdserve.config import RouterConfig
+from pdserve.config import KV_ENCODINGS, RouterConfig
 from pdserve.worker_state import WorkerLoad
 
 MAX_PREFILL_FALLBACKS = 2  # prefill workers a decode worker tries after the first
@@ -50,6 +50,7 @@ class Choice:
     prefill: Member | None  # None = plan LOCAL
     prefill_fallbacks: tuple[str, ...] = ()  # asked in order when ``prefill`` fails
     predicted_ttft_s: float | None = None  # the cost model's, when it decided
+    kv_encoding: int = 0  # KVEncoding to ask the prefill worker for; 0: the decode default
 
     @property
     def plan(self) -> str:
@@ -168,7 +169,8 @@ def _cost_model(config: RouterConfig, inputs: PolicyInputs) -> RoutingPolicy:
     from router.cost_model import CostModelPolicy
 
     return CostModelPolicy(config.decode, config.prefill, config.local_prefill_below,
-                           inputs.loads, config.local_prefill_stall_s)
+                           inputs.loads, config.local_prefill_stall_s,
+                           tuple(KV_ENCODINGS.index(e) for e in config.kv_encodings))
 
 
 # One entry per name in pdserve.config.ROUTING_POLICIES.

@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
                         "worker's running requests")
     p.add_argument("--state-interval", type=float, default=_DEFAULT.state_interval_s,
                    help="seconds between polls of every worker's live state")
+    p.add_argument("--kv-encodings", default=",".join(_DEFAULT.kv_encodings),
+                   help="cost_model: KV wire encodings it may ask for instead of the decode "
+                        "worker's default where that brings the first token sooner, "
+                        "comma-separated (int8: quantize KV on slow links; lossy)")
     p.add_argument("--max-model-len", type=int, default=_DEFAULT.max_model_len)
     p.add_argument("--max-prompt-chars", type=int, default=_DEFAULT.max_prompt_chars,
                    help="longest prompt in characters, checked before tokenizing "
@@ -96,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             prefill=tuple(a.prefill), members_stdin=a.members_stdin, policy=a.policy,
             local_prefill_below=a.local_prefill_below,
             local_prefill_stall_s=a.local_prefill_stall_s, state_interval_s=a.state_interval,
+            kv_encodings=tuple(e for e in a.kv_encodings.split(",") if e),
             max_model_len=a.max_model_len,
             max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, health_interval_s=a.health_interval,
             drain_grace_s=a.drain_grace, request_timeout_s=a.request_timeout_s,

@@ -155,6 +155,7 @@ class RecordingPolicy:
     def __init__(self, decode: Sequence[str], prefill: Sequence[str] = ()) -> None:
         self.decode, self.prefill = list(decode), list(prefill)
         self.events: list[tuple[str, str]] = []
+        self.kv_encoding = 0  # what each Choice asks the prefill worker for
 
     def choose(self, tokens: Sequence[int], exclude: Set[str] = frozenset()) -> Choice | None:
         left = [a for a in self.decode if a not in exclude]
@@ -162,7 +163,7 @@ class RecordingPolicy:
             return None
         prefill = [a for a in self.prefill if a not in exclude]
         return Choice(Member(left[0]), Member(prefill[0]) if prefill else None,
-                      tuple(prefill[1:]))
+                      tuple(prefill[1:]), kv_encoding=self.kv_encoding)
 
     def dispatched(self, request_id: str, choice: Choice, num_prompt_tokens: int) -> None:
         self.events.append(("dispatched", choice.decode.address))

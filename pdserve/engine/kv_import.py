@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdserve.kvwire.codec import bytes_per_token
 from pdserve.kvwire.receiver import Liveness, TransferStats, receive_kv
 from pdserve.kvwire.stream import (
     FirstToken,
@@ -87,12 +88,25 @@ class KVImport:
         self.failures: list[PeerFailed] = []  # one per stream given up, in order
         self._expected = expected
         self._want_logprobs = want_logprobs
+        self._validator: KVStreamValidator | None = None  # the stream being received
 
     @property
     def num_cached_tokens(self) -> int:
         """Leading prompt tokens this engine's prefix cache holds: a sender need not send
         them (``KVRequest.num_cached_tokens``)."""
         return self._expected.num_cached_tokens
+
+    @property
+    def bytes_pending(self) -> int:
+        """KV payload bytes still to arrive: all of them while RESERVED, what the
+        stream has not delivered while RECEIVING, none after."""
+        if self.state not in (ImportState.RESERVED, ImportState.RECEIVING):
+            return 0
+        e = self._expected
+        total = (e.num_tokens - e.num_cached_tokens) * bytes_per_token(
+            e.encoding, e.num_layers, e.num_kv_heads, e.head_dim)
+        got = self._validator.bytes_received if self._validator is not None else 0
+        return max(total - got, 0)
 
     @property
     def error(self) -> PeerFailed | None:
@@ -127,7 +141,7 @@ class KVImport:
                                   max_silent_s: float | None) -> None:
         for i, events in enumerate(streams):
             self._receiving()
-            validator = KVStreamValidator(self._expected)
+            validator = self._validator = KVStreamValidator(self._expected)
             alive = still_alive[i] if i < len(still_alive) else None
             try:  # receive_kv closes the stream (cancels its call) whatever happens
                 first, self.stats = await receive_kv(events, validator, self._write,
@@ -174,7 +188,7 @@ class KVImport:
 
     def _retry(self) -> None:
         assert self.state is ImportState.RECEIVING, self.state
-        self.state = ImportState.RESERVED
+        self.state, self._validator = ImportState.RESERVED, None  # the next peer sends it all
 
     async def _fall_back(self) -> None:
         assert self.state is ImportState.RECEIVING, self.state

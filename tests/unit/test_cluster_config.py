@@ -82,11 +82,12 @@ def test_router_command_says_what_its_config_says(monkeypatch: pytest.MonkeyPatc
     from router.server import parse_args as router_args
 
     r = _cluster(model="/m", api_key="k", local_prefill_below=3, http_port=0,
-                 router_port=7000, migration=False).router(["h:1", "h:2"], ["h:3"])
+                 router_port=7000, migration=False,
+                 kv_encodings=("int8",)).router(["h:1", "h:2"], ["h:3"])
     monkeypatch.setenv("PDSERVE_API_KEY", "k")  # the launcher passes it by environment
     parsed = router_args(router_command(r)[3:])
     carried = ("host", "port", "http_port", "model", "decode", "prefill", "local_prefill_below",
-               "members_stdin", "api_key", "migration")
+               "members_stdin", "api_key", "migration", "kv_encodings")
     got = {f: getattr(parsed, f) for f in carried}
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in got.items()} == {
         f: getattr(r, f) for f in carried}
@@ -102,7 +103,8 @@ def test_role_env_carries_the_key_and_the_log_format(monkeypatch: pytest.MonkeyP
 
 def test_cluster_config_validates_with_the_roles_rules() -> None:
     for bad, field in [({"dtype": "int4"}, "dtype"), ({"kv_encoding": "x"}, "kv_encoding"),
-                       ({"pin": "x"}, "pin"), ({"prefill_fallback": "x"}, "prefill_fallback"),
+                       ({"pin": "x"}, "pin"), ({"kv_encodings": ("model",)}, "kv_encodings"),
+                       ({"prefill_fallback": "x"}, "prefill_fallback"),
                        ({"http_port": 70000}, "http_port"), ({"launcher": "x"}, "launcher"),
                        ({"decode": []}, "decode"), ({"prefill": [Member(70000)]}, "port")]:
         with pytest.raises(ValueError, match=field):
@@ -137,11 +139,12 @@ def test_scaling_keeps_the_defaults() -> None:
     assert dataclasses.replace(_cluster(), decode=scaled([], 1, default_member("decode"))) == _cluster()
 
 
-def test_cluster_yaml_migration_and_kv_idle_timeout_reach_their_roles(tmp_path: Path) -> None:
+def test_cluster_yaml_migration_kv_idle_timeout_and_encodings_reach_their_roles(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("migration: false\nkv_idle_timeout_s: 2.0\n")
+    f.write_text("migration: false\nkv_idle_timeout_s: 2.0\nkv_encodings: [int8]\n")
     c = ClusterConfig.from_yaml(f)
     assert c.router(["h:1"], []).migration is False
+    assert c.router(["h:1"], []).kv_encodings == ("int8",)
     assert "--no-migration" in router_command(c.router(["h:1"], []))
     assert c.worker("decode", c.decode[0], 0, 1).kv_idle_timeout_s == 2.0
     f.write_text("kv_idle_timeout_s: 0\n")

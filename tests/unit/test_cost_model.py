@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from decode_worker.servicer import DecodeServicer
+from pdserve._proto.pdserve.v1 import worker_pb2
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.prefix_hash import prefix_hashes, salt_hash
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import start_worker
 from pdserve.worker_state import WorkerLoad, short_hash
 from router.cost_model import CostModelPolicy
-from router.decode_client import DecodeClients
+from router.decode_client import DecodeClients, _load_from_pb
 from router.worker_loads import WorkerLoads
 from tests.router_fakes import FakeDecodeBackend, FakeDecodeWorker, nothing_in_flight
 
@@ -47,6 +48,19 @@ def test_the_second_turn_goes_where_its_prefix_is() -> None:
         assert choice is not None and choice.decode.address == "d:2"
         assert choice.plan == "local"  # 116 uncached tokens on an idle worker
         assert choice.predicted_ttft_s == pytest.approx((612 - 496) / 1000)
+
+
+def test_among_near_ties_the_worker_holding_the_prefix_wins_over_a_less_loaded_one() -> None:
+    # The prefill worker caches the prompt too: remote to d:1 predicts as fast as local
+    # on d:2 (16 uncached tokens either way), but only d:2 keeps the conversation's cache.
+    policy = _policy({"d:1": IDLE, "d:2": _holding(IDLE, PROMPT),
+                      "p:1": _holding(PREFILL, PROMPT)})
+    policy.decode[1].in_flight_tokens = 1000  # d:2 has more in flight
+    for _ in range(2):
+        choice = policy.choose(PROMPT)
+        assert choice is not None and choice.decode.address == "d:2"
+    policy.decode[1].in_flight_tokens = 0
+    assert nothing_in_flight(policy)
 
 
 def test_a_busy_prefill_worker_sends_prompts_local_and_an_idle_one_takes_them() -> None:
@@ -85,6 +99,39 @@ def test_the_transfer_counts_when_the_link_is_slow() -> None:
     slow = replace(IDLE, num_running=8, kv_link_bytes_per_s=100_000.0)  # 5 s for 512 tokens
     choice = _policy({"d:1": slow, "p:1": PREFILL}, ("d:1",)).choose(PROMPT)
     assert choice is not None and choice.plan == "local"
+
+
+INT8 = 4  # KVEncoding value
+# A decode worker that may not prefill (no step budget, requests running) behind a
+# 100 kB/s link: every plan is remote, 512 tokens of default-encoded KV take 5.12 s.
+BEHIND_SLOW_LINK = replace(IDLE, num_running=8, decode_step_budget_s=0.0,
+                           kv_link_bytes_per_s=100_000.0,
+                           kv_bytes_per_token_by_encoding={INT8: 500.0, 2: 1000.0})
+
+
+def test_a_slow_link_moves_the_kv_to_int8_where_allowed() -> None:
+    states = {"d:1": BEHIND_SLOW_LINK, "p:1": PREFILL}
+    default = _policy(states, ("d:1",)).choose(PROMPT)
+    assert default is not None and default.plan == "remote" and default.kv_encoding == 0
+    assert default.predicted_ttft_s == pytest.approx(5.12)
+    policy = CostModelPolicy(("d:1",), ("p:1",), 16, states.get, 0.1, kv_encodings=(INT8,))
+    choice = policy.choose(PROMPT)
+    assert choice is not None and choice.kv_encoding == INT8
+    assert choice.predicted_ttft_s == pytest.approx(2.56)  # half the bytes
+    states["d:1"] = replace(BEHIND_SLOW_LINK, kv_link_bytes_per_s=10_000_000.0)
+    fast = policy.choose(PROMPT)  # compute-bound either way: the lossless default
+    assert fast is not None and fast.kv_encoding == 0
+    assert fast.predicted_ttft_s == pytest.approx(0.512)
+
+
+def test_the_link_backlog_delays_the_transfer_but_not_past_the_prefill_queue() -> None:
+    backlog = replace(BEHIND_SLOW_LINK, kv_link_bytes_per_s=1_000_000.0,  # 0.512 s of KV
+                      kv_pending_bytes=2_000_000)  # 2 s of imports still to arrive
+    choice = _policy({"d:1": backlog, "p:1": PREFILL}, ("d:1",)).choose(PROMPT)
+    assert choice is not None and choice.predicted_ttft_s == pytest.approx(2.512)
+    queued = replace(PREFILL, pending_prefill_tokens=3000)  # 3 s: the link is free by then
+    choice = _policy({"d:1": backlog, "p:1": queued}, ("d:1",)).choose(PROMPT)
+    assert choice is not None and choice.predicted_ttft_s == pytest.approx(3.512)
 
 
 def test_without_live_state_the_policy_is_load_aware_and_accounts_the_same() -> None:
@@ -146,7 +193,11 @@ def test_real_workers_publish_what_the_router_matches(tiny_llama: Path) -> None:
             assert s2 is not None and s2.prefill_tokens_per_s > 0 and s2.num_running == 0
             assert s2.cached_tokens(s2.prompt_hashes(turn1)) == 96  # 6 full blocks of 99
             spec = d2.engine.engine.spec  # fp32 KV on the wire (the model's dtype)
-            assert s2.kv_bytes_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
+            per_layer = spec.num_kv_heads * spec.head_dim
+            assert s2.kv_bytes_per_token == 2 * spec.num_layers * per_layer * 4
+            assert s2.kv_bytes_per_token_by_encoding[4] == \
+                2 * spec.num_layers * (per_layer + spec.num_kv_heads * 4)  # int8 + fp32 scales
+            assert s2.kv_pending_bytes == 0
             policy = CostModelPolicy([d1.address, d2.address], [], 16, loads.get, 0.1)
             for _ in range(2):
                 choice = policy.choose([*turn1, 7, 8, 9])
@@ -199,3 +250,26 @@ def test_over_predictions_lower_the_offset_but_never_below_zero() -> None:
     policy.prefill_finished("a", 0.3)
     policy.ended("a")
     assert policy.offset_s[choice.plan] == pytest.approx(-5.0 + 0.03)
+
+
+def test_a_state_reply_no_worker_could_send_counts_as_no_answer() -> None:
+    good = worker_pb2.WorkerStateReply(role="decode", num_free_blocks=1, num_blocks=2,
+                                       block_size=16, kv_link_bytes_per_s=5.0,
+                                       kv_bytes_per_token_by_encoding={4: 500.0},
+                                       kv_pending_bytes=7)
+    load = _load_from_pb(good)
+    assert load is not None and load.kv_bytes_per_token_by_encoding == {4: 500.0}
+    assert load.kv_pending_bytes == 7 and load.kv_link_bytes_per_s == 5.0
+    for bad in [{"kv_bytes_per_token_by_encoding": {99: 1.0}},  # no such encoding
+                {"kv_bytes_per_token_by_encoding": {4: float("nan")}},
+                {"kv_bytes_per_token_by_encoding": {4: 0.0}},
+                {"kv_link_bytes_per_s": -1.0}, {"num_free_blocks": 3}, {"block_size": 0}]:
+        reply = worker_pb2.WorkerStateReply()
+        reply.CopyFrom(good)
+        for name, value in bad.items():
+            if isinstance(value, dict):
+                getattr(reply, name).clear()
+                getattr(reply, name).update(value)
+            else:
+                setattr(reply, name, value)
+        assert _load_from_pb(reply) is None, bad

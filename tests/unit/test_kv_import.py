@@ -83,6 +83,10 @@ async def _recorded(p: AsyncEngine) -> list[KVEvent]:
     return await LoopbackKVSource(p).record(_ask("rec"))
 
 
+def _payload_bytes(events: list[KVEvent]) -> int:
+    return sum(e.payload.nbytes for e in events if isinstance(e, KVChunk))
+
+
 def _reserved_blocks(d: AsyncEngine) -> int:
     return d.engine.blocks.num_blocks - d.engine.blocks.num_free_blocks
 
@@ -101,9 +105,12 @@ def test_commit_then_decode_gives_the_engine_alone_tokens(tiny_llama: Path,
             imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
             assert imp.state is ImportState.RESERVED
             assert _reserved_blocks(d) == d.engine.blocks.blocks_for_tokens(len(PROMPT) + 1)
+            events = await _recorded(p)
+            assert imp.bytes_pending == _payload_bytes(events)  # all of it
             await imp.run(LoopbackKVSource(p).prefill("p", _ask(), 30), fall_back=False)
             assert imp.state is ImportState.COMMITTED
-            assert imp.stats.bytes > 0
+            assert imp.stats.bytes == _payload_bytes(events)  # chunked apart, the same bytes
+            assert imp.bytes_pending == 0
             assert await _tokens(stream) == reference
 
     _run(tiny_llama, scenario)
@@ -199,16 +206,19 @@ def test_sender_dies_without_fallback_aborts(tiny_llama: Path) -> None:
 
 def test_cancelled_mid_receive_aborts_and_frees(tiny_llama: Path) -> None:
     async def scenario(d: AsyncEngine, p: AsyncEngine) -> None:
-        src = ScriptedKVSource(await _recorded(p), fail_after=3, stall=asyncio.Event())
+        events = await _recorded(p)
+        src = ScriptedKVSource(events, fail_after=3, stall=asyncio.Event())
         async with d.request("r") as stream:
             imp = await stream.reserve_import(PROMPT, PARAMS, Encoding.MODEL)
             task = asyncio.create_task(imp.run(src.prefill("p", _ask(), 30), fall_back=True))
             await src.stalled.wait()
             assert imp.state is ImportState.RECEIVING and _reserved_blocks(d) > 0
+            # The link's backlog: what the first 3 events (header, 2 chunks) left.
+            assert imp.bytes_pending == _payload_bytes(events) - _payload_bytes(events[:3])
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert imp.state is ImportState.ABORTED and src.closed
+            assert imp.state is ImportState.ABORTED and src.closed and imp.bytes_pending == 0
 
     _run(tiny_llama, scenario)
 

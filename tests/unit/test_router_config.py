@@ -46,7 +46,7 @@ def test_every_flag_lands_in_its_field() -> None:
         "--host", "0.0.0.0", "--port", "5", "--http-port", "0", "--model", "/m",
         "--served-model-name", "mm", "--decode", "d:1", "--decode", "d:2", "--prefill", "p:1",
         "--policy", "load_aware", "--local-prefill-below", "3", "--max-model-len", "99",
-        "--local-prefill-stall-s", "0.05", "--state-interval", "0.5",
+        "--local-prefill-stall-s", "0.05", "--state-interval", "0.5", "--kv-encodings", "int8,fp16",
         "--max-prompt-chars", "1000", "--api-key", "k", "--health-interval", "0.5",
         "--drain-grace", "2", "--members-stdin",
         "--request-timeout-s", "7", "--no-migration", "--migration-limit", "1",
@@ -55,7 +55,7 @@ def test_every_flag_lands_in_its_field() -> None:
     assert config == RouterConfig(
         host="0.0.0.0", port=5, http_port=0, model="/m", served_model_name="mm",
         decode=("d:1", "d:2"), prefill=("p:1",), policy="load_aware", local_prefill_below=3,
-        local_prefill_stall_s=0.05, state_interval_s=0.5,
+        local_prefill_stall_s=0.05, state_interval_s=0.5, kv_encodings=("int8", "fp16"),
         max_model_len=99, max_prompt_chars=1000, api_key="k", health_interval_s=0.5,
         drain_grace_s=2.0,
         members_stdin=True, request_timeout_s=7.0, migration=False, migration_limit=1,
@@ -77,6 +77,7 @@ def test_the_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch
     (["--decode", "nocolon"], "decode"), (["--decode", "d:1", "--policy", "x"], "--policy"),
     (["--decode", "d:1", "--request-timeout-s", "0"], "request_timeout_s"),
     (["--decode", "d:1", "--migration-limit", "-1"], "migration_limit"),
+    (["--decode", "d:1", "--kv-encodings", "int8,model"], "kv_encodings"),
     (["--decode", "d:1", "--tls-cert", "r.pem"], "tls_cert/tls_key"),
 ])
 def test_bad_command_lines_exit_2_naming_the_problem(

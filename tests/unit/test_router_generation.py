@@ -6,6 +6,7 @@ no request held, every policy count zero, every fake call closed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncGenerator, Coroutine
@@ -91,6 +92,18 @@ def test_the_plan_follows_the_prompt_length() -> None:
     assert [j.prefill_address for j in backend.workers["d:1"].jobs] == [None, "p:1"]
     assert short[-1].timings is not None and short[-1].timings.plan == "local"
     assert at[-1].timings is not None and at[-1].timings.plan == "remote"
+    assert_idle(g, backend)
+
+
+def test_the_policy_picks_the_kv_encoding_unless_the_client_named_one() -> None:
+    backend = FakeDecodeBackend([FakeDecodeWorker("d:1")])
+    policy = RecordingPolicy(["d:1"], ["p:1"])
+    policy.kv_encoding = 4  # int8: a slow link
+    g = make_generator(backend, policy)
+    run(collect(g.generate(request("auto"))))
+    named = dataclasses.replace(request("named"), kv_encoding=2)  # bf16, the client's
+    run(collect(g.generate(named)))
+    assert [j.kv_encoding for j in backend.workers["d:1"].jobs] == [4, 2]
     assert_idle(g, backend)
 
 

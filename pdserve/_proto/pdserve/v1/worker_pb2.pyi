@@ -142,7 +142,14 @@ class WorkerStateRequest(_message.Message):
     def __init__(self, prefix_summary: _Optional[bool] = ...) -> None: ...
 
 class WorkerStateReply(_message.Message):
-    __slots__ = ("role", "num_running", "num_waiting", "pending_prefill_tokens", "num_free_blocks", "num_blocks", "block_size", "prefill_tokens_per_s", "decode_step_s", "kv_link_bytes_per_s", "prefix_salt", "cached_blocks", "state_seq", "decode_step_budget_s", "kv_bytes_per_token")
+    __slots__ = ("role", "num_running", "num_waiting", "pending_prefill_tokens", "num_free_blocks", "num_blocks", "block_size", "prefill_tokens_per_s", "decode_step_s", "kv_link_bytes_per_s", "prefix_salt", "cached_blocks", "state_seq", "decode_step_budget_s", "kv_bytes_per_token", "kv_bytes_per_token_by_encoding", "kv_pending_bytes")
+    class KvBytesPerTokenByEncodingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +165,8 @@ class WorkerStateReply(_message.Message):
     STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_BY_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    KV_PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_running: int
     num_waiting: int
@@ -173,4 +182,6 @@ class WorkerStateReply(_message.Message):
     state_seq: int
     decode_step_budget_s: float
     kv_bytes_per_token: float
-    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., kv_link_bytes_per_s: _Optional[float] = ..., prefix_salt: _Optional[bytes] = ..., cached_blocks: _Optional[_Iterable[int]] = ..., state_seq: _Optional[int] = ..., decode_step_budget_s: _Optional[float] = ..., kv_bytes_per_token: _Optional[float] = ...) -> None: ...
+    kv_bytes_per_token_by_encoding: _containers.ScalarMap[int, float]
+    kv_pending_bytes: int
+    def __init__(self, role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., pending_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., kv_link_bytes_per_s: _Optional[float] = ..., prefix_salt: _Optional[bytes] = ..., cached_blocks: _Optional[_Iterable[int]] = ..., state_seq: _Optional[int] = ..., decode_step_budget_s: _Optional[float] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_by_encoding: _Optional[_Mapping[int, float]] = ..., kv_pending_bytes: _Optional[int] = ...) -> None: ...
