@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
@@ -47,6 +48,17 @@ async def wait_engines_empty(*engines: LLMEngine, within_s: float = 10.0) -> Non
         await asyncio.sleep(0.01)
     for e in engines:
         assert_engine_empty(e)
+
+
+async def wait_streams_closed(*engines: AsyncEngine, within_s: float = 10.0) -> None:
+    """A request stream whose reader stopped early (a loopback prefill the decode side
+    gave up on) closes when its generator is finalized, a few loop turns later: wait
+    for that, then assert every stream closed."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and any(e.open_requests for e in engines):
+        await asyncio.sleep(0.01)
+    for e in engines:
+        assert not e.open_requests, e.open_requests
 
 
 def run_all(engine: LLMEngine) -> dict[str, RequestOutput]:

@@ -31,7 +31,12 @@ from pdserve.logprobs import Logprob
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import RunningWorker, start_worker
 from prefill_worker.servicer import PrefillServicer
-from tests.engine_helpers import assert_engine_empty, run_all, wait_engines_empty
+from tests.engine_helpers import (
+    assert_engine_empty,
+    run_all,
+    wait_engines_empty,
+    wait_streams_closed,
+)
 
 PROMPT = list(range(5, 75))  # 70 tokens
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -93,7 +98,7 @@ def _run(model: Path, scenario) -> None:  # type: ignore[no-untyped-def]
         try:
             await scenario(d, p)
             await wait_engines_empty(d.engine, p.engine)
-            assert not d.open_requests and not p.open_requests
+            await wait_streams_closed(d, p)
         finally:
             d.stop()
             p.stop()

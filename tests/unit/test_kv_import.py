@@ -34,7 +34,7 @@ from pdserve.kvwire.stream import (
 from pdserve.logs import current_request_id
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker_host import start_worker
-from tests.engine_helpers import run_all, wait_engines_empty
+from tests.engine_helpers import run_all, wait_engines_empty, wait_streams_closed
 
 PROMPT = list(range(5, 75))  # 70 tokens: 3 prefill chunks of at most 32
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -71,8 +71,7 @@ def _run(model: Path, scenario: Scenario) -> None:
 
 async def _settled(*engines: AsyncEngine) -> None:
     await wait_engines_empty(*(e.engine for e in engines))
-    for e in engines:
-        assert not e.open_requests
+    await wait_streams_closed(*engines)
 
 
 def _ask(rid: str = "r") -> KVRequest:
