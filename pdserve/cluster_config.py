@@ -30,7 +30,14 @@ import yaml
 
 from pdserve import launchers
 from pdserve.certs import CertFiles
-from pdserve.config import ROLE_DEFAULTS, EngineConfig, RouterConfig, TLSConfig, WorkerConfig
+from pdserve.config import (
+    ROLE_DEFAULTS,
+    EngineConfig,
+    RouterConfig,
+    SpeculativeConfig,
+    TLSConfig,
+    WorkerConfig,
+)
 from pdserve.placement import PlacementRequest
 from pdserve.worker_args import worker_config
 
@@ -91,6 +98,9 @@ class ClusterConfig:
     """Every worker's KV pool dtype: auto, bfloat16 or float32 (see EngineConfig)."""
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     """Every worker keeps and reuses the KV of prompt prefixes (see EngineConfig)."""
+    speculative_config: SpeculativeConfig | None = EngineConfig.speculative_config
+    """Decode workers' speculative decoding, e.g. {method: ngram, num_speculative_tokens:
+    4} (see SpeculativeConfig); prefill workers sample one token and never speculate."""
     kv_encoding: str = WorkerConfig.kv_encoding
     prefill_device: str = EngineConfig.device
     """Prefill workers' device: auto (CUDA when present), cpu or cuda."""
@@ -129,6 +139,8 @@ class ClusterConfig:
     decode: list[Member] = field(default_factory=lambda: [default_member("decode")])
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config",  # a YAML mapping
+                           SpeculativeConfig.parse(self.speculative_config))
         names = launchers.names()
         if self.launcher not in names:
             raise ValueError(f"launcher must be one of {names}, got {self.launcher!r}")
@@ -160,6 +172,8 @@ class ClusterConfig:
                              model=self.model, dtype=self.dtype, quantization=self.quantization,
                              kv_cache_dtype=self.kv_cache_dtype,
                              enable_prefix_caching=self.enable_prefix_caching,
+                             speculative_config=self.speculative_config
+                             if role == "decode" else None,
                              threads=m.threads, cpus=m.cpus,
                              device=self.prefill_device if role == "prefill" else self.decode_device,
                              pin=self.pin, slot=slot, slots=slots, gpu_workers=gpu_workers,

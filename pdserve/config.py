@@ -25,6 +25,64 @@ def _require(ok: bool, field: str, allowed: str, value: object) -> None:
         raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
 
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config``): each step, a greedy request
+    past its ``min_tokens`` gets up to ``num_speculative_tokens`` drafts verified in
+    the same forward pass as its next token (pdserve/engine/ngram_drafter.py).
+    Requests that sample (temperature > 0) are not speculated."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    """ngram: drafts from the request's own tokens (prompt lookup)."""
+    prompt_lookup_max: int | None = None
+    """Longest n-gram looked up; None = prompt_lookup_min, or 5 when both are None."""
+    prompt_lookup_min: int | None = None
+    """Shortest n-gram looked up; None = prompt_lookup_max, or 5 when both are None."""
+    disable_by_batch_size: int | None = None
+    """No drafts in a step while more requests than this are running: a wide batch is
+    compute-bound on a CPU, where drafts cost their full compute (None: always draft)."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPECULATIVE_METHODS, "speculative_config.method",
+                 f"one of {SPECULATIVE_METHODS}", self.method)
+        _require(isinstance(self.num_speculative_tokens, int)
+                 and 1 <= self.num_speculative_tokens <= 16,
+                 "speculative_config.num_speculative_tokens", "an integer in [1, 16]",
+                 self.num_speculative_tokens)
+        lo = self.prompt_lookup_min if self.prompt_lookup_min is not None else \
+            (self.prompt_lookup_max if self.prompt_lookup_max is not None else 5)
+        hi = self.prompt_lookup_max if self.prompt_lookup_max is not None else lo
+        object.__setattr__(self, "prompt_lookup_min", lo)  # vLLM's defaults, written once
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        _require(isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 64,
+                 "speculative_config.prompt_lookup_min/max", "integers, 1 <= min <= max <= 64",
+                 (lo, hi))
+        if self.disable_by_batch_size is not None:
+            _require(isinstance(self.disable_by_batch_size, int)
+                     and self.disable_by_batch_size >= 1,
+                     "speculative_config.disable_by_batch_size", "an integer >= 1 or None",
+                     self.disable_by_batch_size)
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, object] | None,
+              ) -> SpeculativeConfig | None:
+        """From a mapping (``LLM(speculative_config={...})``, YAML, JSON on a command
+        line): unknown keys are refused by name."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        _require(isinstance(value, dict), "speculative_config", "a mapping", value)
+        known = set(cls.__dataclass_fields__)
+        _require(set(value) <= known, "speculative_config", f"keys among {sorted(known)}",
+                 sorted(value))
+        _require("num_speculative_tokens" in value, "speculative_config",
+                 "a mapping with num_speculative_tokens", value)
+        return cls(**value)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to build its model, KV pool and scheduler."""
@@ -73,8 +131,13 @@ class EngineConfig:
     """Weight quantization (vLLM's name): None (weights in ``dtype``) or int8 (int8 with
     an fp16 scale and zero per group of 32 inputs; activations stay in the compute
     dtype; see pdserve/engine/int8_linear.py). Needs dtype bfloat16 or float32."""
+    speculative_config: SpeculativeConfig | None = None
+    """Speculative decoding (vLLM's name), or None; a dict is read as a
+    SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config",
+                           SpeculativeConfig.parse(self.speculative_config))
         _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _require(self.device in DEVICES, "device", f"one of {DEVICES}", self.device)
         _require(self.block_size in (8, 16, 32), "block_size", "8, 16 or 32", self.block_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -43,6 +43,9 @@ METRIC_NAMES: dict[str, str] = {
     "pdserve:requests_aborted_total": "counter",
     "pdserve:num_preemptions_total": "counter",
     "pdserve:request_migrations_total": "counter",
+    "pdserve:spec_decode_num_drafts_total": "counter",
+    "pdserve:spec_decode_num_draft_tokens_total": "counter",
+    "pdserve:spec_decode_num_accepted_tokens_total": "counter",
 }
 # GPU gauges under the DCGM exporter's names (from dcgm-exporter, or from pdserve's
 # own nvidia-ml-py gauges that reuse those names).
@@ -94,8 +97,8 @@ class WorkerMetrics(_RoleMetrics):
         self.kv_failures = self._counter("kv_transfer_failures", "KV streams that failed")
         self.preemptions = self._counter("num_preemptions", "Requests preempted (blocks freed, "
                                          "KV recomputed later)")
-        self.prefix_cache = _PrefixCacheCounters(self._labels)
-        self.registry.register(self.prefix_cache)
+        self.engine_counters = _EngineCounters(self._labels)
+        self.registry.register(self.engine_counters)
         self.gpu = register_gpu_metrics(self.registry)
 
     def _gauge_docs(self) -> list[tuple[str, str]]:
@@ -104,31 +107,37 @@ class WorkerMetrics(_RoleMetrics):
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               usage: Callable[[], float],
-              prefix_cache: Callable[[], tuple[int, int]] | None = None) -> None:
-        """Gauges (and the prefix cache's counters: tokens queried, tokens hit) read live
+              engine_counters: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """Gauges (and the engine's counters, ``ENGINE_COUNTERS`` by name) read live
         engine state at scrape time."""
         self._gauges["num_requests_running"].set_function(running)
         self._gauges["num_requests_waiting"].set_function(waiting)
         self._gauges["kv_cache_usage_perc"].set_function(usage)
-        if prefix_cache is not None:
-            self.prefix_cache.read = prefix_cache
+        if engine_counters is not None:
+            self.engine_counters.read = engine_counters
 
 
-class _PrefixCacheCounters:
-    """vLLM's prefix-cache counters, in tokens: looked up, and found cached. The engine
-    thread counts them; a scrape reads its running totals."""
+# Counters the engine thread keeps itself (vLLM's names and units); a scrape reads
+# their running totals.
+ENGINE_COUNTERS: dict[str, str] = {
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache",
+    "spec_decode_num_drafts": "Decode steps of a request that carried draft tokens",
+    "spec_decode_num_draft_tokens": "Draft tokens verified",
+    "spec_decode_num_accepted_tokens": "Draft tokens accepted",
+}
 
+
+class _EngineCounters:
     def __init__(self, labels: tuple[str, str]) -> None:
         self._labels = list(labels)
-        self.read: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.read: Callable[[], Mapping[str, int]] = dict
 
     def collect(self) -> Iterator[Metric]:
-        queries, hits = self.read()
-        for name, doc, value in (
-                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries),
-                ("prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)):
+        values = self.read()
+        for name, doc in ENGINE_COUNTERS.items():
             family = CounterMetricFamily(f"pdserve:{name}", doc, labels=list(LABELS))
-            family.add_metric(self._labels, value)
+            family.add_metric(self._labels, values.get(name, 0))
             yield family
 
 

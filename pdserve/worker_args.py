@@ -9,6 +9,8 @@ Every default lives in ``worker_config``'s signature, taken from pdserve/config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from typing import Any
 
@@ -18,6 +20,7 @@ from pdserve.config import (
     PREFILL_FALLBACKS,
     ROLE_DEFAULTS,
     EngineConfig,
+    SpeculativeConfig,
     WorkerConfig,
     tls_from_args,
 )
@@ -41,6 +44,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                   kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
                   kernels: str = EngineConfig.kernels,
                   enable_prefix_caching: bool = EngineConfig.enable_prefix_caching,
+                  speculative_config: SpeculativeConfig | None = None,
                   tls_ca: str | None = None, tls_cert: str | None = None,
                   tls_key: str | None = None,
                   prefill_allowlist: tuple[str, ...] = WorkerConfig.prefill_allowlist,
@@ -58,6 +62,7 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
                           kv_cache_gb=kv_cache_gb, quantization=quantization,
                           kv_cache_dtype=kv_cache_dtype, kernels=kernels,
                           enable_prefix_caching=enable_prefix_caching,
+                          speculative_config=speculative_config,
                           max_num_batched_tokens=batched,
                           decode_step_budget_s=step_budget)
     placement = PlacementRequest(role=role, mode=pin, cpus=cpus, slot=slot, slots=slots,
@@ -74,6 +79,15 @@ def worker_config(role: str, *, host: str = WorkerConfig.host, port: int | None 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
     return tuple(int(c) for c in text.split(","))
+
+
+def _speculative_config(text: str) -> SpeculativeConfig | None:
+    try:
+        return SpeculativeConfig.parse(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _address_list(text: str) -> tuple[str, ...]:
@@ -95,6 +109,9 @@ def parser(role: str) -> argparse.ArgumentParser:
                    help="the KV pool's dtype: auto (the weights', default), bfloat16, float32")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    help="reuse cached KV of shared prompt prefixes (default: on)")
+    p.add_argument("--speculative-config", type=_speculative_config,
+                   help='speculative decoding as JSON (vLLM\'s flag), e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
     p.add_argument("--threads", type=int)
     p.add_argument("--kernels", choices=KERNEL_CHOICES,
                    help="CPU kernels per op: auto (default), torch or cpu (see EngineConfig)")
@@ -166,6 +183,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--quantization", e.quantization]
     if not e.enable_prefix_caching:
         argv += ["--no-enable-prefix-caching"]
+    if e.speculative_config is not None:
+        argv += ["--speculative-config", json.dumps(dataclasses.asdict(e.speculative_config))]
     if p.cpus is not None:
         argv += ["--cpus", ",".join(map(str, p.cpus))]
     if p.gpu_workers:

@@ -153,8 +153,7 @@ def _serve_metrics(config: WorkerConfig, engine: AsyncEngine) -> WorkerMetrics:
     metrics = WorkerMetrics(engine.engine.spec.name, config.role)
     e = engine.engine
     metrics.watch(lambda: len(e.scheduler.running), lambda: len(e.scheduler.waiting),
-                  lambda: e.blocks.usage,
-                  lambda: (e.scheduler.prefix_queries, e.scheduler.prefix_hits))
+                  lambda: e.blocks.usage, e.scheduler.counters)
     metrics.serve(config.host, config.metrics_port)
     return metrics
 

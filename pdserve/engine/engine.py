@@ -28,9 +28,10 @@ from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.linear import kv_dtype_for
 from pdserve.engine.model import LlamaModel, StepInterrupted, load_hf_config
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.ngram_drafter import NgramDrafter
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import Request, RequestState
-from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import SampledToken, ScheduledChunk, Scheduler
 from pdserve.engine.step_meter import MIN_PREFILL_TOKENS, StepMeter
 from pdserve.engine.stop_checker import StopChecker
@@ -92,8 +93,12 @@ class LLMEngine:
         self.local_salt = salt_hash(*self._salt_parts)
         self.eos_token_ids = _eos_ids(self.model_dir, self.tokenizer)
         stops = StopChecker(self.eos_token_ids, self.max_model_len, self.tokenizer)
+        sc = cfg.speculative_config
+        drafter = NgramDrafter(sc.num_speculative_tokens, sc.prompt_lookup_min or 0,
+                               sc.prompt_lookup_max or 0, sc.disable_by_batch_size) \
+            if sc is not None else None
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                   stops, self._prefill_cap)
+                                   stops, self._prefill_cap, drafter)
         self.sampler = Sampler(s.vocab_size, self.eos_token_ids, cfg.seed)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.meter = StepMeter()
@@ -260,17 +265,16 @@ class LLMEngine:
             out = self.runner.execute(sched.chunks, _export, lambda: self.interrupt_requested)
         except StepInterrupted:
             return self._reports()
-        reqs = [c.request for c in out.sampling]
+        # A row per logits row: a chunk with k drafts has 1 + k.
+        rows = [c.request for c in out.sampling for _ in range(1 + len(c.draft_token_ids))]
         sampled: list[SampledToken] = []
-        if reqs:
-            result = self.sampler.sample(out.logits, reqs)
-            sampled = [SampledToken(*t) for t in
-                       zip(reqs, result.token_ids, result.logprobs, strict=True)]
+        if rows:
+            sampled = _accepted(out.sampling, self.sampler.sample(out.logits, rows))
         self.scheduler.update(sched, sampled)
-        prefill = sum(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
-        decode = sum(1 for c in sched.chunks if c.num_tokens == 1)
+        prefill = sum(c.num_tokens for c in sched.chunks if not c.is_decode)
+        decode = sum(1 for c in sched.chunks if c.is_decode)
         self.meter.record(prefill, decode, time.perf_counter() - t0)
-        self._to_report.update((r.request_id, r) for r in reqs)
+        self._to_report.update((c.request.request_id, c.request) for c in out.sampling)
         return self._reports()
 
     def _prefill_cap(self) -> int | None:
@@ -313,6 +317,23 @@ class LLMEngine:
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
+
+
+def _accepted(chunks: list[ScheduledChunk], result: SampleResult) -> list[SampledToken]:
+    """Each sampling chunk's tokens: the model's next token; with drafts, each draft the
+    model agrees with (its own token at that row equals the draft) and then the model's
+    token after the last of them."""
+    out: list[SampledToken] = []
+    row = 0
+    for c in chunks:
+        drafts = c.draft_token_ids
+        for j in range(1 + len(drafts)):
+            token = result.token_ids[row + j]
+            out.append(SampledToken(c.request, token, result.logprobs[row + j], draft=j > 0))
+            if j == len(drafts) or token != drafts[j]:
+                break
+        row += 1 + len(drafts)
+    return out
 
 
 def _export(chunk: ScheduledChunk, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

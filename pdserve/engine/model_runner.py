@@ -18,7 +18,8 @@ ChunkKVHook = Callable[[ScheduledChunk, int, torch.Tensor, torch.Tensor], None]
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
-    """(R, V) float32: one row per chunk in ``sampling``."""
+    """(R, V) float32: one row per chunk in ``sampling``, 1 + k for one with k drafts
+    (the next token after its last real token, then after each draft)."""
     sampling: list[ScheduledChunk]
     """The chunks that caught their request up, so they sample a token."""
 
@@ -35,8 +36,8 @@ class ModelRunner:
         interrupted: Callable[[], bool] | None = None,
     ) -> ModelOutput:
         """Run one step: the logits of the chunks that sample."""
-        decode = [c for c in chunks if c.num_tokens == 1]
-        prefill = [c for c in chunks if c.num_tokens > 1]
+        decode = [c for c in chunks if c.is_decode]
+        prefill = [c for c in chunks if not c.is_decode]
         ordered = decode + prefill
         fb = self._build(decode, prefill)
         hook = None
@@ -57,12 +58,12 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for c in decode:
+        for c in decode:  # a row per token: the last real one, then each draft
             r = c.request
             p = r.num_computed_tokens
-            ids.append(r.all_token_ids[p])
-            positions.append(p)
-            slots.append(r.block_ids[p // bs] * bs + p % bs)
+            ids += [r.all_token_ids[p], *c.draft_token_ids]
+            positions += range(p, p + c.num_tokens)
+            slots += [r.block_ids[q // bs] * bs + q % bs for q in range(p, p + c.num_tokens)]
         segments: list[PrefillSegment] = []
         for c in prefill:
             r = c.request
@@ -82,12 +83,13 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode=len(decode),
+            num_decode=sum(c.num_tokens for c in decode),
             decode_block_tables=tables,
             decode_seq_lens=seq_lens,
             prefills=segments,
             logits_indices=torch.tensor(  # the last row of every chunk that samples
-                [s + c.num_tokens - 1 for s, c in zip(starts, ordered, strict=True) if c.samples],
+                [i for s, c in zip(starts, ordered, strict=True) if c.samples
+                 for i in range(s + c.num_tokens - 1 - len(c.draft_token_ids), s + c.num_tokens)],
                 dtype=torch.int64, device=dev,
             ),
         )
@@ -95,14 +97,17 @@ class ModelRunner:
     def _decode_tables(
         self, decode: list[ScheduledChunk]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(block tables (D, nb) padded with block 0, sequence lengths (D,)) of the decode rows."""
+        """(block tables (D, nb) padded with block 0, sequence lengths (D,)) of the decode
+        rows. A draft row attends to its request's tokens up to itself: every row's K and
+        V are in the pool before any row attends, so the rows of one request make a
+        causal block without a mask of their own."""
         if not decode:
             return None, None
         bs = self.block_size
-        lens = [c.request.num_computed_tokens + 1 for c in decode]
+        lens = [c.request.num_computed_tokens + 1 + j for c in decode for j in range(c.num_tokens)]
         nb = -(-max(lens) // bs)
         table = [c.request.block_ids[:nb] + [0] * (nb - len(c.request.block_ids[:nb]))
-                 for c in decode]
+                 for c in decode for _ in range(c.num_tokens)]
         tables = torch.tensor(table, dtype=torch.int64, device=self.device)  # (D, nb)
         return tables, torch.tensor(lens, dtype=torch.int64, device=self.device)
 

@@ -22,6 +22,16 @@ After the forward pass, ``update`` applies the step: computed tokens counted,
 sampled tokens appended, stop conditions checked (``StopChecker``), finished
 requests removed and their blocks freed. The engine only runs the model and the
 sampler in between.
+
+Speculative decoding (with a ``drafter``): a greedy decode row may carry drafts,
+guesses of its next tokens, computed in the same step (one token plus k drafts; it
+costs k more of the budget and blocks for them). The engine keeps the drafts the
+model agrees with, plus the model's own next token, and hands them to ``update`` as
+consecutive ``SampledToken``s, each after the first marked ``draft``: its KV, computed
+this step, stands. Rejected drafts' KV lies past ``num_computed_tokens``, never
+read and written over later; the blocks that only they needed go back to the pool
+and no block holding one is registered in the prefix cache. Drafts live only in the
+``ScheduledChunk``, so preemption, abort and interruption see none.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.ngram_drafter import NgramDrafter
 from pdserve.engine.request import Request, RequestState
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.logprobs import Logprob
@@ -40,14 +51,20 @@ from pdserve.prefix_hash import extend_hashes
 @dataclass
 class ScheduledChunk:
     request: Request
-    num_tokens: int  # tokens computed for this request this step
+    num_tokens: int  # tokens computed for this request this step, drafts included
     num_cached_tokens: int = 0  # on admission: leading tokens taken from the prefix cache
+    draft_token_ids: list[int] = field(default_factory=list)  # after its one real token
 
     @property
     def samples(self) -> bool:
         """Whether this step catches the request up, so its logits sample a token."""
         r = self.request
-        return r.num_computed_tokens + self.num_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == r.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """One token of a request that is decoding (with its drafts, if any)."""
+        return self.num_tokens == 1 or bool(self.draft_token_ids)
 
 
 @dataclass
@@ -61,19 +78,25 @@ class SchedulerOutput:
 
 @dataclass
 class SampledToken:
-    """The token a step sampled for one request (a chunk that ``samples``)."""
+    """A token a step sampled for one request (a chunk that ``samples``); with drafts,
+    one per accepted draft plus the model's next token, in order."""
 
     request: Request
     token_id: int
     logprob: Logprob | None = None
+    draft: bool = False  # it follows an accepted draft, whose KV this step computed
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
                  stops: StopChecker, prefill_cap: Callable[[], int | None] = lambda: None,
-                 ) -> None:
+                 drafter: NgramDrafter | None = None) -> None:
         self.blocks = blocks
         self.stops = stops
+        self.drafter = drafter
+        self.spec_drafts = 0  # decode rows that carried drafts
+        self.spec_draft_tokens = 0  # drafts computed
+        self.spec_accepted_tokens = 0  # of them, accepted
         self.token_budget = max_num_batched_tokens
         # Prefill tokens a step may add to decode rows (None: no cap; see
         # EngineConfig.decode_step_budget_s).
@@ -83,6 +106,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of them, tokens found
+
+    def counters(self) -> dict[str, int]:
+        """Running totals under their metric names (pdserve/metrics.py ENGINE_COUNTERS)."""
+        return {"prefix_cache_queries": self.prefix_queries,
+                "prefix_cache_hits": self.prefix_hits,
+                "spec_decode_num_drafts": self.spec_drafts,
+                "spec_decode_num_draft_tokens": self.spec_draft_tokens,
+                "spec_decode_num_accepted_tokens": self.spec_accepted_tokens}
 
     @property
     def has_work(self) -> bool:
@@ -105,12 +136,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.token_budget
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        drafts = {r.request_id: self._drafts(r) for r in decoding} \
+            if self.drafter and self.drafter.drafts_allowed(len(self.running)) else {}
         cap = self.prefill_cap()
-        if cap is not None:  # counted only then: an engine without a step budget skips it
-            decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-            if decoding:
-                budget = min(budget, decoding + cap)
-        budget, preempted = self._schedule_running(out, budget)
+        if cap is not None and decoding:  # an engine without a step budget skips it
+            budget = min(budget, len(decoding) + sum(map(len, drafts.values())) + cap)
+        budget, preempted = self._schedule_running(out, budget, drafts)
         if not preempted:  # the pool is short: admitting more would only thrash
             self._schedule_waiting(out, budget)
         return out
@@ -119,9 +151,47 @@ class Scheduler:
         """Apply a computed step: count its tokens, append what it sampled; returns
         the requests that finished (their blocks are free)."""
         for c in out.chunks:
-            c.request.num_computed_tokens += c.num_tokens
+            c.request.num_computed_tokens += c.num_tokens - len(c.draft_token_ids)
             self.register_computed(c.request)
-        return [s.request for s in sampled if self.append(s.request, s.token_id, s.logprob)]
+        finished = []
+        for s in sampled:
+            if s.request.is_finished:
+                continue  # an earlier token of this step ended it: drop the rest
+            if s.draft:  # registered before the token that may finish the request
+                s.request.num_computed_tokens += 1
+                self.register_computed(s.request)
+            if self.append(s.request, s.token_id, s.logprob):
+                finished.append(s.request)
+        for c in out.chunks:
+            if c.draft_token_ids:
+                self._settle_drafts(c, sampled)
+        return finished
+
+    def _drafts(self, req: Request) -> list[int]:
+        """Drafts for a decoding request: only greedy ones past ``min_tokens``, never
+        past ``max_tokens`` or the context."""
+        p = req.params
+        if not p.greedy or req.num_output_tokens < p.min_tokens or req.kv_exporter is not None:
+            return []
+        room = min(p.max_tokens - req.num_output_tokens,
+                   self.stops.max_model_len - req.num_tokens) - 1
+        return self.drafter.propose(req.all_token_ids, min(room, self.drafter.k)) \
+            if self.drafter is not None and room > 0 else []
+
+    def _settle_drafts(self, c: ScheduledChunk, sampled: list[SampledToken]) -> None:
+        """Count the chunk's drafts; give back the blocks only its rejected drafts
+        needed (a finished request gave back all)."""
+        r = c.request
+        accepted = sum(1 for s in sampled if s.request is r and s.draft)
+        self.spec_drafts += 1
+        self.spec_draft_tokens += len(c.draft_token_ids)
+        self.spec_accepted_tokens += accepted
+        if r.is_finished:
+            return
+        keep = self.blocks.blocks_for_tokens(r.num_computed_tokens)  # what a plain step leaves
+        if len(r.block_ids) > keep:
+            surplus, r.block_ids = r.block_ids[keep:], r.block_ids[:keep]
+            self.blocks.free(surplus)
 
     def append(self, req: Request, token_id: int, logprob: Logprob | None) -> bool:
         """Give ``req`` its next token; finish it if that was its last. True if finished."""
@@ -137,14 +207,22 @@ class Scheduler:
         self.blocks.free(req.finish(reason, stop_reason))
         self.stops.release(req)
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          drafts: dict[str, list[int]]) -> tuple[int, bool]:
         # Decode tokens first so long prefills never stall token streams.
         queue = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        rows_left = sum(1 for r in queue if r.num_tokens - r.num_computed_tokens == 1)
         preempted = False
         while queue and budget > 0:
             req = queue.pop(0)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._grow(req, req.num_computed_tokens + n):
+            draft: list[int] = []
+            if n == 1:  # drafts only from what the other decode rows leave of the budget
+                rows_left -= 1
+                draft = drafts.get(req.request_id, [])[: max(budget - 1 - rows_left, 0)]
+                if draft and not self._grow(req, req.num_computed_tokens + 1 + len(draft)):
+                    draft = []  # the pool is short: no drafts before preempting anyone
+            while not self._grow(req, req.num_computed_tokens + n + len(draft)):
                 victim = self._newest(queue) or req
                 self._preempt(victim)
                 preempted = True
@@ -152,8 +230,8 @@ class Scheduler:
                     break
                 queue.remove(victim)
             else:
-                out.chunks.append(ScheduledChunk(req, n))
-                budget -= n
+                out.chunks.append(ScheduledChunk(req, n + len(draft), draft_token_ids=draft))
+                budget -= n + len(draft)
         return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:

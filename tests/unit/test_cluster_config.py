@@ -36,6 +36,7 @@ def test_worker_defaults_are_the_role_defaults(role: str) -> None:
 def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
     c = _cluster(model="/models/m", dtype="float32", quantization="int8", kv_encoding="int8",
                  host="0.0.0.0", enable_prefix_caching=False,
+                 speculative_config={"num_speculative_tokens": 3, "prompt_lookup_max": 4},
                  prefill_fallback="fail", kv_idle_timeout_s=2.5, pin="off",
                  prefill=[Member(6001, 9001, (0, 2), 2)], decode=[Member(6002, 0, None, None)])
     m = (c.prefill if role == "prefill" else c.decode)[0]
@@ -46,6 +47,9 @@ def test_cluster_worker_config_round_trips_through_argv(role: str) -> None:
     assert (config.placement.slot, config.placement.slots) == (1, 2)
     assert config.engine.enable_prefix_caching is False
     assert "--no-enable-prefix-caching" in worker_argv(config)
+    spec = config.engine.speculative_config  # decode workers only: prefill samples one token
+    assert (spec is None) if role == "prefill" else (
+        (spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == (3, 4, 4))
 
 
 def test_default_cluster_workers_are_the_default_workers_with_metrics() -> None:
@@ -104,6 +108,8 @@ def test_role_env_carries_the_key_and_the_log_format(monkeypatch: pytest.MonkeyP
 def test_cluster_config_validates_with_the_roles_rules() -> None:
     for bad, field in [({"dtype": "int4"}, "dtype"), ({"kv_encoding": "x"}, "kv_encoding"),
                        ({"pin": "x"}, "pin"), ({"kv_encodings": ("model",)}, "kv_encodings"),
+                       ({"speculative_config": {"num_speculative_tokens": 99}},
+                        "num_speculative_tokens"),
                        ({"prefill_fallback": "x"}, "prefill_fallback"),
                        ({"http_port": 70000}, "http_port"), ({"launcher": "x"}, "launcher"),
                        ({"decode": []}, "decode"), ({"prefill": [Member(70000)]}, "port")]:

@@ -219,3 +219,39 @@ def test_torch_features_fallback_has_a_level_where_torch_sees_avx2() -> None:
     f = _from_torch()
     assert isinstance(f, CpuFeatures)
     assert (f.best_level() is not None) == bool(torch.cpu._is_avx2_supported())
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_of_rows_sharing_a_table_equals_each_row_alone(
+        pool_dtype: torch.dtype) -> None:
+    """A request's token and its drafts (consecutive rows, one block table, lengths one
+    apart) read their keys together: each row's output must be exactly its output alone,
+    so speculative decoding gives the plain run's tokens."""
+    m = cpu_kernels.load()
+    if m is None:
+        pytest.skip("no compiled kernels on this machine (torch fallback)")
+    g = torch.Generator().manual_seed(0)
+    bs, kvh, hd, heads = 16, 3, 64, 9
+    kc = torch.randn(8, bs, kvh, hd, generator=g).to(pool_dtype)
+    vc = torch.randn(8, bs, kvh, hd, generator=g).to(pool_dtype)
+    tables = torch.tensor([[3, 1, 6, 0]] * 5 + [[2, 5, 7, 4]] + [[3, 1, 6, 0]] * 2)
+    lens = torch.tensor([40, 41, 42, 43, 44, 57, 9, 10])  # a 5-row group, 1 row, 2 rows
+    q = torch.randn(8, heads, hd, generator=g)
+    together = m.paged_decode_attention(q, kc, vc, tables, lens, 0.125)
+    alone = torch.cat([m.paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1],
+                                                lens[i:i + 1], 0.125) for i in range(8)])
+    assert torch.equal(together, alone)
+    ref = torch.cat([_attention_reference(q[i], kc, vc, tables[i], int(lens[i]))
+                     for i in range(8)])
+    torch.testing.assert_close(together, ref, rtol=1e-4, atol=1e-4)
+
+
+def _attention_reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                         table: torch.Tensor, n: int) -> torch.Tensor:
+    """(1, heads, hd): q (heads, hd) over the first n keys of its block table."""
+    k = kc[table].flatten(0, 1)[:n].float()  # (n, kvh, hd)
+    v = vc[table].flatten(0, 1)[:n].float()
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    p = torch.softmax(torch.einsum("hd,nhd->hn", q, k) * 0.125, dim=-1)
+    return torch.einsum("hn,nhd->hd", p, v)[None]

@@ -204,45 +204,62 @@ class KeyRows {
   int64_t bs_, row_, off_, b_ = 0, o_ = 0;
 };
 
-// Attention of query heads [h0, h0 + nh) of request d, all in KV head g: each key and
-// value row is read once for the nh heads. p: scratch of nh * (len rounded up to 8).
+// Attention of query heads [h0, h0 + nh) of R consecutive query rows that share one
+// block table (a request's token and its drafts; R = 1 for a plain decode row), all
+// in KV head g, row r over keys [0, lens[r]): each key and value row is read once for
+// all of them, and each (row, head) is computed exactly as it would be alone.
+// p: scratch of R * nh * (the longest len rounded up to 8).
 template <typename KV>
-void attend_group(const float* q, int64_t hd, int64_t h0, int64_t nh,
-                  const KV* kc, const KV* vc, int64_t bs, int64_t kvh, int64_t g,
-                  const int64_t* table, int64_t len, float sc, float* out, float* p) {
-  const int64_t stride = (len + kKeys - 1) / kKeys * kKeys, row = kvh * hd;
+void attend_group(const float* qp, int64_t q_row, int64_t R, const int64_t* lens, int64_t H,
+                  int64_t hd, int64_t h0, int64_t nh, const KV* kc, const KV* vc, int64_t bs,
+                  int64_t kvh, int64_t g, const int64_t* table, float sc, float* op,
+                  float* p) {
+  const int64_t longest = *std::max_element(lens, lens + R);
+  const int64_t stride = (longest + kKeys - 1) / kKeys * kKeys, row = kvh * hd;
   const KV* keys[kKeys];
   KeyRows<KV> walk(kc, table, bs, row, g * hd);
-  for (int64_t i = 0; i < len; i += kKeys) {
-    walk.next(std::min(kKeys, len - i), keys);
-    for (int64_t j = 0; j < nh; ++j)
-      _mm256_storeu_ps(p + j * stride + i, scores8(q + (h0 + j) * hd, keys, hd, sc));
-  }
-  for (int64_t j = 0; j < nh; ++j) {  // softmax over [0, len) of each head's scores
-    float* pj = p + j * stride;
-    for (int64_t i = len; i < stride; ++i) pj[i] = -INFINITY;
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < stride; i += kKeys) mx = _mm256_max_ps(mx, _mm256_loadu_ps(pj + i));
-    alignas(32) float lanes[kKeys];
-    _mm256_store_ps(lanes, mx);
-    const __m256 m = _mm256_set1_ps(*std::max_element(lanes, lanes + kKeys));
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t i = 0; i < stride; i += kKeys) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + i), m));
-      _mm256_storeu_ps(pj + i, e);
-      sum = _mm256_add_ps(sum, e);
+  for (int64_t i = 0; i < longest; i += kKeys) {
+    walk.next(std::min(kKeys, longest - i), keys);
+    for (int64_t r = 0; r < R; ++r) {
+      if (i >= lens[r]) continue;  // lanes past lens[r] are masked below
+      for (int64_t j = 0; j < nh; ++j)
+        _mm256_storeu_ps(p + (r * nh + j) * stride + i,
+                         scores8(qp + r * q_row + (h0 + j) * hd, keys, hd, sc));
     }
-    const float inv = 1.f / hsum(sum);
-    for (int64_t i = 0; i < len; ++i) pj[i] *= inv;
-    std::fill(out + j * hd, out + (j + 1) * hd, 0.f);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t len = lens[r], end = (len + kKeys - 1) / kKeys * kKeys;
+    for (int64_t j = 0; j < nh; ++j) {  // softmax over [0, len) of each head's scores
+      float* pj = p + (r * nh + j) * stride;
+      for (int64_t i = len; i < end; ++i) pj[i] = -INFINITY;
+      __m256 mx = _mm256_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < end; i += kKeys) mx = _mm256_max_ps(mx, _mm256_loadu_ps(pj + i));
+      alignas(32) float lanes[kKeys];
+      _mm256_store_ps(lanes, mx);
+      const __m256 m = _mm256_set1_ps(*std::max_element(lanes, lanes + kKeys));
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t i = 0; i < end; i += kKeys) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + i), m));
+        _mm256_storeu_ps(pj + i, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      const float inv = 1.f / hsum(sum);
+      for (int64_t i = 0; i < len; ++i) pj[i] *= inv;
+      float* out = op + (r * H + h0 + j) * hd;
+      std::fill(out, out + hd, 0.f);
+    }
   }
   KeyRows<KV> values(vc, table, bs, row, g * hd);
   const KV* v[kKeys];
-  for (int64_t i = 0; i < len; i += kKeys) {
-    const int64_t n = std::min(kKeys, len - i);
+  for (int64_t i = 0; i < longest; i += kKeys) {
+    const int64_t n = std::min(kKeys, longest - i);
     values.next(n, v);
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < nh; ++j) axpy(p[j * stride + i + t], v[t], out + j * hd, hd);
+      for (int64_t r = 0; r < R; ++r) {
+        if (i + t >= lens[r]) continue;
+        for (int64_t j = 0; j < nh; ++j)
+          axpy(p[(r * nh + j) * stride + i + t], v[t], op + (r * H + h0 + j) * hd, hd);
+      }
   }
 }
 
@@ -253,19 +270,33 @@ void paged_decode_attention_t(const float* qp, int64_t q_row, int64_t D, int64_t
                               const int64_t* lens, float sc, float* op) {
   for (int64_t d = 0; d < D; ++d)
     TORCH_CHECK(lens[d] >= 1 && lens[d] <= nb * bs, "seq_len out of range for block table");
-  // A task is (request, KV head): its G query heads share each key read. With too few
+  // Groups of consecutive rows with the same block table (a request's token and its
+  // drafts) read their keys together.
+  std::vector<int64_t> starts;
+  int64_t widest = 1;
+  for (int64_t d = 0; d < D; ++d)
+    if (d == 0 || !std::equal(tables + d * nb, tables + (d + 1) * nb, tables + (d - 1) * nb)) {
+      if (!starts.empty()) widest = std::max(widest, d - starts.back());
+      starts.push_back(d);
+    }
+  widest = std::max(widest, D - starts.back());
+  starts.push_back(D);
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  // A task is (group, KV head): its G query heads share each key read. With too few
   // of those to keep every thread busy (batch 1: 3 KV heads on 2 threads), one task
   // per query head instead.
   const int64_t G = H / kvh;
-  const int64_t per = D * kvh >= 4 * at::get_num_threads() ? G : 1, tasks = D * H / per;
+  const int64_t per = groups * kvh >= 4 * at::get_num_threads() ? G : 1;
+  const int64_t tasks = groups * H / per;
   int64_t longest = 0;
   for (int64_t d = 0; d < D; ++d) longest = std::max(longest, lens[d]);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(per * ((longest + kKeys - 1) / kKeys * kKeys));
+    std::vector<float> p(widest * per * ((longest + kKeys - 1) / kKeys * kKeys));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t d = t / (H / per), h0 = t % (H / per) * per;
-      attend_group(qp + d * q_row, hd, h0, per, kc, vc, bs, kvh, h0 / G,
-                   tables + d * nb, lens[d], sc, op + (d * H + h0) * hd, p.data());
+      const int64_t q = t / (H / per), h0 = t % (H / per) * per;
+      const int64_t d = starts[q], R = starts[q + 1] - d;
+      attend_group(qp + d * q_row, q_row, R, lens + d, H, hd, h0, per, kc, vc, bs, kvh,
+                   h0 / G, tables + d * nb, sc, op + d * H * hd, p.data());
     }
   });
 }
