@@ -33,6 +33,9 @@ class FakeServicer:
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         self.attached = (engine, metrics)
 
+    def kv_link(self) -> tuple[float, int]:
+        return 0.0, 0  # receives no KV
+
 
 async def _health(w: RunningWorker, service: str) -> int:
     async with grpc.aio.insecure_channel(w.address) as ch:
