@@ -32,27 +32,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
 // A bf16 pool row's values widened to fp32 (a bf16 is the top half of an fp32).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return widen8(p); }
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) { return widen1(v); }
-
-inline void axpy(float a, const uint16_t* x, float* y, int64_t n) {  // y += a * x (bf16 x)
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * widen(x[i]);
-}
 
 inline void store_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, int64_t n, uint16_t* dst) {
@@ -204,6 +188,38 @@ class KeyRows {
   int64_t bs_, row_, off_, b_ = 0, o_ = 0;
 };
 
+// out[0, hd) += sum over t < m of w[t] * v[t][0, hd), t in order: each element takes
+// the same fused multiply-adds as m calls of axpy, with out held in registers over
+// the m rows instead of loaded and stored for each.
+template <typename KV>
+inline void add_weighted(float* out, const float* w, const KV* const* v, int64_t m,
+                         int64_t hd) {
+  int64_t c = 0;
+  for (; c + 32 <= hd; c += 32) {
+    __m256 a0 = _mm256_loadu_ps(out + c), a1 = _mm256_loadu_ps(out + c + 8);
+    __m256 a2 = _mm256_loadu_ps(out + c + 16), a3 = _mm256_loadu_ps(out + c + 24);
+    for (int64_t t = 0; t < m; ++t) {
+      const __m256 wt = _mm256_set1_ps(w[t]);
+      a0 = _mm256_fmadd_ps(wt, load8(v[t] + c), a0);
+      a1 = _mm256_fmadd_ps(wt, load8(v[t] + c + 8), a1);
+      a2 = _mm256_fmadd_ps(wt, load8(v[t] + c + 16), a2);
+      a3 = _mm256_fmadd_ps(wt, load8(v[t] + c + 24), a3);
+    }
+    _mm256_storeu_ps(out + c, a0);
+    _mm256_storeu_ps(out + c + 8, a1);
+    _mm256_storeu_ps(out + c + 16, a2);
+    _mm256_storeu_ps(out + c + 24, a3);
+  }
+  for (; c + 8 <= hd; c += 8) {
+    __m256 a = _mm256_loadu_ps(out + c);
+    for (int64_t t = 0; t < m; ++t)
+      a = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), load8(v[t] + c), a);
+    _mm256_storeu_ps(out + c, a);
+  }
+  for (; c < hd; ++c)
+    for (int64_t t = 0; t < m; ++t) out[c] += w[t] * widen(v[t][c]);
+}
+
 // Attention of query heads [h0, h0 + nh) of R consecutive query rows that share one
 // block table (a request's token and its drafts; R = 1 for a plain decode row), all
 // in KV head g, row r over keys [0, lens[r]): each key and value row is read once for
@@ -254,12 +270,11 @@ void attend_group(const float* qp, int64_t q_row, int64_t R, const int64_t* lens
   for (int64_t i = 0; i < longest; i += kKeys) {
     const int64_t n = std::min(kKeys, longest - i);
     values.next(n, v);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t r = 0; r < R; ++r) {
-        if (i + t >= lens[r]) continue;
-        for (int64_t j = 0; j < nh; ++j)
-          axpy(p[(r * nh + j) * stride + i + t], v[t], op + (r * H + h0 + j) * hd, hd);
-      }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = std::min(n, lens[r] - i);  // this row's keys in the chunk
+      for (int64_t j = 0; m > 0 && j < nh; ++j)
+        add_weighted(op + (r * H + h0 + j) * hd, p + (r * nh + j) * stride + i, v, m, hd);
+    }
   }
 }
 
