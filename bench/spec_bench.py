@@ -57,14 +57,24 @@ def run_spec_bench(model: str | None, dtype: str, threads: int, spec: dict[str, 
                 bar.show(f"{mode} {name}")
                 results[name][mode] = _timed(llm, prompts, repeats, bar)
     for name, r in results.items():
-        plain, spec_r = r["plain"], r["spec"]
-        out[name] = {
-            "plain": _public(plain), "spec": _public(spec_r),
-            "speedup": spec_r["decode_tok_s"] / plain["decode_tok_s"],
-            "identical": sum(a == b for a, b in zip(plain["tokens"], spec_r["tokens"],
+        out[name] = paired(r["plain"], r["spec"])
+    return out
+
+
+def paired(plain: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Two runs of the same prompts (each with ``decode_tok_s`` and every request's
+    ``tokens``): both without their tokens, the speedup and the identical outputs."""
+    return {"plain": _public(plain), "spec": _public(spec),
+            "speedup": spec["decode_tok_s"] / plain["decode_tok_s"],
+            "identical": sum(a == b for a, b in zip(plain["tokens"], spec["tokens"],
                                                     strict=True)),
             "requests": len(plain["tokens"])}
-    return out
+
+
+def pair_line(name: str, r: dict[str, Any], extra: str) -> str:
+    return (f"{name:>6}: decode {r['plain']['decode_tok_s']:.1f} -> "
+            f"{r['spec']['decode_tok_s']:.1f} tok/s = {r['speedup']:.2f}x; identical "
+            f"{r['identical']}/{r['requests']}; {extra}")
 
 
 def _timed(llm: Any, prompts: list[list[int]], repeats: int, bar: Any) -> dict[str, Any]:
@@ -112,7 +122,5 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         acc = (f"acceptance {100 * s['acceptance_rate']:.0f}%, "
                f"{s['accepted_per_step']:.2f} accepted per draft step"
                if s["acceptance_rate"] is not None else "no drafts")
-        lines.append(f"{name:>6}: decode {r['plain']['decode_tok_s']:.1f} -> "
-                     f"{s['decode_tok_s']:.1f} tok/s = {r['speedup']:.2f}x; identical "
-                     f"{r['identical']}/{r['requests']}; {acc}")
+        lines.append(pair_line(name, r, acc))
     return lines

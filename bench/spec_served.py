@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.grounded import W6_OUTPUT, grounded_prompts, load_tokenizer
 from bench.machine import describe
+from bench.spec_bench import pair_line, paired
 
 
 async def _one(client: Any, prompt: list[int]) -> tuple[list[int], float, float, str]:
@@ -56,14 +57,8 @@ def run(plain: str, spec: str) -> dict[str, Any]:
     w6 = grounded_prompts(load_tokenizer(None))
     out: dict[str, Any] = {"machine": describe(None)}
     for name, prompts in (("W6", w6), ("W6 x1", w6[:1])):
-        a = asyncio.run(_measure(plain, prompts))
-        b = asyncio.run(_measure(spec, prompts))
-        out[name] = {"plain": {k: v for k, v in a.items() if k != "tokens"},
-                     "spec": {k: v for k, v in b.items() if k != "tokens"},
-                     "speedup": b["decode_tok_s"] / a["decode_tok_s"],
-                     "identical": sum(x == y for x, y in zip(a["tokens"], b["tokens"],
-                                                             strict=True)),
-                     "requests": len(prompts)}
+        out[name] = paired(asyncio.run(_measure(plain, prompts)),
+                           asyncio.run(_measure(spec, prompts)))
     return out
 
 
@@ -75,10 +70,7 @@ def main() -> None:
     a = p.parse_args()
     res = run(a.plain, a.spec)
     for name in ("W6", "W6 x1"):
-        r = res[name]
-        print(f"{name:>6}: decode {r['plain']['decode_tok_s']:.1f} -> "
-              f"{r['spec']['decode_tok_s']:.1f} tok/s = {r['speedup']:.2f}x; identical "
-              f"{r['identical']}/{r['requests']}; plans {r['spec']['plans']}")
+        print(pair_line(name, res[name], f"plans {res[name]['spec']['plans']}"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

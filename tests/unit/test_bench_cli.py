@@ -39,3 +39,33 @@ def test_bench_engine_writes_json(tiny_llama: Path, tmp_path: Path,
     assert doc["ceilings"]["read_GBps"] > 0 and "float32" in doc["ceilings"]["gemm_GFLOPs"]
     assert report["W2"]["ceiling"] == doc["ceilings"]["workloads"]["W2"]["decode_tok_s"]
     assert "machine: " in printed and "ceilings (measured now, 1 threads, best of 2" in printed
+
+
+def test_bench_engine_w6_compares_plain_and_speculative_decoding(
+        tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny model's vocabulary has no words: W6's prompts become repeating token runs.
+    from bench import spec_bench
+
+    monkeypatch.setattr(spec_bench, "load_tokenizer", lambda model: None)
+    monkeypatch.setattr(spec_bench, "grounded_prompts",
+                        lambda tok: [list(range(5 + i, 25 + i)) * 3 for i in range(4)])
+    monkeypatch.setattr(spec_bench, "chat_prompts",
+                        lambda tok: [list(range(50 + 7 * i, 90 + 7 * i)) for i in range(4)])
+    monkeypatch.setattr(spec_bench, "OUTPUT_TOKENS", 40)
+    out = tmp_path / "w6.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    rc = main(["bench", "--engine", "--workload", "W6", "--repeats", "1", "--threads", "1",
+               "--model", str(tiny_llama), "--dtype", "float32", "--speculative-config", spec,
+               "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())["W6_speculative"]
+    assert res["speculative_config"]["num_speculative_tokens"] == 3
+    for name in ("W6", "W6 x1", "chat"):  # fp32: the engine is batch-invariant
+        r = res[name]
+        assert r["identical"] == r["requests"] and r["speedup"] > 0
+        assert r["spec"]["drafts"]["draft_tokens"] >= r["spec"]["drafts"]["accepted_tokens"]
+        assert r["plain"]["drafts"]["drafts"] == 0
+    assert "W6 x1: decode" in capsys.readouterr().out
+    assert main(["bench", "--engine", "--workload", "W6", "--workload", "W1"]) == 2
+    assert "W6 alone" in capsys.readouterr().err
