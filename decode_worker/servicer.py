@@ -245,9 +245,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             if kv_import is not None and kv_import.state is ImportState.COMMITTED:
                 s = kv_import.stats
                 msg.prefill_compute_s, msg.kv_transfer_s = s.prefill_compute_s, s.transfer_s
-                msg.kv_bytes = s.bytes
+                msg.kv_bytes, msg.num_cached_tokens = s.bytes, s.num_cached_tokens
             else:
                 msg.prefill_compute_s = _local_compute_s(out)
+                msg.num_cached_tokens = out.num_cached_tokens
         return msg
 
     def _end(self, last: RequestOutput | None, plan: DecodePlan) -> None:

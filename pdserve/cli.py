@@ -154,6 +154,7 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     from pdserve.launchers import names
     from pdserve.logs import LOG_FORMATS
     from pdserve.placement import PIN_MODES
+    from pdserve.worker_args import speculative_config_arg
 
     u.add_argument("--config", default=None,
                    help="cluster config YAML (see README); default: the built-in local "
@@ -169,6 +170,12 @@ def _up_args(u: argparse.ArgumentParser) -> None:
                    action="store_false", default=None,
                    help="every worker recomputes shared prompt prefixes instead of reusing "
                         "their cached KV")
+    u.add_argument("--speculative-config", type=speculative_config_arg, default=None,
+                   help='decode workers\' speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\' (default: off)')
+    u.add_argument("--kv-encodings", default=None,
+                   help="KV wire encodings the router may pick per request on a slow link, "
+                        "comma-separated (int8: lossy; default: none)")
     u.add_argument("--http-port", type=int, default=None,
                    help=f"router's OpenAI-compatible HTTP port (default {RouterConfig.http_port}; "
                         "0 = off)")
@@ -225,6 +232,10 @@ def _up(args: argparse.Namespace) -> int:
         overrides["migration"] = args.migration
     if args.enable_prefix_caching is not None:
         overrides["enable_prefix_caching"] = args.enable_prefix_caching
+    if args.speculative_config is not None:
+        overrides["speculative_config"] = args.speculative_config
+    if args.kv_encodings is not None:
+        overrides["kv_encodings"] = tuple(e for e in args.kv_encodings.split(",") if e)
     if args.address:
         overrides["ray"] = dataclasses.replace(config.ray, address=args.address)
         overrides.setdefault("launcher", "ray")

@@ -31,6 +31,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
+    cached_tokens: int = 0  # of prompt_tokens, whose KV came from a prefix cache
 
 
 def build_request(prompt: str | list[int] | None = None, *,
@@ -64,7 +65,8 @@ def _delta(msg: api_pb2.GenerateResponse) -> Delta:
                "predicted_ttft_s": t.predicted_ttft_s} \
         if msg.HasField("timings") else {}
     return Delta(msg.request_id, list(msg.token_ids), msg.text, msg.finish_reason,
-                 msg.usage.prompt_tokens, msg.usage.completion_tokens, timings)
+                 msg.usage.prompt_tokens, msg.usage.completion_tokens, timings,
+                 msg.usage.cached_tokens)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def event_to_pb(e: KVHeader | FirstToken) -> worker_pb2.PrefillResponse:
             num_tokens=e.num_tokens, num_cached_tokens=e.num_cached_tokens))
     return worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
         token=logprob_to_pb(e.token), prefill_compute_s=e.prefill_compute_s,
-        num_prompt_tokens=e.num_prompt_tokens))
+        num_prompt_tokens=e.num_prompt_tokens, num_cached_tokens=e.num_cached_tokens))
 
 
 def response_bytes(message: worker_pb2.PrefillResponse | bytes) -> bytes:
@@ -68,7 +68,8 @@ def parse_prefill_response(data: bytes) -> KVEvent:
         return _header(msg.header)
     if kind == "first_token":
         t = msg.first_token
-        return FirstToken(logprob_from_pb(t.token), t.prefill_compute_s, t.num_prompt_tokens)
+        return FirstToken(logprob_from_pb(t.token), t.prefill_compute_s, t.num_prompt_tokens,
+                          t.num_cached_tokens)
     raise KVStreamError("DATA_LOSS", "Prefill message holds neither header, chunk nor token")
 
 

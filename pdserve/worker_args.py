@@ -81,7 +81,8 @@ def _cpu_list(text: str) -> tuple[int, ...]:
     return tuple(int(c) for c in text.split(","))
 
 
-def _speculative_config(text: str) -> SpeculativeConfig | None:
+def speculative_config_arg(text: str) -> SpeculativeConfig | None:
+    """``--speculative-config JSON`` (workers, ``pdserve up``): a bad one is a usage error."""
     try:
         return SpeculativeConfig.parse(json.loads(text))
     except json.JSONDecodeError as e:
@@ -109,7 +110,7 @@ def parser(role: str) -> argparse.ArgumentParser:
                    help="the KV pool's dtype: auto (the weights', default), bfloat16, float32")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    help="reuse cached KV of shared prompt prefixes (default: on)")
-    p.add_argument("--speculative-config", type=_speculative_config,
+    p.add_argument("--speculative-config", type=speculative_config_arg,
                    help='speculative decoding as JSON (vLLM\'s flag), e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
     p.add_argument("--threads", type=int)

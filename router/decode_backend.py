@@ -46,6 +46,7 @@ class DecodeDelta:
     prefill_compute_s: float = 0.0
     kv_transfer_s: float = 0.0
     kv_bytes: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV was not computed for it
 
 
 class WorkerError(Exception):

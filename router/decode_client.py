@@ -41,7 +41,7 @@ class DecodeCall:
                 yield DecodeDelta(list(msg.token_ids), msg.text,
                                   [logprob_from_pb(lp) for lp in msg.logprobs],
                                   msg.finish_reason, msg.prefill_compute_s, msg.kv_transfer_s,
-                                  msg.kv_bytes)
+                                  msg.kv_bytes, msg.num_cached_tokens)
         except grpc.aio.AioRpcError as e:
             raise WorkerError(e.code().name, e.details() or "",
                               failed_role(e.trailing_metadata())) from e

@@ -107,6 +107,7 @@ class _Flight:
     expired: bool = False
     finish_reason: str = ""
     timings: Timings = field(default_factory=Timings)
+    cached_tokens: int = 0  # of the prompt, as the first decode call reported
 
     @property
     def completion_tokens(self) -> int:
@@ -321,6 +322,7 @@ class Generator:
         f.timings.ttft_s = now - f.t0
         f.timings.prefill_compute_s = msg.prefill_compute_s
         f.timings.kv_transfer_s, f.timings.kv_bytes = msg.kv_transfer_s, msg.kv_bytes
+        f.cached_tokens = min(msg.num_cached_tokens, len(f.prompt))  # a worker's claim
         if f.timings.predicted_ttft_s:
             log.info("routed", extra={"plan": f.timings.plan, "decode": f.decode_address,
                                       "predicted_ttft_s": round(f.timings.predicted_ttft_s, 4),
@@ -338,7 +340,7 @@ class Generator:
         f.timings.e2e_s = now - f.t0
         self.metrics.e2e.observe(f.timings.e2e_s)
         out.prompt_tokens, out.completion_tokens = len(f.prompt), f.completion_tokens
-        out.timings = f.timings
+        out.cached_tokens, out.timings = f.cached_tokens, f.timings
 
     # DISPATCHED/STREAMING → ROUTING, ABORTED or FAILED
 
@@ -379,7 +381,7 @@ class Generator:
     def _aborted(self, f: _Flight) -> Delta:
         f.stage, f.finish_reason = Stage.ABORTED, "abort"
         return Delta(f.request_id, [], "", finish_reason="abort", prompt_tokens=len(f.prompt),
-                     completion_tokens=f.completion_tokens)
+                     completion_tokens=f.completion_tokens, cached_tokens=f.cached_tokens)
 
     def _fail(self, f: _Flight, e: WorkerError) -> GenerationError:
         f.stage = Stage.FAILED

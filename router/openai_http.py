@@ -253,6 +253,7 @@ class _Answer:
         self.finish: list[str | None] = [None] * count
         self.prompt_tokens = [0] * count
         self.completion_tokens = [0] * count
+        self.cached_tokens = [0] * count
 
     def add(self, index: int, d: Delta) -> None:
         self.texts[index] += d.text
@@ -262,6 +263,7 @@ class _Answer:
             self.completion_tokens[index] = d.completion_tokens
             if index % self.parsed.n == 0:  # a prompt counts once, however many choices
                 self.prompt_tokens[index] = d.prompt_tokens
+                self.cached_tokens[index] = d.cached_tokens
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
@@ -273,8 +275,9 @@ class _Answer:
             return chat_logprobs(lps, self.token_text)
         return completion_logprobs(lps, self.token_text, offset)
 
-    def usage(self) -> dict[str, int]:
-        return usage(sum(self.prompt_tokens), sum(self.completion_tokens))
+    def usage(self) -> dict[str, Any]:
+        return usage(sum(self.prompt_tokens), sum(self.completion_tokens),
+                     sum(self.cached_tokens))
 
     def whole(self) -> dict[str, Any]:
         choices = []

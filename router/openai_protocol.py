@@ -303,6 +303,10 @@ def chat_logprobs(lps: list[Logprob], text: TokenText) -> dict[str, Any]:
                          "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          ) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens whose
+    KV came from a prefix cache instead of being computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

@@ -54,6 +54,7 @@ class Delta:
     finish_reason: str = ""  # set on the last delta, with usage and timings
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, whose KV came from a prefix cache
     timings: Timings | None = None
 
 

@@ -68,7 +68,8 @@ def _delta_to_pb(d: Delta) -> api_pb2.GenerateResponse:
                                    finish_reason=d.finish_reason)
     if d.finish_reason:
         out.usage.CopyFrom(api_pb2.Usage(prompt_tokens=d.prompt_tokens,
-                                         completion_tokens=d.completion_tokens))
+                                         completion_tokens=d.completion_tokens,
+                                         cached_tokens=d.cached_tokens))
     if d.timings is not None:
         t = d.timings
         out.timings.CopyFrom(api_pb2.Timings(

@@ -62,6 +62,8 @@ class FakeDecodeWorker:
     """After this many deltas the stream waits for ``release`` (or a cancel)."""
     state: WorkerLoad | None = None
     """What ``get_state`` answers (None: no live state)."""
+    cached_tokens: int = 0
+    """The prompt tokens its first delta says were not computed (a prefix cache hit)."""
     jobs: list[DecodeJob] = field(default_factory=list)
     streams: list[FakeDecodeStream] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,7 +118,8 @@ class FakeDecodeStream:
                 self.sent += 1
                 token = 80 + len(self.job.prompt) + i
                 yield DecodeDelta([token], f" t{token}", finish_reason="length" if i == n - 1
-                                  else "", kv_bytes=64 if i == 0 else 0)
+                                  else "", kv_bytes=64 if i == 0 else 0,
+                                  num_cached_tokens=self.worker.cached_tokens if i == 0 else 0)
         finally:
             self.open = False
 

@@ -51,4 +51,4 @@ def _first_token(out: RequestOutput, num_prompt_tokens: int) -> FirstToken:
     compute = 0.0
     if t is not None and t.ttft_s is not None and t.queue_s is not None:
         compute = t.ttft_s - t.queue_s
-    return FirstToken(lp, compute, num_prompt_tokens)
+    return FirstToken(lp, compute, num_prompt_tokens, out.num_cached_tokens)

@@ -48,6 +48,8 @@ class TransferStats:
     """First chunk received to the first token."""
     bytes: int = 0
     """Payload bytes received."""
+    num_cached_tokens: int = 0
+    """Prompt tokens the sender took from its prefix cache instead of computing."""
 
 
 async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamValidator,
@@ -75,10 +77,10 @@ async def receive_kv(events: AsyncGenerator[KVEvent, None], validator: KVStreamV
                 _check_finite(event, k, v)
                 write(event.layer, event.token_offset, k, v)
             else:
-                validator.check_complete()
+                validator.check_complete(event)
                 elapsed = time.perf_counter() - t0 if t0 else 0.0
                 return event, TransferStats(event.prefill_compute_s, elapsed,
-                                            validator.bytes_received)
+                                            validator.bytes_received, event.num_cached_tokens)
     raise KVStreamError("DATA_LOSS", "prefill stream ended without a first token")
 
 

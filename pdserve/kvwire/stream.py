@@ -69,6 +69,8 @@ class FirstToken:
     token: Logprob
     prefill_compute_s: float = 0.0
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens the sender took from its prefix cache instead of computing."""
 
 
 KVEvent = KVHeader | KVChunk | FirstToken
@@ -157,8 +159,14 @@ class KVStreamValidator:
                                 f"expected {(data, data, scales, scales)} for {c.num_tokens} "
                                 f"tokens (wrong shape or dtype)")
 
-    def check_complete(self) -> None:
+    def check_complete(self, first: FirstToken) -> None:
+        """The first token ends the stream: every layer must be whole by then, and its
+        count of cached prompt tokens within the prompt."""
         missing = [i for i, n in enumerate(self._covered) if n != self.expected.num_tokens]
         if self.header is None or missing:
             raise KVStreamError("DATA_LOSS", f"KV stream ended early: layers {missing[:5]} "
                                 "incomplete" if missing else "KV stream ended before its header")
+        if not 0 <= first.num_cached_tokens < self.expected.num_tokens:
+            raise KVStreamError("INVALID_ARGUMENT", f"first token claims "
+                                f"{first.num_cached_tokens} cached prompt tokens of "
+                                f"{self.expected.num_tokens} (at most all but the last)")

@@ -85,6 +85,20 @@ def test_streaming_chat_with_usage(oai: openai.OpenAI, model: str) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(oai: openai.OpenAI, model: str) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: the prefill worker's prefix
+    cache served the repeat (every prompt is remote here)."""
+    prompt = list(range(5000, 5050))  # 50 tokens: 3 full blocks can be cached
+
+    def cached() -> int:
+        r = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+        assert r.usage is not None and r.usage.prompt_tokens == 50
+        details = r.usage.prompt_tokens_details
+        return details.cached_tokens if details is not None else -1
+
+    assert cached() == 0 and cached() == 48
+
+
 def test_sse_ends_with_done(cluster: ClusterConfig, model: str) -> None:
     body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 3, "stream": True,
                        "ignore_eos": True}).encode()

@@ -74,6 +74,21 @@ def test_up_no_enable_prefix_caching_reaches_every_worker(
     assert ClusterConfig.from_yaml(f).enable_prefix_caching is False
 
 
+def test_up_speculative_config_and_kv_encodings_reach_their_roles(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    got = _captured_up(monkeypatch)
+    assert main(["up", "--speculative-config", '{"num_speculative_tokens": 2}',
+                 "--kv-encodings", "int8"]) == 0
+    c = got[0]
+    spec = c.worker("decode", c.decode[0], 1, 2).engine.speculative_config
+    assert spec is not None and spec.num_speculative_tokens == 2
+    assert c.worker("prefill", c.prefill[0], 0, 2).engine.speculative_config is None
+    assert c.router(["h:1"], []).kv_encodings == ("int8",)
+    with pytest.raises(SystemExit) as e:
+        main(["up", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'])
+    assert e.value.code == 2 and "method" in capsys.readouterr().err
+
+
 def test_packaged_config_is_found_by_launcher_name() -> None:
     assert launchers.packaged_config("ray") == str(PACKAGED)
     assert launchers.packaged_config("process") is None

@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from pdserve.kvwire.codec import Encoding, bytes_per_token, decode, encode
-from pdserve.kvwire.stream import PROTOCOL_VERSION, KVChunk, KVHeader, KVStreamError, KVStreamValidator
+from pdserve.kvwire.stream import (
+    PROTOCOL_VERSION,
+    FirstToken,
+    KVChunk,
+    KVHeader,
+    KVStreamError,
+    KVStreamValidator,
+)
+from pdserve.logprobs import Logprob
 
 HEADER = KVHeader(PROTOCOL_VERSION, "m", num_layers=2, num_kv_heads=3, head_dim=8,
                   block_size=16, encoding=Encoding.BF16, num_tokens=5)
+FIRST = FirstToken(Logprob(7, -0.5, []))
 
 
 @pytest.mark.parametrize("enc", [Encoding.FP32, Encoding.BF16, Encoding.FP16, Encoding.INT8])
@@ -40,8 +49,21 @@ def test_a_good_stream_passes() -> None:
     val.check_header(HEADER)
     for seq, (layer, off, n) in enumerate([(0, 0, 3), (1, 0, 3), (0, 3, 2), (1, 3, 2)]):
         val.check_chunk(_chunk(seq, layer, off, n))
-    val.check_complete()
+    val.check_complete(FIRST)
     assert val.bytes_received == 2 * 2 * 5 * 3 * 8 * 2
+
+
+@pytest.mark.parametrize("cached", [5, 6, 1_000_000])
+def test_a_first_token_claiming_more_cached_tokens_than_the_prompt_has_is_refused(
+        cached: int) -> None:
+    val = KVStreamValidator(HEADER)
+    val.check_header(HEADER)
+    for seq, layer in enumerate((0, 1)):
+        val.check_chunk(_chunk(seq, layer, 0, 5))
+    val.check_complete(dataclasses.replace(FIRST, num_cached_tokens=4))  # all but the last
+    with pytest.raises(KVStreamError) as e:
+        val.check_complete(dataclasses.replace(FIRST, num_cached_tokens=cached))
+    assert e.value.code == "INVALID_ARGUMENT" and "cached" in str(e.value)
 
 
 @pytest.mark.parametrize(("change", "code"), [
@@ -89,5 +111,5 @@ def test_chunk_before_header_and_early_end() -> None:
     val.check_header(HEADER)
     val.check_chunk(_chunk(0, 0, 0, 5))
     with pytest.raises(KVStreamError) as e:
-        val.check_complete()
+        val.check_complete(FIRST)
     assert e.value.code == "DATA_LOSS"

@@ -95,6 +95,17 @@ def test_the_plan_follows_the_prompt_length() -> None:
     assert_idle(g, backend)
 
 
+def test_cached_prompt_tokens_reach_the_usage_and_a_worker_cannot_claim_more() -> None:
+    worker = FakeDecodeWorker("d:1", cached_tokens=16)
+    backend = FakeDecodeBackend([worker])
+    g = make_generator(backend, load_aware(["d:1"]))
+    last = run(collect(g.generate(request("hit"))))[-1]
+    assert (last.prompt_tokens, last.cached_tokens) == (20, 16)
+    worker.cached_tokens = 10**6  # more than the prompt has: clamped
+    assert run(collect(g.generate(request("liar"))))[-1].cached_tokens == 20
+    assert_idle(g, backend)
+
+
 def test_the_policy_picks_the_kv_encoding_unless_the_client_named_one() -> None:
     backend = FakeDecodeBackend([FakeDecodeWorker("d:1")])
     policy = RecordingPolicy(["d:1"], ["p:1"])

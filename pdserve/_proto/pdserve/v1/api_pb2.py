@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve._proto.pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pdserve/v1/api.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12*\n\x06params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12+\n\x0bkv_encoding\x18\x07 \x01(\x0e\x32\x16.pdserve.v1.KVEncodingB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x94\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x03 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x18\n\x10predicted_ttft_s\x18\x07 \x01(\x01\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.pdserve.v1.Model2\xe0\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pdserve/v1/api.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12*\n\x06params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12+\n\x0bkv_encoding\x18\x07 \x01(\x0e\x32\x16.pdserve.v1.KVEncodingB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x94\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x03 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x18\n\x10predicted_ttft_s\x18\x07 \x01(\x01\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.pdserve.v1.Model2\xe0\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=192
   _globals['_GENERATEREQUEST']._serialized_end=444
   _globals['_USAGE']._serialized_start=446
-  _globals['_USAGE']._serialized_end=503
-  _globals['_TIMINGS']._serialized_start=506
-  _globals['_TIMINGS']._serialized_end=654
-  _globals['_GENERATERESPONSE']._serialized_start=657
-  _globals['_GENERATERESPONSE']._serialized_end=867
-  _globals['_ABORTREQUEST']._serialized_start=869
-  _globals['_ABORTREQUEST']._serialized_end=903
-  _globals['_ABORTRESPONSE']._serialized_start=905
-  _globals['_ABORTRESPONSE']._serialized_end=935
-  _globals['_LISTMODELSREQUEST']._serialized_start=937
-  _globals['_LISTMODELSREQUEST']._serialized_end=956
-  _globals['_MODEL']._serialized_start=958
-  _globals['_MODEL']._serialized_end=1000
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1002
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1057
-  _globals['_GENERATION']._serialized_start=1060
-  _globals['_GENERATION']._serialized_end=1284
+  _globals['_USAGE']._serialized_end=526
+  _globals['_TIMINGS']._serialized_start=529
+  _globals['_TIMINGS']._serialized_end=677
+  _globals['_GENERATERESPONSE']._serialized_start=680
+  _globals['_GENERATERESPONSE']._serialized_end=890
+  _globals['_ABORTREQUEST']._serialized_start=892
+  _globals['_ABORTREQUEST']._serialized_end=926
+  _globals['_ABORTRESPONSE']._serialized_start=928
+  _globals['_ABORTRESPONSE']._serialized_end=958
+  _globals['_LISTMODELSREQUEST']._serialized_start=960
+  _globals['_LISTMODELSREQUEST']._serialized_end=979
+  _globals['_MODEL']._serialized_start=981
+  _globals['_MODEL']._serialized_end=1023
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1025
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1080
+  _globals['_GENERATION']._serialized_start=1083
+  _globals['_GENERATION']._serialized_end=1307
 # @@protoc_insertion_point(module_scope)

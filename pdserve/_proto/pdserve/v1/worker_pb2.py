@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve._proto.pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xf0\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1e\n\x04plan\x18\x04 \x01(\x0e\x32\x10.pdserve.v1.Plan\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12(\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\"\n\x1a\x66\x61llback_prefill_addresses\x18\x07 \x03(\t\"\xcd\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11prefill_compute_s\x18\x06 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x07 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\"\xaf\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\x96\x01\n\x0fPrefillResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KVChunkH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x42\x06\n\x04kind\"\xe1\x01\n\x08KVHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\"\xc3\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\t\n\x01k\x18\x06 \x01(\x0c\x12\t\n\x01v\x18\x07 \x01(\x0c\x12\x10\n\x08k_scales\x18\x08 \x01(\x0c\x12\x10\n\x08v_scales\x18\t \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\n \x01(\x07\"k\n\nFirstToken\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x19\n\x11prefill_compute_s\x18\x02 \x01(\x01\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\",\n\x12WorkerStateRequest\x12\x16\n\x0eprefix_summary\x18\x01 \x01(\x08\"\xb7\x04\n\x10WorkerStateReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x08 \x01(\x01\x12\x15\n\rdecode_step_s\x18\t \x01(\x01\x12\x1b\n\x13kv_link_bytes_per_s\x18\n \x01(\x01\x12\x13\n\x0bprefix_salt\x18\x0b \x01(\x0c\x12\x15\n\rcached_blocks\x18\x0c \x03(\x06\x12\x11\n\tstate_seq\x18\r \x01(\x04\x12\x1c\n\x14\x64\x65\x63ode_step_budget_s\x18\x0e \x01(\x01\x12\x1a\n\x12kv_bytes_per_token\x18\x0f \x01(\x01\x12\x63\n\x1ekv_bytes_per_token_by_encoding\x18\x10 \x03(\x0b\x32;.pdserve.v1.WorkerStateReply.KvBytesPerTokenByEncodingEntry\x12\x18\n\x10kv_pending_bytes\x18\x11 \x01(\x04\x1a@\n\x1eKvBytesPerTokenByEncodingEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*=\n\x04Plan\x12\x14\n\x10PLAN_UNSPECIFIED\x10\x00\x12\x0e\n\nPLAN_LOCAL\x10\x01\x12\x0f\n\x0bPLAN_REMOTE\x10\x02\x32S\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x08Generate\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x32U\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse0\x01\x32W\n\x0bWorkerState\x12H\n\x08GetState\x12\x1e.pdserve.v1.WorkerStateRequest\x1a\x1c.pdserve.v1.WorkerStateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xf0\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1e\n\x04plan\x18\x04 \x01(\x0e\x32\x10.pdserve.v1.Plan\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12(\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\"\n\x1a\x66\x61llback_prefill_addresses\x18\x07 \x03(\t\"\xe8\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11prefill_compute_s\x18\x06 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x07 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\"\xaf\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\x96\x01\n\x0fPrefillResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KVChunkH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x42\x06\n\x04kind\"\xe1\x01\n\x08KVHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\"\xc3\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.pdserve.v1.KVEncoding\x12\t\n\x01k\x18\x06 \x01(\x0c\x12\t\n\x01v\x18\x07 \x01(\x0c\x12\x10\n\x08k_scales\x18\x08 \x01(\x0c\x12\x10\n\x08v_scales\x18\t \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\n \x01(\x07\"\x86\x01\n\nFirstToken\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x19\n\x11prefill_compute_s\x18\x02 \x01(\x01\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\",\n\x12WorkerStateRequest\x12\x16\n\x0eprefix_summary\x18\x01 \x01(\x08\"\xb7\x04\n\x10WorkerStateReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16pending_prefill_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x08 \x01(\x01\x12\x15\n\rdecode_step_s\x18\t \x01(\x01\x12\x1b\n\x13kv_link_bytes_per_s\x18\n \x01(\x01\x12\x13\n\x0bprefix_salt\x18\x0b \x01(\x0c\x12\x15\n\rcached_blocks\x18\x0c \x03(\x06\x12\x11\n\tstate_seq\x18\r \x01(\x04\x12\x1c\n\x14\x64\x65\x63ode_step_budget_s\x18\x0e \x01(\x01\x12\x1a\n\x12kv_bytes_per_token\x18\x0f \x01(\x01\x12\x63\n\x1ekv_bytes_per_token_by_encoding\x18\x10 \x03(\x0b\x32;.pdserve.v1.WorkerStateReply.KvBytesPerTokenByEncodingEntry\x12\x18\n\x10kv_pending_bytes\x18\x11 \x01(\x04\x1a@\n\x1eKvBytesPerTokenByEncodingEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*=\n\x04Plan\x12\x14\n\x10PLAN_UNSPECIFIED\x10\x00\x12\x0e\n\nPLAN_LOCAL\x10\x01\x12\x0f\n\x0bPLAN_REMOTE\x10\x02\x32S\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x08Generate\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x32U\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse0\x01\x32W\n\x0bWorkerState\x12H\n\x08GetState\x12\x1e.pdserve.v1.WorkerStateRequest\x1a\x1c.pdserve.v1.WorkerStateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._loaded_options = None
   _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._serialized_options = b'8\001'
-  _globals['_PLAN']._serialized_start=1997
-  _globals['_PLAN']._serialized_end=2058
+  _globals['_PLAN']._serialized_start=2052
+  _globals['_PLAN']._serialized_end=2113
   _globals['_DECODEREQUEST']._serialized_start=65
   _globals['_DECODEREQUEST']._serialized_end=305
   _globals['_DECODERESPONSE']._serialized_start=308
-  _globals['_DECODERESPONSE']._serialized_end=513
-  _globals['_PREFILLREQUEST']._serialized_start=516
-  _globals['_PREFILLREQUEST']._serialized_end=691
-  _globals['_PREFILLRESPONSE']._serialized_start=694
-  _globals['_PREFILLRESPONSE']._serialized_end=844
-  _globals['_KVHEADER']._serialized_start=847
-  _globals['_KVHEADER']._serialized_end=1072
-  _globals['_KVCHUNK']._serialized_start=1075
-  _globals['_KVCHUNK']._serialized_end=1270
-  _globals['_FIRSTTOKEN']._serialized_start=1272
-  _globals['_FIRSTTOKEN']._serialized_end=1379
-  _globals['_WORKERSTATEREQUEST']._serialized_start=1381
-  _globals['_WORKERSTATEREQUEST']._serialized_end=1425
-  _globals['_WORKERSTATEREPLY']._serialized_start=1428
-  _globals['_WORKERSTATEREPLY']._serialized_end=1995
-  _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._serialized_start=1931
-  _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._serialized_end=1995
-  _globals['_DECODEWORKER']._serialized_start=2060
-  _globals['_DECODEWORKER']._serialized_end=2143
-  _globals['_PREFILLWORKER']._serialized_start=2145
-  _globals['_PREFILLWORKER']._serialized_end=2230
-  _globals['_WORKERSTATE']._serialized_start=2232
-  _globals['_WORKERSTATE']._serialized_end=2319
+  _globals['_DECODERESPONSE']._serialized_end=540
+  _globals['_PREFILLREQUEST']._serialized_start=543
+  _globals['_PREFILLREQUEST']._serialized_end=718
+  _globals['_PREFILLRESPONSE']._serialized_start=721
+  _globals['_PREFILLRESPONSE']._serialized_end=871
+  _globals['_KVHEADER']._serialized_start=874
+  _globals['_KVHEADER']._serialized_end=1099
+  _globals['_KVCHUNK']._serialized_start=1102
+  _globals['_KVCHUNK']._serialized_end=1297
+  _globals['_FIRSTTOKEN']._serialized_start=1300
+  _globals['_FIRSTTOKEN']._serialized_end=1434
+  _globals['_WORKERSTATEREQUEST']._serialized_start=1436
+  _globals['_WORKERSTATEREQUEST']._serialized_end=1480
+  _globals['_WORKERSTATEREPLY']._serialized_start=1483
+  _globals['_WORKERSTATEREPLY']._serialized_end=2050
+  _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._serialized_start=1986
+  _globals['_WORKERSTATEREPLY_KVBYTESPERTOKENBYENCODINGENTRY']._serialized_end=2050
+  _globals['_DECODEWORKER']._serialized_start=2115
+  _globals['_DECODEWORKER']._serialized_end=2198
+  _globals['_PREFILLWORKER']._serialized_start=2200
+  _globals['_PREFILLWORKER']._serialized_end=2285
+  _globals['_WORKERSTATE']._serialized_start=2287
+  _globals['_WORKERSTATE']._serialized_end=2374
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., plan: _Optional[_Union[Plan, str]] = ..., prefill_address: _Optional[str] = ..., encoding: _Optional[_Union[_common_pb2.KVEncoding, str]] = ..., fallback_prefill_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "logprobs", "stop_reason", "prefill_compute_s", "kv_transfer_s", "kv_bytes")
+    __slots__ = ("token_ids", "text", "finish_reason", "logprobs", "stop_reason", "prefill_compute_s", "kv_transfer_s", "kv_bytes", "num_cached_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class DecodeResponse(_message.Message):
     PREFILL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
@@ -53,7 +54,8 @@ class DecodeResponse(_message.Message):
     prefill_compute_s: float
     kv_transfer_s: float
     kv_bytes: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., prefill_compute_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., prefill_compute_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "encoding", "num_cached_tokens")
@@ -126,14 +128,16 @@ class KVChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., encoding: _Optional[_Union[_common_pb2.KVEncoding, str]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., k_scales: _Optional[bytes] = ..., v_scales: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class FirstToken(_message.Message):
-    __slots__ = ("token", "prefill_compute_s", "num_prompt_tokens")
+    __slots__ = ("token", "prefill_compute_s", "num_prompt_tokens", "num_cached_tokens")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token: _common_pb2.TokenLogprob
     prefill_compute_s: float
     num_prompt_tokens: int
-    def __init__(self, token: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., prefill_compute_s: _Optional[float] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, token: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., prefill_compute_s: _Optional[float] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerStateRequest(_message.Message):
     __slots__ = ("prefix_summary",)
