@@ -46,12 +46,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
 from decode_worker.kv_source import KVSource, make_kv_source
+from decode_worker.link_rate import LinkRate
 from decode_worker.prefill_allowlist import PrefillAllowlist
 from pdserve._proto.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.config import WorkerConfig
@@ -94,7 +96,6 @@ class DecodePlan:
         return "remote" if self.prefill_addresses else "local"
 
 
-_RATE_MIN_BYTES = 2**20
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -107,14 +108,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.config = config
         self.default_encoding = Encoding.parse(config.kv_encoding)
         self.allowlist = PrefillAllowlist.of(config)
-        self.kv_link_bytes_per_s = 0.0  # moving average over transfers of >= 1 MiB
+        self.link = LinkRate()  # over its recent transfers, overlapping ones together
         self._imports: set[KVImport] = set()  # reserved or receiving: the link's backlog
 
     def register(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
 
     def kv_link(self) -> tuple[float, int]:
-        return self.kv_link_bytes_per_s, sum(i.bytes_pending for i in list(self._imports))
+        return self.link.bytes_per_s, sum(i.bytes_pending for i in list(self._imports))
 
     def attach(self, engine: AsyncEngine, metrics: WorkerMetrics) -> None:
         """The model is loaded: start serving."""
@@ -218,10 +219,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         stats = kv_import.stats
         self.metrics.kv_bytes.inc(stats.bytes)
         self.metrics.kv_seconds.observe(stats.transfer_s)
-        if stats.bytes >= _RATE_MIN_BYTES and stats.transfer_s > 0:  # smaller: latency-bound
-            rate = stats.bytes / stats.transfer_s
-            old = self.kv_link_bytes_per_s
-            self.kv_link_bytes_per_s = rate if old == 0 else 0.8 * old + 0.2 * rate
+        now = time.perf_counter()  # the clock transfer_s was measured on
+        self.link.record(now - stats.transfer_s, now, stats.bytes)
 
     def _note_peer_failures(self, kv_import: KVImport, plan: DecodePlan) -> None:
         """One failure counted and logged per candidate given up on the way."""

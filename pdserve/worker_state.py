@@ -35,7 +35,8 @@ class WorkerLoad:
     """Measured (moving average); 0 = not measured yet."""
     decode_step_s: float = 0.0
     kv_link_bytes_per_s: float = 0.0
-    """Decode workers: KV bytes received per second of transfer (moving average)."""
+    """Decode workers: KV bytes their link carried per second of transfer, over recent
+    transfers, overlapping ones together (decode_worker/link_rate.py)."""
     prefix_salt: bytes = b""
     cached_blocks: frozenset[int] = field(default_factory=frozenset)
     seq: int = 0
