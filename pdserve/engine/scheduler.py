@@ -136,10 +136,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.token_budget
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        drafts = {r.request_id: self._drafts(r) for r in decoding} \
-            if self.drafter and self.drafter.drafts_allowed(len(self.running)) else {}
+        drafting = self.drafter is not None and self.drafter.drafts_allowed(len(self.running))
         cap = self.prefill_cap()
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1] \
+            if drafting or cap is not None else []  # else nobody asks
+        drafts = {r.request_id: self._drafts(r) for r in decoding} if drafting else {}
         if cap is not None and decoding:  # an engine without a step budget skips it
             budget = min(budget, len(decoding) + sum(map(len, drafts.values())) + cap)
         budget, preempted = self._schedule_running(out, budget, drafts)
@@ -155,6 +156,7 @@ class Scheduler:
             self.register_computed(c.request)
         finished = []
         for s in sampled:
+            self.spec_accepted_tokens += s.draft  # counted even where a stop drops it
             if s.request.is_finished:
                 continue  # an earlier token of this step ended it: drop the rest
             if s.draft:  # registered before the token that may finish the request
@@ -164,7 +166,7 @@ class Scheduler:
                 finished.append(s.request)
         for c in out.chunks:
             if c.draft_token_ids:
-                self._settle_drafts(c, sampled)
+                self._settle_drafts(c)
         return finished
 
     def _drafts(self, req: Request) -> list[int]:
@@ -178,14 +180,12 @@ class Scheduler:
         return self.drafter.propose(req.all_token_ids, min(room, self.drafter.k)) \
             if self.drafter is not None and room > 0 else []
 
-    def _settle_drafts(self, c: ScheduledChunk, sampled: list[SampledToken]) -> None:
+    def _settle_drafts(self, c: ScheduledChunk) -> None:
         """Count the chunk's drafts; give back the blocks only its rejected drafts
         needed (a finished request gave back all)."""
         r = c.request
-        accepted = sum(1 for s in sampled if s.request is r and s.draft)
         self.spec_drafts += 1
         self.spec_draft_tokens += len(c.draft_token_ids)
-        self.spec_accepted_tokens += accepted
         if r.is_finished:
             return
         keep = self.blocks.blocks_for_tokens(r.num_computed_tokens)  # what a plain step leaves

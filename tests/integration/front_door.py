@@ -12,18 +12,41 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster_config import ClusterConfig
+from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.process_launcher import start, stop
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def split_cluster(model_dir: Path, decode: int = 1, **overrides: Any) -> ClusterConfig:
+    """The real model in fp32 on free ports: one prefill worker on CPU 0, ``decode``
+    decode workers on CPU 1, a thread each, the router's HTTP port off unless given."""
+    fields: dict[str, Any] = {
+        "model": str(model_dir), "dtype": "float32", "router_port": free_port(),
+        "http_port": 0, "prefill": [Member(free_port(), free_port(), (0,), 1)],
+        "decode": [Member(free_port(), free_port(), (1,), 1) for _ in range(decode)]}
+    return ClusterConfig(**{**fields, **overrides})
+
+
+@contextmanager
+def running(c: ClusterConfig, log_dir: Path | None = None) -> Iterator[ClusterConfig]:
+    """``c`` as plain processes (the process launcher), stopped on the way out."""
+    procs = start(c, timeout=300, log_dir=log_dir)
+    try:
+        yield c
+    finally:
+        stop(procs)
 
 
 def scrape(port: int) -> dict[str, float]:

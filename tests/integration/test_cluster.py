@@ -4,7 +4,6 @@ real sockets with the real default model."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,20 +14,14 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from pdserve.client import AsyncClient
-from pdserve.cluster_config import ClusterConfig, Member
-from pdserve.process_launcher import start, stop
+from pdserve.cluster_config import ClusterConfig
+from tests.integration.front_door import running, split_cluster
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?",
              "Who wrote Hamlet?", "Say hello in Spanish.", "What is a KV cache?",
              "Name a planet.", "What is the boiling point of water?", "Define gravity.",
              "Write a short poem about cats."]
 N_NEW = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metric(port: int, name: str) -> float:
@@ -42,16 +35,9 @@ def _metric(port: int, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
-    c = ClusterConfig(
-        model=str(default_model_dir), dtype="float32", router_port=_free_port(), http_port=0,
-        policy="load_aware", local_prefill_below=1,  # every prompt remote
-        prefill=[Member(_free_port(), _free_port(), (0,), 1)],
-        decode=[Member(_free_port(), _free_port(), (1,), 1)])
-    procs = start(c, timeout=300)
-    try:
+    with running(split_cluster(default_model_dir, policy="load_aware",
+                               local_prefill_below=1)) as c:  # every prompt remote
         yield c
-    finally:
-        stop(procs)
 
 
 @pytest.mark.integration

@@ -21,15 +21,16 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.client import AsyncClient, Client
-from pdserve.cluster_config import ClusterConfig, Member
-from pdserve.process_launcher import start, stop
+from pdserve.cluster_config import ClusterConfig
 from tests.integration.front_door import (
     free_port,
     health,
     http_get,
     http_post,
     router_process,
+    running,
     scrape,
+    split_cluster,
     wait_health,
     wait_pools_empty,
 )
@@ -42,16 +43,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(scope="module")
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
-    c = ClusterConfig(
-        model=str(default_model_dir), dtype="float32", router_port=free_port(),
-        http_port=free_port(), api_key=KEY, local_prefill_below=1, policy="load_aware",
-        prefill=[Member(free_port(), free_port(), (0,), 1)],
-        decode=[Member(free_port(), free_port(), (1,), 1)])
-    procs = start(c, timeout=300)
-    try:
+    with running(split_cluster(default_model_dir, http_port=free_port(), api_key=KEY,
+                               local_prefill_below=1, policy="load_aware")) as c:
         yield c
-    finally:
-        stop(procs)
 
 
 @pytest.fixture(scope="module")

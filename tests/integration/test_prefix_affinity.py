@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from pdserve.client import AsyncClient
-from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.cluster_config import ClusterConfig
 from pdserve.config import RouterConfig
-from pdserve.process_launcher import start, stop
-from tests.integration.ray_helpers import free_port, metric
+from tests.integration.front_door import running, split_cluster
+from tests.integration.ray_helpers import metric
 
 N_NEW = 8
 Chat = list[dict[str, str]]
@@ -30,16 +30,10 @@ def _conversation(topic: str) -> Chat:
 
 @pytest.fixture(scope="module")
 def two_decode(default_model_dir: Path) -> Iterator[ClusterConfig]:
-    c = ClusterConfig(
-        model=str(default_model_dir), dtype="float32", router_port=free_port(), http_port=0,
-        prefill=[Member(free_port(), free_port(), (0,), 1)],
-        decode=[Member(free_port(), free_port(), (1,), 1) for _ in range(2)])
-    assert c.policy == "cost_model" and c.enable_prefix_caching  # the defaults under test
-    procs = start(c, timeout=300)
-    try:
+    config = split_cluster(default_model_dir, decode=2)
+    assert config.policy == "cost_model" and config.enable_prefix_caching  # the defaults under test
+    with running(config) as c:
         yield c
-    finally:
-        stop(procs)
 
 
 def _counters(c: ClusterConfig, name: str) -> list[float]:

@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 
 from pdserve.client import Client
-from pdserve.cluster_config import ClusterConfig, Member
-from pdserve.process_launcher import start, stop
-from tests.integration.ray_helpers import free_port
+from pdserve.cluster_config import ClusterConfig
+from tests.integration.front_door import free_port, running, split_cluster
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserve-dashboard.json"
 RATE_WINDOW = "30s"  # $__rate_interval: 30 one-second scrapes
@@ -39,16 +38,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def cluster(default_model_dir: Path) -> Iterator[ClusterConfig]:
-    c = ClusterConfig(
-        model=str(default_model_dir), dtype="float32", router_port=free_port(),
-        http_port=free_port(), launcher="process", local_prefill_below=1, policy="load_aware",
-        prefill=[Member(free_port(), free_port(), (0,), 1)],
-        decode=[Member(free_port(), free_port(), (1,), 1)])
-    procs = start(c, timeout=300)
-    try:
+    with running(split_cluster(default_model_dir, http_port=free_port(), launcher="process",
+                               local_prefill_below=1, policy="load_aware")) as c:
         yield c
-    finally:
-        stop(procs)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 
 from pdserve.client import Client
-from pdserve.cluster_config import ClusterConfig, Member
+from pdserve.cluster_config import ClusterConfig
 from pdserve.logs import FORMAT_ENV
-from pdserve.process_launcher import start, stop
-from tests.integration.front_door import free_port
+from tests.integration.front_door import running, split_cluster
 
 RID = "grep-me-7f3a91"
 ROLES = ("router", "decode", "prefill")
@@ -30,16 +29,9 @@ PROMPT = ("Explain, in two short sentences, why the sky looks blue on a clear su
 def cluster(default_model_dir: Path, tmp_path: Path,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[ClusterConfig]:
     monkeypatch.setenv(FORMAT_ENV, "json")  # what `pdserve up --log-format json` sets
-    c = ClusterConfig(
-        launcher="process", model=str(default_model_dir), dtype="float32",
-        router_port=free_port(), http_port=0, policy="load_aware",
-        prefill=[Member(free_port(), free_port(), (0,), 1)],
-        decode=[Member(free_port(), free_port(), (1,), 1)])
-    procs = start(c, timeout=300, log_dir=tmp_path)
-    try:
+    config = split_cluster(default_model_dir, launcher="process", policy="load_aware")
+    with running(config, log_dir=tmp_path) as c:
         yield c
-    finally:
-        stop(procs)
 
 
 def _grep(log_dir: Path, needle: str) -> dict[str, list[dict[str, Any]]]:
